@@ -1,0 +1,3 @@
+"""appcircle-proxy: a local authenticating proxy for the Appcircle API."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,97 @@
+"""Command line: parse arguments, load settings, hand over to the server or a one-shot tool."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .server import serve
+from .settings import ConfigError, load_settings
+from .tools import check, token
+
+__all__ = ["main"]
+
+EPILOG = """\
+configuration: --config FILE or $APPCIRCLE_PROXY_CONFIG (TOML); every setting can be
+overridden by APPCIRCLE_PROXY_<SECTION>__<KEY>, and flags beat both. With no file,
+$APPCIRCLE_PERSONAL_ACCESS_KEY (or $APPCIRCLE_PERSONAL_API_TOKEN, or $APPCIRCLE_API_KEY_NAME
+and $APPCIRCLE_API_KEY_SECRET) and an optional $APPCIRCLE_SUB_ORGANIZATION make one route '/'.
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    # The shared options default to SUPPRESS so that they may stand before or after the
+    # command without the command's defaults overwriting what stood before it.
+    common = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    common.add_argument("--config", type=Path, metavar="FILE", help="TOML configuration file")
+    common.add_argument("--listen", metavar="HOST:PORT", help="listen address (server.listen)")
+    common.add_argument("--api-url", metavar="URL", help="Appcircle API (appcircle.api_url)")
+    common.add_argument("--auth-url", metavar="URL", help="Appcircle auth (appcircle.auth_url)")
+    common.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        help="log verbosity (default: info)",
+    )
+
+    parser = argparse.ArgumentParser(
+        prog="appcircle-proxy",
+        description="A local authenticating proxy for the Appcircle API.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[common],
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.add_parser("serve", parents=[common], help="run the proxy (the default)")
+    commands.add_parser(
+        "check", parents=[common], help="validate the config and get a token for every route"
+    )
+    token_command = commands.add_parser(
+        "token", parents=[common], help="print one session token on stdout, for scripts"
+    )
+    token_command.add_argument("--route", metavar="NAME", help="the route whose token to print")
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    overrides: dict[str, dict[str, str]] = {}
+    for flag, section, key in (
+        ("listen", "server", "listen"),
+        ("api_url", "appcircle", "api_url"),
+        ("auth_url", "appcircle", "auth_url"),
+    ):
+        if hasattr(args, flag):
+            overrides.setdefault(section, {})[key] = getattr(args, flag)
+    return overrides
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(args, "log_level", "info").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        settings = load_settings(getattr(args, "config", None), _overrides(args))
+    except ConfigError as err:
+        print(f"appcircle-proxy: {err}", file=sys.stderr)
+        return 2
+    try:
+        if args.command == "check":
+            return check(settings)
+        if args.command == "token":
+            return token(settings, args.route)
+        serve(settings)
+        return 0
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""The proxy's own error answers, all in one place: JSON with a stable code and a detail
+that says what happened and what to do."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from aiohttp import web
+
+from .routes import Route
+from .tokens import TokenUnavailable
+
+__all__ = [
+    "no_route",
+    "token_unavailable",
+    "upstream_timeout",
+    "upstream_unreachable",
+]
+
+
+def _answer(status: int, error: str, detail: str, **extra: Any) -> web.Response:
+    response = web.json_response({"error": error, "detail": detail, **extra}, status=status)
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+def no_route(path: str, prefixes: list[str]) -> web.Response:
+    return _answer(
+        404,
+        "no_route",
+        f"no route matches '{path}'; configured prefixes: {', '.join(prefixes)}. "
+        "Send the request under one of them, or add a [routes.NAME] for this prefix",
+        prefixes=prefixes,
+    )
+
+
+def token_unavailable(route: Route, problem: TokenUnavailable) -> web.Response:
+    retry_after = max(1, math.ceil(problem.retry_after))
+    response = _answer(
+        503,
+        problem.failure.kind,
+        f"route '{route.name}' ({route.prefix}) has no valid session token: "
+        f"{problem.failure.detail}",
+        route=route.name,
+        credential=route.credential.name,
+        retry_after=retry_after,
+    )
+    response.headers["Retry-After"] = str(retry_after)
+    return response
+
+
+def upstream_unreachable(api_url: str, reason: str) -> web.Response:
+    return _answer(
+        502,
+        "upstream_unreachable",
+        f"the Appcircle API at {api_url} cannot be reached ({reason}); check "
+        "appcircle.api_url and this machine's network",
+    )
+
+
+def upstream_timeout(api_url: str) -> web.Response:
+    return _answer(
+        504,
+        "upstream_timeout",
+        f"the Appcircle API at {api_url} did not answer in time; retry, or raise "
+        "appcircle.connect_timeout / appcircle.read_timeout if it is merely slow",
+    )

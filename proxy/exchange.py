@@ -1,0 +1,185 @@
+"""One key-for-token exchange with the auth host, and the session token it yields.
+
+Every way an exchange can fail ends in `ExchangeError`, whose text is safe to show a user:
+it says what the auth host answered and what to check, never the key or the token.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Final, Literal
+
+import aiohttp
+import jwt
+
+from .credentials import Credential, SecretUnavailable
+
+__all__ = ["ExchangeError", "Exchanger", "SessionToken", "renewal_margin"]
+
+# Why a token counts as unusable a little before `exp`: it must still be valid when the
+# request reaches the API, after transit and any clock difference.
+MAX_SKEW: Final = 5.0
+MAX_MARGIN: Final = 300.0
+
+FailureKind = Literal[
+    "key_rejected",
+    "bad_request",
+    "auth_unreachable",
+    "auth_error",
+    "bad_reply",
+    "wrong_organization",
+    "secret_unavailable",
+]
+
+
+class ExchangeError(Exception):
+    """A failed exchange. `kind` is a stable code; the text says what happened."""
+
+    def __init__(self, kind: FailureKind, detail: str) -> None:
+        super().__init__(detail)
+        self.kind: FailureKind = kind
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class SessionToken:
+    """A session token and the times that govern it (seconds since the epoch)."""
+
+    value: str = field(repr=False)
+    organization_id: str | None
+    obtained_at: float
+    expires_at: float
+    refresh_at: float
+
+    @property
+    def usable_until(self) -> float:
+        return self.expires_at - _skew(self.expires_at - self.obtained_at)
+
+
+def _skew(lifetime: float) -> float:
+    return min(MAX_SKEW, lifetime / 20)
+
+
+def renewal_margin(lifetime: float, configured: float | None) -> float:
+    """How long before expiry renewal is due: as configured, else min(5 min, lifetime / 5)."""
+    if configured is not None:
+        return min(configured, lifetime / 2)
+    return min(MAX_MARGIN, lifetime / 5)
+
+
+def _parse_reply(
+    body: bytes, now: float, refresh_margin: float | None, auth_url: str
+) -> SessionToken:
+    try:
+        reply = json.loads(body)
+    except ValueError:
+        raise ExchangeError(
+            "bad_reply", f"the auth host {auth_url} answered with something that is not JSON"
+        ) from None
+    raw = reply.get("access_token") if isinstance(reply, dict) else None
+    if not isinstance(raw, str) or not raw:
+        raise ExchangeError(
+            "bad_reply", f"the auth host {auth_url} answered without an access_token"
+        )
+    try:
+        claims = jwt.decode(raw, options={"verify_signature": False})
+    except jwt.PyJWTError:
+        raise ExchangeError(
+            "bad_reply", f"the auth host {auth_url} returned a token that is not a readable JWT"
+        ) from None
+    expiries: list[float] = []
+    if isinstance(claims.get("exp"), int | float):
+        expiries.append(float(claims["exp"]))
+    expires_in = reply.get("expires_in")
+    if isinstance(expires_in, int | float) and not isinstance(expires_in, bool):
+        expiries.append(now + float(expires_in))
+    if not expiries:
+        raise ExchangeError(
+            "bad_reply", f"the auth host {auth_url} returned a token with no expiry (exp)"
+        )
+    expires_at = min(expiries)
+    lifetime = expires_at - now
+    if lifetime <= 0:
+        raise ExchangeError(
+            "bad_reply",
+            f"the auth host {auth_url} returned a token that had already expired; "
+            "check that this machine's clock is right",
+        )
+    org = claims.get("currentOrganizationId")
+    return SessionToken(
+        value=raw,
+        organization_id=str(org) if org is not None else None,
+        obtained_at=now,
+        expires_at=expires_at,
+        # Renewal must be due while the token is still usable, or requests would wait.
+        refresh_at=expires_at - max(renewal_margin(lifetime, refresh_margin), _skew(lifetime)),
+    )
+
+
+def _http_failure(status: int, credential: Credential, auth_url: str) -> ExchangeError:
+    what = f"the auth host {auth_url} answered HTTP {status} to credential '{credential.name}'"
+    if status in (401, 403):
+        return ExchangeError(
+            "key_rejected",
+            f"{what}: the key was rejected. Check that the {credential.kind} from "
+            f"{credential.secret_origin} is current (not revoked or expired) and belongs to "
+            "the organization you use it for",
+        )
+    if status == 400:
+        return ExchangeError(
+            "bad_request",
+            f"{what}: the request was refused as malformed; check the credential's kind and "
+            "the route's sub_organization id",
+        )
+    return ExchangeError("auth_error", f"{what}; the service may be unwell, retrying")
+
+
+@dataclass(frozen=True, slots=True)
+class Exchanger:
+    """Exchanges one credential, for one organization, for session tokens."""
+
+    session: aiohttp.ClientSession = field(repr=False)
+    auth_url: str
+    credential: Credential
+    sub_organization: str | None
+    clock: Callable[[], float]
+    refresh_margin: float | None = None
+
+    async def exchange(self) -> SessionToken:
+        try:
+            form = self.credential.form(self.sub_organization)
+        except SecretUnavailable as err:
+            raise ExchangeError("secret_unavailable", f"{err}; fix it, the proxy retries") from None
+        url = self.auth_url + self.credential.endpoint
+        try:
+            async with self.session.post(
+                url, data=form, headers={"Accept": "application/json"}, allow_redirects=False
+            ) as reply:
+                body = await reply.read()
+                status = reply.status
+        except (TimeoutError, aiohttp.ClientError) as err:
+            reason = type(err).__name__ if isinstance(err, TimeoutError) else str(err)
+            raise ExchangeError(
+                "auth_unreachable", f"the auth host {self.auth_url} cannot be reached ({reason})"
+            ) from None
+        if status != 200:
+            raise _http_failure(status, self.credential, self.auth_url)
+        token = _parse_reply(body, self.clock(), self.refresh_margin, self.auth_url)
+        self._check_organization(token)
+        return token
+
+    def _check_organization(self, token: SessionToken) -> None:
+        wanted = self.sub_organization
+        if wanted is None:
+            return
+        got = token.organization_id
+        if got is None or got.lower() != wanted.lower():
+            raise ExchangeError(
+                "wrong_organization",
+                f"asked for a token for organization {wanted} with credential "
+                f"'{self.credential.name}' but got one for {got or 'no organization'}; "
+                "refusing to use it. Check that the key may act for that sub-organization "
+                "(a key from the root organization, or one made in that sub-organization)",
+            )

@@ -1,0 +1,361 @@
+"""Configuration: the TOML file, the environment and the command line, validated once into
+frozen objects. Everything a user can get wrong is caught here, at start-up."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Final, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import ErrorDetails
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+from yarl import URL
+
+__all__ = [
+    "ENV_PREFIX",
+    "CONFIG_ENV",
+    "ConfigError",
+    "CredentialSettings",
+    "Endpoint",
+    "RouteSettings",
+    "Settings",
+    "load_settings",
+]
+
+ENV_PREFIX: Final = "APPCIRCLE_PROXY_"
+CONFIG_ENV: Final = "APPCIRCLE_PROXY_CONFIG"
+
+CredentialKind = Literal["personal-access-key", "personal-api-token", "api-key"]
+
+# Zero-config: with no file, these variables (the names Appcircle's own tools use) make one route.
+ZERO_CONFIG_KEYS: Final = (
+    ("APPCIRCLE_PERSONAL_ACCESS_KEY", "personal-access-key"),
+    ("APPCIRCLE_PERSONAL_API_TOKEN", "personal-api-token"),
+)
+ZERO_CONFIG_API_KEY_NAME: Final = "APPCIRCLE_API_KEY_NAME"
+ZERO_CONFIG_API_KEY_SECRET: Final = "APPCIRCLE_API_KEY_SECRET"
+ZERO_CONFIG_SUB_ORGANIZATION: Final = "APPCIRCLE_SUB_ORGANIZATION"
+
+
+class ConfigError(Exception):
+    """A configuration the proxy cannot start with; the text is for the user, secret-free."""
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """A TCP listen address."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+def _parse_endpoint(value: object) -> object:
+    if not isinstance(value, str):
+        return value
+    host, sep, port = value.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(
+            f"'{value}' is not a listen address; write host:port, e.g. '127.0.0.1:8787'"
+        )
+    return Endpoint(host, int(port))
+
+
+def _parse_base_url(value: object) -> object:
+    if not isinstance(value, str):
+        return value
+    url = URL(value)
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError(f"'{value}' is not an http(s) URL; write e.g. 'https://api.appcircle.io'")
+    if url.query_string or url.fragment:
+        raise ValueError(f"'{value}' must not have a query string or fragment")
+    return str(url).rstrip("/")
+
+
+ListenAddress = Annotated[Endpoint, BeforeValidator(_parse_endpoint)]
+BaseUrl = Annotated[str, BeforeValidator(_parse_base_url)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ServerSettings(_Section):
+    listen: ListenAddress = Endpoint("127.0.0.1", 8787)
+
+
+class AppcircleSettings(_Section):
+    api_url: BaseUrl = "https://api.appcircle.io"
+    auth_url: BaseUrl = "https://auth.appcircle.io"
+    ca_file: Path | None = None
+    connect_timeout: PositiveFloat = 10.0
+    read_timeout: PositiveFloat = 300.0
+
+    @field_validator("ca_file")
+    @classmethod
+    def _ca_file_readable(cls, path: Path | None) -> Path | None:
+        if path is not None and not os.access(path, os.R_OK):
+            raise ValueError(f"the CA bundle '{path}' does not exist or is not readable")
+        return path
+
+
+class TokenSettings(_Section):
+    # None: 5 minutes or a fifth of the token's lifetime, whichever is smaller.
+    refresh_margin: PositiveFloat | None = None
+    retry_initial: PositiveFloat = 1.0
+    retry_max: PositiveFloat = 60.0
+    exchange_timeout: PositiveFloat = 30.0
+    replay_limit: int = Field(default=64 * 1024, ge=0)
+
+    @model_validator(mode="after")
+    def _retry_order(self) -> TokenSettings:
+        if self.retry_max < self.retry_initial:
+            raise ValueError("retry_max must not be smaller than retry_initial")
+        return self
+
+
+class CredentialSettings(_Section):
+    kind: CredentialKind
+    secret: SecretStr | None = None
+    secret_env: str | None = None
+    secret_file: Path | None = None
+    name: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> CredentialSettings:
+        given = [f for f in ("secret", "secret_env", "secret_file") if getattr(self, f) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "set exactly one of secret, secret_env (a variable's name) or secret_file "
+                f"(a path); found {len(given)}" + (f": {', '.join(given)}" if given else "")
+            )
+        if self.secret is not None and not self.secret.get_secret_value().strip():
+            raise ValueError("secret is empty")
+        if self.secret_env is not None and not os.environ.get(self.secret_env, "").strip():
+            raise ValueError(
+                f"the environment variable {self.secret_env} (secret_env) is not set or empty; "
+                "export it or point secret_env at the variable that holds the key"
+            )
+        if self.secret_file is not None:
+            try:
+                content = self.secret_file.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as err:
+                reason = getattr(err, "strerror", None) or type(err).__name__
+                raise ValueError(
+                    f"the secret file '{self.secret_file}' cannot be read ({reason}); "
+                    "check the path and its permissions"
+                ) from None
+            if not content.strip():
+                raise ValueError(f"the secret file '{self.secret_file}' is empty")
+        if self.kind == "api-key" and not self.name:
+            raise ValueError("an api-key credential needs name (the API key's name)")
+        if self.kind != "api-key" and self.name is not None:
+            raise ValueError(f"name is only for api-key credentials, not {self.kind}")
+        return self
+
+
+def _normalise_prefix(value: object) -> object:
+    if not isinstance(value, str):
+        return value
+    if not value.startswith("/"):
+        raise ValueError(f"prefix '{value}' must start with '/'")
+    if any(c in value for c in "?#\\") or "//" in value:
+        raise ValueError(f"prefix '{value}' must be a plain path such as '/eu'")
+    return value.rstrip("/") or "/"
+
+
+def _check_org_id(value: object) -> object:
+    if value is None or not isinstance(value, str):
+        return value
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise ValueError(
+            f"sub_organization '{value}' is not an organization id; copy the GUID "
+            "(e.g. 3fa85f64-5717-4562-b3fc-2c963f66afa6) from the organization's settings"
+        ) from None
+
+
+class RouteSettings(_Section):
+    prefix: Annotated[str, BeforeValidator(_normalise_prefix)]
+    credential: str
+    sub_organization: Annotated[str | None, BeforeValidator(_check_org_id)] = None
+
+
+class Settings(BaseSettings):
+    """The whole configuration, as the proxy runs with it."""
+
+    model_config = SettingsConfigDict(
+        frozen=True,
+        extra="forbid",
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        case_sensitive=False,
+    )
+
+    server: ServerSettings = ServerSettings()
+    appcircle: AppcircleSettings = AppcircleSettings()
+    tokens: TokenSettings = TokenSettings()
+    credentials: dict[str, CredentialSettings] = {}
+    routes: dict[str, RouteSettings] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_route(cls, data: Any) -> Any:
+        # A one-key setup needs no routing table: its key serves every path.
+        if isinstance(data, dict) and not data.get("routes"):
+            credentials = data.get("credentials")
+            if isinstance(credentials, dict) and len(credentials) == 1:
+                (only,) = credentials
+                return {**data, "routes": {"default": {"prefix": "/", "credential": only}}}
+        return data
+
+    @model_validator(mode="after")
+    def _check_references(self) -> Settings:
+        if not self.credentials:
+            raise ValueError(
+                "no credential is configured; add a [credentials.NAME] section, or with no "
+                "config file set APPCIRCLE_PERSONAL_ACCESS_KEY (or APPCIRCLE_PERSONAL_API_TOKEN, "
+                "or APPCIRCLE_API_KEY_NAME and APPCIRCLE_API_KEY_SECRET)"
+            )
+        if not self.routes:
+            raise ValueError(
+                "several credentials but no [routes.NAME]; add routes that say which "
+                "credential serves which prefix"
+            )
+        seen: dict[str, str] = {}
+        for name, route in self.routes.items():
+            if route.credential not in self.credentials:
+                raise ValueError(
+                    f"routes.{name}.credential names '{route.credential}', which is not "
+                    f"defined; defined credentials: {', '.join(sorted(self.credentials))}"
+                )
+            if route.prefix in seen:
+                raise ValueError(
+                    f"routes.{seen[route.prefix]} and routes.{name} have the same prefix "
+                    f"'{route.prefix}'; give each route its own prefix"
+                )
+            seen[route.prefix] = name
+        return self
+
+
+class _ZeroConfigSource(PydanticBaseSettingsSource):
+    """With no config file: one credential and one route `/` from Appcircle's own variables."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        credential: dict[str, Any] | None = None
+        for variable, kind in ZERO_CONFIG_KEYS:
+            if os.environ.get(variable):
+                credential = {"kind": kind, "secret_env": variable}
+                break
+        if credential is None and (
+            os.environ.get(ZERO_CONFIG_API_KEY_NAME) or os.environ.get(ZERO_CONFIG_API_KEY_SECRET)
+        ):
+            credential = {
+                "kind": "api-key",
+                "name": os.environ.get(ZERO_CONFIG_API_KEY_NAME),
+                "secret_env": ZERO_CONFIG_API_KEY_SECRET,
+            }
+        if credential is None:
+            return {}
+        route: dict[str, Any] = {"prefix": "/", "credential": "default"}
+        if sub_organization := os.environ.get(ZERO_CONFIG_SUB_ORGANIZATION):
+            route["sub_organization"] = sub_organization
+        return {"credentials": {"default": credential}, "routes": {"default": route}}
+
+
+def _settings_class(config_file: Path | None) -> type[Settings]:
+    """Settings whose sources are: flags, then environment, then the file (or zero-config)."""
+
+    class _Loaded(Settings):
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            base: PydanticBaseSettingsSource
+            if config_file is None:
+                base = _ZeroConfigSource(settings_cls)
+            else:
+                base = TomlConfigSettingsSource(settings_cls, toml_file=config_file)
+            return init_settings, env_settings, base
+
+    return _Loaded
+
+
+def _describe(error: ErrorDetails, config_file: Path | None) -> str:
+    location = [str(part) for part in error["loc"]]
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        message = "unknown setting; config.example.toml lists the valid ones"
+    elif error["type"] == "missing":
+        message = "required setting is missing"
+    if not location:
+        return message
+    dotted = ".".join(location)
+    variable = ENV_PREFIX + "__".join(location).upper()
+    where = f"{config_file} or {variable}" if config_file else variable
+    return f"{dotted}: {message} (set in {where})"
+
+
+def load_settings(
+    config_file: Path | None = None, overrides: dict[str, Any] | None = None
+) -> Settings:
+    """Read and validate the configuration; raise ConfigError with a user-facing message.
+
+    `config_file` defaults to $APPCIRCLE_PROXY_CONFIG; `overrides` are command-line flags,
+    as nested dicts, and beat the environment.
+    """
+    if config_file is None and os.environ.get(CONFIG_ENV):
+        config_file = Path(os.environ[CONFIG_ENV])
+    if config_file is not None:
+        if not config_file.is_file():
+            raise ConfigError(
+                f"config file '{config_file}' does not exist or is not a file; "
+                "check --config / APPCIRCLE_PROXY_CONFIG"
+            )
+        try:
+            with config_file.open("rb") as stream:
+                tomllib.load(stream)
+        except OSError as err:
+            raise ConfigError(
+                f"config file '{config_file}' cannot be read: {err.strerror}"
+            ) from None
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"config file '{config_file}' is not valid TOML: {err}") from None
+    try:
+        return _settings_class(config_file)(**(overrides or {}))
+    except ValidationError as err:
+        problems = [_describe(e, config_file) for e in err.errors(include_input=False)]
+        source = f"config file '{config_file}'" if config_file else "configuration"
+        raise ConfigError(f"{source} is invalid:\n  " + "\n  ".join(problems)) from None

@@ -1,0 +1,294 @@
+"""A local stand-in for Appcircle's auth and API hosts, for the tests (and a demo).
+
+Real aiohttp servers on loopback: the auth host issues signed JWTs from the contract's four
+token endpoints; the API host demands `Authorization: Bearer <valid JWT>`, answers 401 to a
+missing, forged, expired or revoked one, and echoes what it received. Attributes are knobs
+a test turns to make the auth host fail, stall or misbehave.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import hashlib
+import secrets
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import jwt
+from aiohttp import web
+
+__all__ = ["Exchange", "SeenRequest", "StandIn"]
+
+# What the auth host does with the next exchange instead of answering normally.
+Misbehaviour = int | Literal["not-json", "no-token", "not-jwt", "expired", "no-exp"]
+
+SIGNING_ALGORITHM = "HS256"
+CLAIMS = web.RequestKey("claims", dict[str, Any])
+
+
+@dataclass(frozen=True, slots=True)
+class Exchange:
+    """One exchange the auth host answered: which endpoint, which fields, what it issued."""
+
+    endpoint: str
+    fields: frozenset[str]
+    requested_organization: str | None
+    status: int
+    organization: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SeenRequest:
+    """One request the API host saw with a valid token."""
+
+    method: str
+    raw_path: str
+    headers: list[tuple[str, str]] = field(repr=False)
+    organization: str
+    token_id: str
+
+
+@dataclass
+class StandIn:
+    clock: Callable[[], float] = time.time
+    token_lifetime: float = 3600.0
+    # Which form field names the sub-organization; None: ignore it (and issue root tokens).
+    sub_organization_field: Literal["subOrganization", "subOrganizationId"] | None = (
+        "subOrganization"
+    )
+    send_expires_in: bool = False
+    # Misbehaviours for the next exchanges, consumed one per exchange; `always` repeats.
+    script: list[Misbehaviour] = field(default_factory=list)
+    always: Misbehaviour | None = None
+    # While set and not yet released, exchanges wait on it (to hold one in flight).
+    gate: asyncio.Event | None = None
+    personal_keys: dict[str, str] = field(default_factory=dict, repr=False)
+    api_keys: dict[tuple[str, str], str] = field(default_factory=dict, repr=False)
+    sub_organizations: dict[str, set[str]] = field(default_factory=dict)
+    exchanges: list[Exchange] = field(default_factory=list)
+    api_requests: list[SeenRequest] = field(default_factory=list)
+    rejected_tokens: list[str] = field(default_factory=list)
+    revoked: set[str] = field(default_factory=set)
+    auth_url: str = ""
+    api_url: str = ""
+    _signing_key: str = field(default_factory=lambda: secrets.token_hex(32), repr=False)
+    _runners: list[web.AppRunner] = field(default_factory=list, repr=False)
+    _issued: set[str] = field(default_factory=set, repr=False)
+
+    # -- accounts ---------------------------------------------------------------------
+    def add_personal_key(self, key: str, organization: str, *subs: str) -> None:
+        self.personal_keys[key] = organization
+        self.sub_organizations.setdefault(organization, set()).update(subs)
+
+    def add_api_key(self, name: str, secret: str, organization: str, *subs: str) -> None:
+        self.api_keys[(name, secret)] = organization
+        self.sub_organizations.setdefault(organization, set()).update(subs)
+
+    def revoke_all(self) -> None:
+        """Revoke every token issued so far (as a key rotation on Appcircle's side would)."""
+        self.revoked.update(request.token_id for request in self.api_requests)
+        self.revoked.update(self._issued)
+
+    def valid_token_count(self) -> int:
+        return len(self._issued - self.revoked)
+
+    # -- servers ----------------------------------------------------------------------
+    async def start(self, host: str = "127.0.0.1") -> None:
+        self.auth_url = await self._serve(self._auth_app(), host)
+        self.api_url = await self._serve(self._api_app(), host)
+
+    async def close(self) -> None:
+        for runner in self._runners:
+            await runner.cleanup()
+        self._runners.clear()
+
+    async def _serve(self, app: web.Application, host: str) -> str:
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, host, 0)
+        await site.start()
+        self._runners.append(runner)
+        port = runner.addresses[0][1]
+        return f"http://{host}:{port}"
+
+    # -- auth host --------------------------------------------------------------------
+    def _auth_app(self) -> web.Application:
+        app = web.Application()
+        for endpoint in ("/auth/v3/token", "/auth/v2/token", "/auth/v1/token"):
+            app.router.add_post(endpoint, self._personal_exchange)
+        app.router.add_post("/auth/v1/api-key/token", self._api_key_exchange)
+        return app
+
+    async def _personal_exchange(self, request: web.Request) -> web.Response:
+        form = await request.post()
+        field_name = "personalAccessKey" if request.path == "/auth/v3/token" else "pat"
+        organization = self.personal_keys.get(str(form.get(field_name, "")))
+        wanted = None
+        if self.sub_organization_field is not None:
+            wanted = form.get(self.sub_organization_field)
+        return await self._issue(request, form, organization, str(wanted) if wanted else None)
+
+    async def _api_key_exchange(self, request: web.Request) -> web.Response:
+        form = await request.post()
+        organization = self.api_keys.get((str(form.get("name", "")), str(form.get("secret", ""))))
+        wanted = form.get("organizationId")
+        return await self._issue(request, form, organization, str(wanted) if wanted else None)
+
+    async def _issue(
+        self, request: web.Request, form: Any, root: str | None, wanted: str | None
+    ) -> web.Response:
+        if self.gate is not None:
+            await self.gate.wait()
+        misbehaviour = self.script.pop(0) if self.script else self.always
+        fields = frozenset(form.keys())
+        status, organization = 200, wanted or root
+        if request.headers.get("Content-Type") != "application/x-www-form-urlencoded":
+            status = 415
+        elif root is None:
+            status = 401
+        elif wanted is not None:
+            try:
+                uuid.UUID(wanted)
+            except ValueError:
+                status = 400
+            else:
+                if wanted != root and wanted not in self.sub_organizations.get(root, set()):
+                    status = 403
+        if isinstance(misbehaviour, int):
+            status = misbehaviour
+        self.exchanges.append(
+            Exchange(request.path, fields, wanted, status, organization if status == 200 else None)
+        )
+        if status != 200:
+            return web.json_response({"error": "refused", "status": status}, status=status)
+        assert organization is not None
+        now = self.clock()
+        token_id = uuid.uuid4().hex
+        claims: dict[str, Any] = {
+            "sub": f"user-of-{root}",
+            "email": "ci@example.com",
+            "currentOrganizationId": organization,
+            "iat": now,
+            "exp": now + self.token_lifetime,
+            "jti": token_id,
+        }
+        if misbehaviour == "expired":
+            claims["exp"] = now - 10
+        if misbehaviour == "no-exp":
+            del claims["exp"]
+        self._issued.add(token_id)
+        token = jwt.encode(claims, self._signing_key, algorithm=SIGNING_ALGORITHM)
+        if misbehaviour == "not-json":
+            return web.Response(text="<html>Bad gateway</html>", content_type="text/html")
+        if misbehaviour == "not-jwt":
+            token = "not-a-jwt"
+        reply: dict[str, Any] = {"access_token": token, "token_type": "Bearer"}
+        if misbehaviour == "no-token":
+            del reply["access_token"]
+        if self.send_expires_in:
+            reply["expires_in"] = self.token_lifetime / 2
+        return web.json_response(reply)
+
+    # -- API host ---------------------------------------------------------------------
+    def _api_app(self) -> web.Application:
+        app = web.Application(middlewares=[self._require_token])
+        app.router.add_get("/_test/redirect", self._redirect)
+        app.router.add_get("/_test/gzip", self._gzip)
+        app.router.add_get("/_test/slow", self._slow)
+        app.router.add_get("/_test/cut", self._cut)
+        app.router.add_get("/_test/hop-by-hop", self._hop_by_hop)
+        app.router.add_get("/_test/status/{status:\\d+}", self._status)
+        app.router.add_route("*", "/{path:.*}", self._echo)
+        return app
+
+    @web.middleware
+    async def _require_token(
+        self, request: web.Request, handler: Callable[[web.Request], Any]
+    ) -> web.StreamResponse:
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        try:
+            if scheme != "Bearer":
+                raise jwt.InvalidTokenError("no bearer token")
+            claims = jwt.decode(
+                token,
+                self._signing_key,
+                algorithms=[SIGNING_ALGORITHM],
+                options={"verify_exp": False, "require": ["exp", "jti"]},
+            )
+            if claims["exp"] <= self.clock():
+                raise jwt.ExpiredSignatureError("expired")
+            if claims["jti"] in self.revoked:
+                raise jwt.InvalidTokenError("revoked")
+        except jwt.PyJWTError as err:
+            self.rejected_tokens.append(type(err).__name__)
+            return web.json_response({"message": "Unauthorized"}, status=401)
+        request[CLAIMS] = claims
+        self.api_requests.append(
+            SeenRequest(
+                request.method,
+                request.raw_path,
+                list(request.headers.items()),
+                claims["currentOrganizationId"],
+                claims["jti"],
+            )
+        )
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    async def _echo(self, request: web.Request) -> web.Response:
+        digest, length = hashlib.sha256(), 0
+        async for chunk in request.content.iter_any():
+            digest.update(chunk)
+            length += len(chunk)
+        return web.json_response(
+            {
+                "method": request.method,
+                "raw_path": request.raw_path,
+                "headers": [[name, value] for name, value in request.headers.items()],
+                "body_sha256": digest.hexdigest(),
+                "body_length": length,
+                "organization": request[CLAIMS]["currentOrganizationId"],
+            }
+        )
+
+    async def _redirect(self, request: web.Request) -> web.Response:
+        target = request.query.get("to", f"{self.api_url}/build/v2/profiles?page=1")
+        return web.Response(status=302, headers={"Location": target})
+
+    async def _gzip(self, request: web.Request) -> web.Response:
+        body = gzip.compress(b'{"compressed": true}')
+        return web.Response(
+            body=body,
+            headers={"Content-Encoding": "gzip", "Content-Type": "application/json"},
+        )
+
+    async def _slow(self, request: web.Request) -> web.Response:
+        await asyncio.sleep(float(request.query.get("seconds", "1")))
+        return web.json_response({"slow": True})
+
+    async def _cut(self, request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Length": "100000"})
+        await response.prepare(request)
+        await response.write(b"x" * 1000)
+        assert request.transport is not None
+        request.transport.abort()
+        return response
+
+    async def _hop_by_hop(self, request: web.Request) -> web.Response:
+        return web.Response(
+            text="ok",
+            headers={
+                "Connection": "X-Private-Hop",
+                "X-Private-Hop": "must not pass",
+                "Keep-Alive": "timeout=5",
+                "Proxy-Authenticate": "Basic",
+                "X-Kept": "passes",
+            },
+        )
+
+    async def _status(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "as asked"}, status=int(request.match_info["status"]))

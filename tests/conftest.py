@@ -1,0 +1,97 @@
+"""Fixtures: a stand-in Appcircle and the proxy, both real servers on loopback."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from proxy.settings import load_settings
+from proxy.server import start
+from proxy.standin import StandIn
+
+ROOT_ORG = "11111111-1111-4111-8111-111111111111"
+SUB_ORG = "22222222-2222-4222-8222-222222222222"
+OTHER_ORG = "33333333-3333-4333-8333-333333333333"
+# Random per run, so a leak check can search for them and no real key looks like them.
+PERSONAL_KEY = "pak_" + secrets.token_hex(16)
+API_KEY_NAME = "ci-bot"
+API_KEY_SECRET = "aks_" + secrets.token_hex(16)
+
+StartProxy = Callable[..., Awaitable[str]]
+
+
+@pytest.fixture
+async def standin() -> AsyncIterator[StandIn]:
+    appcircle = StandIn()
+    appcircle.add_personal_key(PERSONAL_KEY, ROOT_ORG, SUB_ORG)
+    appcircle.add_api_key(API_KEY_NAME, API_KEY_SECRET, ROOT_ORG, SUB_ORG)
+    await appcircle.start()
+    yield appcircle
+    await appcircle.close()
+
+
+@pytest.fixture
+def write_config(tmp_path: Path, standin: StandIn) -> Callable[..., Path]:
+    """Write a config file pointing at the stand-in; `body` adds credentials and routes."""
+
+    def write(
+        body: str,
+        appcircle: str = "",
+        tokens: str = "",
+        api_url: str | None = None,
+        auth_url: str | None = None,
+    ) -> Path:
+        path = tmp_path / "config.toml"
+        path.write_text(
+            f'[server]\nlisten = "127.0.0.1:0"\n'
+            f'[appcircle]\napi_url = "{api_url or standin.api_url}"\n'
+            f'auth_url = "{auth_url or standin.auth_url}"\n{appcircle}\n'
+            f"[tokens]\nretry_initial = 0.05\nretry_max = 0.2\n{tokens}\n{body}",
+            encoding="utf-8",
+        )
+        return path
+
+    return write
+
+
+PERSONAL_KEY_CONFIG = """
+[credentials.main]
+kind = "personal-access-key"
+secret_env = "TEST_APPCIRCLE_KEY"
+"""
+
+
+@pytest.fixture(autouse=True)
+def key_in_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TEST_APPCIRCLE_KEY", PERSONAL_KEY)
+    monkeypatch.setenv("TEST_API_KEY_SECRET", API_KEY_SECRET)
+
+
+@pytest.fixture
+async def start_proxy(write_config: Callable[..., Path]) -> AsyncIterator[StartProxy]:
+    """Start the proxy with a config (body, appcircle=..., tokens=...); returns its URL."""
+    runners: list[web.AppRunner] = []
+
+    async def start_with(body: str = PERSONAL_KEY_CONFIG, **sections: str) -> str:
+        runner = await start(load_settings(write_config(body, **sections)))
+        runners.append(runner)
+        host, port = runner.addresses[0][:2]
+        return f"http://{host}:{port}"
+
+    yield start_with
+    for runner in runners:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    """A plain HTTP client, as curl or a script would be: no decompression, no cookies."""
+    async with aiohttp.ClientSession(
+        auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar()
+    ) as session:
+        yield session
