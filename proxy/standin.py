@@ -70,6 +70,7 @@ class StandIn:
     api_keys: dict[tuple[str, str], str] = field(default_factory=dict, repr=False)
     sub_organizations: dict[str, set[str]] = field(default_factory=dict)
     exchanges: list[Exchange] = field(default_factory=list)
+    exchanges_started: int = 0
     api_requests: list[SeenRequest] = field(default_factory=list)
     rejected_tokens: list[str] = field(default_factory=list)
     revoked: set[str] = field(default_factory=set)
@@ -141,6 +142,7 @@ class StandIn:
     async def _issue(
         self, request: web.Request, form: Any, root: str | None, wanted: str | None
     ) -> web.Response:
+        self.exchanges_started += 1
         if self.gate is not None:
             await self.gate.wait()
         misbehaviour = self.script.pop(0) if self.script else self.always

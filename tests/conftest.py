@@ -10,8 +10,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from proxy.settings import load_settings
 from proxy.server import start
+from proxy.settings import load_settings
 from proxy.standin import StandIn
 
 ROOT_ORG = "11111111-1111-4111-8111-111111111111"

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import gzip
-import io
 import hashlib
+import io
 import os
 from typing import Any
 

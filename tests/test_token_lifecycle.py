@@ -1,0 +1,296 @@
+"""The token lifecycle, point by point: lifetime, refresh ahead, single flight, failures and
+backoff, upstream 401s. Short token lifetimes keep it fast; nothing sleeps for long."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from proxy.app import connect
+from proxy.exchange import renewal_margin
+from proxy.settings import load_settings
+from proxy.standin import StandIn
+from proxy.tokens import RetryPolicy
+
+from .conftest import PERSONAL_KEY_CONFIG, StartProxy
+
+
+async def eventually(condition: Callable[[], bool], within: float = 3.0) -> None:
+    deadline = time.monotonic() + within
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.01)
+
+
+async def get(http: aiohttp.ClientSession, url: str, **kwargs: Any) -> tuple[int, Any]:
+    async with http.get(url, **kwargs) as response:
+        body = await response.json() if response.content_type == "application/json" else None
+        return response.status, body
+
+
+# -- 1. lifetime ------------------------------------------------------------------------
+
+
+def test_renewal_margin_is_five_minutes_or_a_fifth_of_the_lifetime() -> None:
+    assert renewal_margin(3600, None) == 300
+    assert renewal_margin(600, None) == 120
+    assert renewal_margin(3600, 60) == 60
+    assert renewal_margin(100, 90) == 50  # never more than half the lifetime
+
+
+async def test_lifetime_comes_from_exp_or_expires_in_whichever_is_earlier(
+    standin: StandIn, write_config: Callable[..., Path]
+) -> None:
+    standin.token_lifetime = 1000
+    settings = load_settings(write_config(PERSONAL_KEY_CONFIG))
+    async with connect(settings) as upstream:
+        (route,) = upstream.routes
+        before = time.time()
+        token = await route.tokens.get()
+        assert before + 1000 - 1 <= token.expires_at <= time.time() + 1000
+        assert token.refresh_at == pytest.approx(token.expires_at - 200, abs=0.01)
+
+    standin.send_expires_in = True  # expires_in = half the JWT's lifetime: it wins
+    async with connect(settings) as upstream:
+        (route,) = upstream.routes
+        token = await route.tokens.get()
+        assert token.expires_at <= time.time() + 500
+        assert token.refresh_at == pytest.approx(token.expires_at - 100, abs=0.01)
+
+
+async def test_configured_refresh_margin_is_used(
+    standin: StandIn, write_config: Callable[..., Path]
+) -> None:
+    settings = load_settings(write_config(PERSONAL_KEY_CONFIG, tokens="refresh_margin = 42"))
+    async with connect(settings) as upstream:
+        (route,) = upstream.routes
+        token = await route.tokens.get()
+        assert token.refresh_at == pytest.approx(token.expires_at - 42, abs=0.01)
+
+
+# -- 2. refresh ahead -------------------------------------------------------------------
+
+
+async def test_renewal_runs_in_background_so_requests_never_wait_for_it(
+    start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
+) -> None:
+    standin.token_lifetime = 1.0  # renewal due 0.2 s before expiry
+    proxy = await start_proxy()
+    assert (await get(http, f"{proxy}/x"))[0] == 200
+    first_token = standin.api_requests[-1].token_id
+
+    standin.gate = asyncio.Event()  # the next exchange hangs until released
+    await eventually(lambda: standin.exchanges_started == 2)
+    # The renewal is in flight and held: a request must still be served, with the old token.
+    status, _ = await asyncio.wait_for(get(http, f"{proxy}/x"), timeout=0.5)
+    assert status == 200
+    assert standin.api_requests[-1].token_id == first_token
+
+    standin.gate.set()
+    await eventually(lambda: len(standin.exchanges) == 2)
+    assert (await get(http, f"{proxy}/x"))[0] == 200
+    assert standin.api_requests[-1].token_id != first_token
+    assert standin.rejected_tokens == []
+
+
+# -- 3. single flight -------------------------------------------------------------------
+
+
+async def test_concurrent_cold_requests_share_one_exchange(
+    start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
+) -> None:
+    proxy = await start_proxy()
+    standin.gate = asyncio.Event()
+    requests = [asyncio.create_task(get(http, f"{proxy}/r/{i}")) for i in range(50)]
+    await eventually(lambda: standin.exchanges_started == 1)
+    await asyncio.sleep(0.05)  # give the other 49 the chance to start a second exchange
+    standin.gate.set()
+    statuses = [status for status, _ in await asyncio.gather(*requests)]
+    assert statuses == [200] * 50
+    assert standin.exchanges_started == 1
+
+
+# -- 4. failures ------------------------------------------------------------------------
+
+
+async def test_auth_host_error_gives_503_with_retry_after_and_a_json_reason(
+    start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
+) -> None:
+    standin.always = 503
+    proxy = await start_proxy()
+    async with http.get(f"{proxy}/x") as response:
+        assert response.status == 503
+        assert int(response.headers["Retry-After"]) >= 1
+        body = await response.json()
+    assert body["error"] == "auth_error"
+    assert body["route"] == "default"
+    assert body["credential"] == "main"
+    assert "HTTP 503" in body["detail"]
+    assert standin.api_requests == []
+
+
+@pytest.mark.parametrize("reply", ["not-json", "no-token", "not-jwt", "expired", "no-exp"])
+async def test_unusable_auth_reply_is_a_failed_exchange(
+    reply: Any, start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
+) -> None:
+    standin.always = reply
+    proxy = await start_proxy()
+    status, body = await get(http, f"{proxy}/x")
+    assert status == 503
+    assert body["error"] == "bad_reply"
+    assert standin.api_requests == []
+
+
+async def test_rejected_key_says_so_and_what_to_check(
+    start_proxy: StartProxy,
+    standin: StandIn,
+    http: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TEST_APPCIRCLE_KEY", "pak_revoked_key_value")
+    proxy = await start_proxy()
+    status, body = await get(http, f"{proxy}/x")
+    assert status == 503
+    assert body["error"] == "key_rejected"
+    assert "rejected" in body["detail"]
+    assert "$TEST_APPCIRCLE_KEY" in body["detail"]
+    assert "pak_revoked_key_value" not in str(body)
+
+
+async def test_auth_host_down_gives_503(
+    start_proxy: StartProxy, http: aiohttp.ClientSession, unused_tcp_port: int
+) -> None:
+    proxy = await start_proxy(auth_url=f"http://127.0.0.1:{unused_tcp_port}")
+    status, body = await get(http, f"{proxy}/x")
+    assert status == 503
+    assert body["error"] == "auth_unreachable"
+
+
+def test_backoff_doubles_up_to_the_cap_with_jitter() -> None:
+    low = RetryPolicy(1.0, 8.0, random=lambda: 0.0)
+    high = RetryPolicy(1.0, 8.0, random=lambda: 1.0)
+    assert [low.delay(n) for n in range(1, 7)] == [0.5, 1, 2, 4, 4, 4]
+    assert [high.delay(n) for n in range(1, 7)] == [1, 2, 4, 8, 8, 8]
+    assert high.delay(10_000) == 8
+
+
+async def test_failing_exchanges_are_retried_with_backoff_not_hammered(
+    start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
+) -> None:
+    standin.always = 500
+    proxy = await start_proxy()  # retries start at 0.05 s, capped at 0.2 s
+    started = time.monotonic()
+    while time.monotonic() - started < 1.0:
+        status, _ = await get(http, f"{proxy}/x")
+        assert status == 503
+        await asyncio.sleep(0.01)
+    # Without backoff a busy client would cause ~one exchange per request (~80 here).
+    assert 3 <= len(standin.exchanges) <= 15
+
+
+async def test_route_recovers_once_the_auth_host_does(
+    start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
+) -> None:
+    standin.script = [500, 500]
+    proxy = await start_proxy()
+    assert (await get(http, f"{proxy}/x"))[0] == 503
+    statuses: list[int] = []
+
+    async def poll() -> bool:
+        statuses.append((await get(http, f"{proxy}/x"))[0])
+        return statuses[-1] == 200
+
+    deadline = time.monotonic() + 3
+    while not await poll():
+        assert time.monotonic() < deadline, statuses
+        await asyncio.sleep(0.02)
+    assert len(standin.exchanges) == 3
+
+
+async def test_valid_old_token_is_used_while_renewal_fails_and_expired_one_never(
+    start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
+) -> None:
+    standin.token_lifetime = 1.0
+    proxy = await start_proxy()
+    assert (await get(http, f"{proxy}/x"))[0] == 200
+    standin.always = 500
+    await eventually(lambda: len(standin.exchanges) >= 2)  # renewal has failed
+    assert (await get(http, f"{proxy}/x"))[0] == 200  # the old token still serves
+    statuses: list[int] = []
+    while not statuses or statuses[-1] == 200:
+        statuses.append((await get(http, f"{proxy}/x"))[0])
+        await asyncio.sleep(0.02)
+    assert statuses[-1] == 503
+    # The API never saw an expired token: it would have answered 401.
+    assert standin.rejected_tokens == []
+
+
+# -- 5. upstream 401 --------------------------------------------------------------------
+
+
+async def test_upstream_401_renews_the_token_and_retries_once(
+    start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
+) -> None:
+    proxy = await start_proxy()
+    assert (await get(http, f"{proxy}/x"))[0] == 200
+    standin.revoke_all()
+    status, body = await get(http, f"{proxy}/after/revocation")
+    assert status == 200
+    assert body["raw_path"] == "/after/revocation"
+    assert len(standin.exchanges) == 2
+    assert standin.rejected_tokens == ["InvalidTokenError"]
+
+
+async def test_small_body_is_replayed_after_a_401(
+    start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
+) -> None:
+    proxy = await start_proxy()
+    assert (await get(http, f"{proxy}/x"))[0] == 200
+    standin.revoke_all()
+    payload = b'{"name": "profile"}' * 100
+    async with http.post(f"{proxy}/build/v2/profiles", data=payload) as response:
+        assert response.status == 200
+        body = await response.json()
+    assert body["body_sha256"] == hashlib.sha256(payload).hexdigest()
+
+
+async def test_large_body_is_not_replayed_the_401_goes_back_and_the_token_is_renewed(
+    start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
+) -> None:
+    proxy = await start_proxy(tokens="replay_limit = 1024")
+    assert (await get(http, f"{proxy}/x"))[0] == 200
+    standin.revoke_all()
+    async with http.post(f"{proxy}/upload", data=io.BytesIO(b"z" * 4096)) as response:
+        assert response.status == 401
+    assert (await get(http, f"{proxy}/x"))[0] == 200
+    assert len(standin.exchanges) == 2
+
+
+async def test_concurrent_401s_cause_one_renewal(
+    start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
+) -> None:
+    proxy = await start_proxy()
+    assert (await get(http, f"{proxy}/x"))[0] == 200
+    standin.revoke_all()
+    results = await asyncio.gather(*(get(http, f"{proxy}/x/{i}") for i in range(20)))
+    assert [status for status, _ in results] == [200] * 20
+    assert len(standin.exchanges) == 2
+
+
+async def test_a_401_with_a_fresh_token_goes_back_to_the_client(
+    start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
+) -> None:
+    proxy = await start_proxy()
+    # The API refuses even brand-new tokens (say, a user without rights): one retry, no loop.
+    async with http.get(f"{proxy}/_test/status/401") as response:
+        assert response.status == 401
+    assert len(standin.exchanges) == 2
