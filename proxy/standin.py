@@ -74,6 +74,8 @@ class StandIn:
     api_requests: list[SeenRequest] = field(default_factory=list)
     rejected_tokens: list[str] = field(default_factory=list)
     revoked: set[str] = field(default_factory=set)
+    # Every token issued, so tests can prove none of them leaks into logs or output.
+    issued_tokens: list[str] = field(default_factory=list, repr=False)
     auth_url: str = ""
     api_url: str = ""
     _signing_key: str = field(default_factory=lambda: secrets.token_hex(32), repr=False)
@@ -184,6 +186,7 @@ class StandIn:
             del claims["exp"]
         self._issued.add(token_id)
         token = jwt.encode(claims, self._signing_key, algorithm=SIGNING_ALGORITHM)
+        self.issued_tokens.append(token)
         if misbehaviour == "not-json":
             return web.Response(text="<html>Bad gateway</html>", content_type="text/html")
         if misbehaviour == "not-jwt":

@@ -28,8 +28,8 @@ StartProxy = Callable[..., Awaitable[str]]
 @pytest.fixture
 async def standin() -> AsyncIterator[StandIn]:
     appcircle = StandIn()
-    appcircle.add_personal_key(PERSONAL_KEY, ROOT_ORG, SUB_ORG)
-    appcircle.add_api_key(API_KEY_NAME, API_KEY_SECRET, ROOT_ORG, SUB_ORG)
+    appcircle.add_personal_key(PERSONAL_KEY, ROOT_ORG, SUB_ORG, OTHER_ORG)
+    appcircle.add_api_key(API_KEY_NAME, API_KEY_SECRET, ROOT_ORG, SUB_ORG, OTHER_ORG)
     await appcircle.start()
     yield appcircle
     await appcircle.close()

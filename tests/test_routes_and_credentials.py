@@ -1,0 +1,224 @@
+"""Routes and credentials: each kind of key, sub-organization routing, the org-claim check,
+longest-prefix matching, and secret files re-read at each exchange."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from proxy.standin import StandIn
+
+from .conftest import (
+    API_KEY_NAME,
+    OTHER_ORG,
+    PERSONAL_KEY,
+    ROOT_ORG,
+    SUB_ORG,
+    StartProxy,
+)
+
+
+async def fetch(http: aiohttp.ClientSession, url: str) -> tuple[int, Any]:
+    async with http.get(url) as response:
+        return response.status, await response.json()
+
+
+async def test_each_credential_kind_uses_its_endpoint_and_fields(
+    start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
+) -> None:
+    proxy = await start_proxy(
+        f"""
+[credentials.access]
+kind = "personal-access-key"
+secret_env = "TEST_APPCIRCLE_KEY"
+[credentials.legacy]
+kind = "personal-api-token"
+secret = "{PERSONAL_KEY}"
+[credentials.service]
+kind = "api-key"
+name = "{API_KEY_NAME}"
+secret_env = "TEST_API_KEY_SECRET"
+[routes.a]
+prefix = "/access"
+credential = "access"
+[routes.l]
+prefix = "/legacy"
+credential = "legacy"
+[routes.s]
+prefix = "/service"
+credential = "service"
+"""
+    )
+    for prefix in ("/access", "/legacy", "/service"):
+        status, body = await fetch(http, f"{proxy}{prefix}/build/v2/profiles")
+        assert status == 200, body
+        assert body["organization"] == ROOT_ORG
+        assert body["raw_path"] == "/build/v2/profiles"
+    endpoints = {exchange.endpoint: exchange.fields for exchange in standin.exchanges}
+    assert endpoints == {
+        "/auth/v3/token": {"personalAccessKey", "scope"},
+        "/auth/v2/token": {"pat", "scope"},
+        "/auth/v1/api-key/token": {"name", "secret"},
+    }
+
+
+SUB_ORG_ROUTES = f"""
+[credentials.main]
+kind = "personal-access-key"
+secret_env = "TEST_APPCIRCLE_KEY"
+[credentials.service]
+kind = "api-key"
+name = "{API_KEY_NAME}"
+secret_env = "TEST_API_KEY_SECRET"
+[routes.root]
+prefix = "/"
+credential = "main"
+[routes.eu]
+prefix = "/eu"
+credential = "main"
+sub_organization = "{SUB_ORG}"
+[routes.eu_beta]
+prefix = "/eu/beta"
+credential = "main"
+sub_organization = "{OTHER_ORG}"
+[routes.bot]
+prefix = "/bot"
+credential = "service"
+sub_organization = "{SUB_ORG}"
+"""
+
+
+async def test_each_sub_organization_route_has_its_own_token_longest_prefix_wins(
+    start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
+) -> None:
+    proxy = await start_proxy(SUB_ORG_ROUTES)
+    expectations = {
+        "/build/v2/profiles": (ROOT_ORG, "/build/v2/profiles"),
+        "/eu/build/v2/profiles": (SUB_ORG, "/build/v2/profiles"),
+        "/eu/beta/build/v2/profiles": (OTHER_ORG, "/build/v2/profiles"),
+        "/eu/betamax": (SUB_ORG, "/betamax"),
+        "/eu": (SUB_ORG, "/"),
+        "/europe/x": (ROOT_ORG, "/europe/x"),
+        "/bot/x": (SUB_ORG, "/x"),
+    }
+    for path, (organization, upstream_path) in expectations.items():
+        status, body = await fetch(http, proxy + path)
+        assert status == 200, body
+        assert (body["organization"], body["raw_path"]) == (organization, upstream_path), path
+    assert len(standin.exchanges) == 4  # one per (credential, organization) pair
+    by_org = {
+        exchange.requested_organization: exchange
+        for exchange in standin.exchanges
+        if exchange.endpoint == "/auth/v3/token"
+    }
+    assert {"subOrganization", "subOrganizationId"} <= by_org[SUB_ORG].fields
+    assert by_org[None].fields == {"personalAccessKey", "scope"}
+    api_key_exchange = next(e for e in standin.exchanges if e.endpoint.endswith("api-key/token"))
+    assert api_key_exchange.fields == {"name", "secret", "organizationId"}
+
+
+async def test_servers_honouring_either_sub_organization_field_work(
+    start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
+) -> None:
+    standin.sub_organization_field = "subOrganizationId"
+    proxy = await start_proxy(SUB_ORG_ROUTES)
+    status, body = await fetch(http, f"{proxy}/eu/x")
+    assert (status, body["organization"]) == (200, SUB_ORG)
+
+
+async def test_token_for_another_organization_is_refused_naming_both_ids(
+    start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
+) -> None:
+    standin.sub_organization_field = None  # this server ignores the sub-organization
+    proxy = await start_proxy(SUB_ORG_ROUTES)
+    status, body = await fetch(http, f"{proxy}/eu/x")
+    assert status == 503
+    assert body["error"] == "wrong_organization"
+    assert SUB_ORG in body["detail"] and ROOT_ORG in body["detail"]
+    assert body["route"] == "eu"
+    assert standin.api_requests == []  # the root token never went out on the sub-org route
+    status, body = await fetch(http, f"{proxy}/x")
+    assert (status, body["organization"]) == (200, ROOT_ORG)
+
+
+async def test_key_without_access_to_the_sub_organization_is_reported_as_rejected(
+    start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    unknown = "44444444-4444-4444-8444-444444444444"
+    proxy = await start_proxy(SUB_ORG_ROUTES.replace(OTHER_ORG, unknown))
+    status, body = await fetch(http, f"{proxy}/eu/beta/x")
+    assert status == 503
+    assert body["error"] == "key_rejected"
+    assert "HTTP 403" in body["detail"]
+
+
+async def test_routes_sharing_a_credential_and_organization_share_one_token(
+    start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
+) -> None:
+    proxy = await start_proxy(
+        """
+[credentials.main]
+kind = "personal-access-key"
+secret_env = "TEST_APPCIRCLE_KEY"
+[routes.a]
+prefix = "/a"
+credential = "main"
+[routes.b]
+prefix = "/b"
+credential = "main"
+"""
+    )
+    assert (await fetch(http, f"{proxy}/a/x"))[0] == 200
+    assert (await fetch(http, f"{proxy}/b/x"))[0] == 200
+    assert len(standin.exchanges) == 1
+
+
+async def test_secret_file_is_reread_so_a_rotated_key_takes_effect(
+    start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    secret_file = tmp_path / "appcircle-key"
+    secret_file.write_text(PERSONAL_KEY + "\n")
+    proxy = await start_proxy(
+        f"""
+[credentials.main]
+kind = "personal-access-key"
+secret_file = "{secret_file}"
+"""
+    )
+    assert (await fetch(http, f"{proxy}/x"))[0] == 200
+    # Rotation: the old key and its tokens are revoked, a new key is mounted.
+    rotated = PERSONAL_KEY + "-rotated"
+    standin.personal_keys = {rotated: ROOT_ORG}
+    standin.revoke_all()
+    secret_file.write_text(rotated)
+    status, body = await fetch(http, f"{proxy}/x")
+    assert status == 200, body
+    assert standin.exchanges[-1].status == 200 and len(standin.exchanges) == 2
+
+
+async def test_secret_file_gone_is_a_clear_failure_then_recovers(
+    start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    secret_file = tmp_path / "appcircle-key"
+    secret_file.write_text(PERSONAL_KEY)
+    proxy = await start_proxy(
+        f"""
+[credentials.main]
+kind = "personal-access-key"
+secret_file = "{secret_file}"
+"""
+    )
+    secret_file.unlink()
+    status, body = await fetch(http, f"{proxy}/x")
+    assert status == 503
+    assert body["error"] == "secret_unavailable"
+    assert str(secret_file) in body["detail"]
+    secret_file.write_text(PERSONAL_KEY)
+    deadline = time.monotonic() + 3
+    while (await fetch(http, f"{proxy}/x"))[0] != 200:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.02)
