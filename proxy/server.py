@@ -37,7 +37,7 @@ async def start(settings: Settings, clock: Clock = time.time) -> web.AppRunner:
         handler_cancellation=True,
     )
     await runner.setup()
-    listen = settings.server.listen
+    listen = settings.server.endpoint
     try:
         await web.TCPSite(runner, listen.host, listen.port).start()
     except OSError as err:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Final, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -26,6 +27,7 @@ from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     TomlConfigSettingsSource,
 )
 from yarl import URL
@@ -72,9 +74,7 @@ class Endpoint:
         return f"{host}:{self.port}"
 
 
-def _parse_endpoint(value: object) -> object:
-    if not isinstance(value, str):
-        return value
+def _parse_endpoint(value: str) -> Endpoint:
     host, sep, port = value.rpartition(":")
     host = host.removeprefix("[").removesuffix("]")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
@@ -95,7 +95,8 @@ def _parse_base_url(value: object) -> object:
     return str(url).rstrip("/")
 
 
-ListenAddress = Annotated[Endpoint, BeforeValidator(_parse_endpoint)]
+# Kept a string in the model (so an environment variable needs no JSON), checked here.
+ListenAddress = Annotated[str, AfterValidator(lambda value: str(_parse_endpoint(value)))]
 BaseUrl = Annotated[str, BeforeValidator(_parse_base_url)]
 
 
@@ -104,7 +105,11 @@ class _Section(BaseModel):
 
 
 class ServerSettings(_Section):
-    listen: ListenAddress = Endpoint("127.0.0.1", 8787)
+    listen: ListenAddress = "127.0.0.1:8787"
+
+    @property
+    def endpoint(self) -> Endpoint:
+        return _parse_endpoint(self.listen)
 
 
 class AppcircleSettings(_Section):
@@ -355,6 +360,9 @@ def load_settings(
             raise ConfigError(f"config file '{config_file}' is not valid TOML: {err}") from None
     try:
         return _settings_class(config_file)(**(overrides or {}))
+    except SettingsError as err:
+        # Raised for a variable that should hold JSON; the message names it, not its value.
+        raise ConfigError(f"{err}; check the APPCIRCLE_PROXY_* environment variables") from None
     except ValidationError as err:
         problems = [_describe(e, config_file) for e in err.errors(include_input=False)]
         source = f"config file '{config_file}'" if config_file else "configuration"

@@ -1,0 +1,221 @@
+"""Configuration: each mistake stops the command with exit 2 and one clear, secret-free
+message; the environment beats the file and flags beat the environment; zero-config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from proxy.__main__ import main
+from proxy.settings import Endpoint, load_settings
+
+from .conftest import SUB_ORG
+
+INLINE_SECRET = "pak_inline_value_that_must_never_be_printed"
+
+GOOD = """
+[credentials.main]
+kind = "personal-access-key"
+secret_env = "TEST_APPCIRCLE_KEY"
+"""
+
+
+@pytest.fixture(autouse=True)
+def no_outside_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in (
+        "APPCIRCLE_PROXY_CONFIG",
+        "APPCIRCLE_PERSONAL_ACCESS_KEY",
+        "APPCIRCLE_PERSONAL_API_TOKEN",
+        "APPCIRCLE_API_KEY_NAME",
+        "APPCIRCLE_API_KEY_SECRET",
+        "APPCIRCLE_SUB_ORGANIZATION",
+    ):
+        monkeypatch.delenv(name, raising=False)
+
+
+def config_error(tmp_path: Path, text: str | None, capsys: pytest.CaptureFixture[str]) -> str:
+    """Run `appcircle-proxy check` on a config; assert exit 2 and return the message."""
+    args = ["check"]
+    if text is not None:
+        path = tmp_path / "proxy.toml"
+        path.write_text(text)
+        args += ["--config", str(path)]
+    assert main(args) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert "Traceback" not in err
+    assert INLINE_SECRET not in err
+    return err
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("[credentials.main\nkind = 1", ["not valid TOML", "line 1"]),
+        (
+            '[credentials.main]\nkind = "password"\nsecret = "x"',
+            [
+                "credentials.main.kind",
+                "'personal-access-key'",
+                "APPCIRCLE_PROXY_CREDENTIALS__MAIN__KIND",
+            ],
+        ),
+        (
+            GOOD + '[routes.eu]\nprefix = "/eu"\ncredential = "missing"',
+            ["routes.eu.credential", "'missing'", "defined credentials: main"],
+        ),
+        (
+            GOOD
+            + '[routes.a]\nprefix = "/eu"\ncredential = "main"\n'
+            + '[routes.b]\nprefix = "/eu/"\ncredential = "main"',
+            ["routes.a and routes.b", "same prefix '/eu'"],
+        ),
+        (
+            '[credentials.main]\nkind = "personal-access-key"\nsecret_env = "NOT_SET_ANYWHERE"',
+            ["credentials.main", "NOT_SET_ANYWHERE", "not set"],
+        ),
+        (
+            '[credentials.main]\nkind = "personal-access-key"\nsecret_file = "/no/such/key"',
+            ["credentials.main", "'/no/such/key'", "cannot be read"],
+        ),
+        ("", ["no credential is configured", "APPCIRCLE_PERSONAL_ACCESS_KEY"]),
+        (
+            f'[credentials.main]\nkind = "personal-access-key"\nsecret = "{INLINE_SECRET}"\n'
+            '[routes.x]\nprefix = "eu"\ncredential = "main"',
+            ["routes.x.prefix", "must start with '/'"],
+        ),
+        (
+            f'[credentials.main]\nkind = "api-key"\nsecret = "{INLINE_SECRET}"',
+            ["api-key credential needs name"],
+        ),
+        (
+            f'[credentials.main]\nkind = "personal-access-key"\nsecret = "{INLINE_SECRET}"\n'
+            'secret_env = "TEST_APPCIRCLE_KEY"',
+            ["exactly one of secret, secret_env", "secret, secret_env"],
+        ),
+        (
+            GOOD + '[routes.eu]\nprefix = "/eu"\ncredential = "main"\nsub_organization = "eu"',
+            ["routes.eu.sub_organization", "not an organization id"],
+        ),
+        (GOOD + '[server]\nlisten = "8787"', ["server.listen", "host:port"]),
+        (GOOD + '[server]\nlistne = "127.0.0.1:1"', ["server.listne", "unknown setting"]),
+        (GOOD + '[appcircle]\napi_url = "api.appcircle.io"', ["appcircle.api_url", "http(s) URL"]),
+        (
+            GOOD + GOOD.replace("main", "other"),
+            ["several credentials but no [routes.NAME]"],
+        ),
+    ],
+    ids=[
+        "malformed-toml",
+        "unknown-kind",
+        "route-names-missing-credential",
+        "duplicate-prefix",
+        "unset-secret-variable",
+        "unreadable-secret-file",
+        "no-credential",
+        "relative-prefix",
+        "api-key-without-name",
+        "two-secret-sources",
+        "sub-organization-not-a-guid",
+        "bad-listen",
+        "typo-in-setting",
+        "api-url-without-scheme",
+        "ambiguous-credentials",
+    ],
+)
+def test_bad_configuration_exits_2_with_one_clear_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, expected: list[str]
+) -> None:
+    message = config_error(tmp_path, text, capsys)
+    assert message.startswith("appcircle-proxy: ")
+    for part in expected:
+        assert part in message
+
+
+def test_missing_config_file_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", "--config", str(tmp_path / "absent.toml")]) == 2
+    assert "absent.toml' does not exist" in capsys.readouterr().err
+
+
+def test_no_file_and_no_key_variables_names_the_variables(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    message = config_error(tmp_path, None, capsys)
+    assert "APPCIRCLE_PERSONAL_ACCESS_KEY" in message
+
+
+def test_config_path_comes_from_the_environment_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "proxy.toml"
+    path.write_text(GOOD + '[server]\nlisten = "127.0.0.1:9001"')
+    monkeypatch.setenv("APPCIRCLE_PROXY_CONFIG", str(path))
+    assert load_settings().server.endpoint == Endpoint("127.0.0.1", 9001)
+
+
+def test_environment_beats_file_and_flags_beat_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "proxy.toml"
+    path.write_text(GOOD + '[server]\nlisten = "127.0.0.1:9001"\n[appcircle]\nread_timeout = 5')
+    assert load_settings(path).server.endpoint == Endpoint("127.0.0.1", 9001)
+    monkeypatch.setenv("APPCIRCLE_PROXY_SERVER__LISTEN", "0.0.0.0:9002")
+    monkeypatch.setenv("APPCIRCLE_PROXY_APPCIRCLE__API_URL", "https://api.example.com/")
+    settings = load_settings(path)
+    assert settings.server.endpoint == Endpoint("0.0.0.0", 9002)
+    assert settings.appcircle.api_url == "https://api.example.com"
+    assert settings.appcircle.read_timeout == 5
+    flagged = load_settings(path, {"server": {"listen": "[::1]:9003"}})
+    assert flagged.server.endpoint == Endpoint("::1", 9003)
+    assert flagged.server.listen == "[::1]:9003"
+
+
+def test_credentials_and_routes_can_come_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "proxy.toml"
+    path.write_text(GOOD)
+    monkeypatch.setenv("APPCIRCLE_PROXY_ROUTES__EU__PREFIX", "/eu")
+    monkeypatch.setenv("APPCIRCLE_PROXY_ROUTES__EU__CREDENTIAL", "main")
+    monkeypatch.setenv("APPCIRCLE_PROXY_ROUTES__EU__SUB_ORGANIZATION", SUB_ORG)
+    settings = load_settings(path)
+    assert settings.routes["eu"].sub_organization == SUB_ORG
+    assert settings.credentials["main"].secret_env == "TEST_APPCIRCLE_KEY"
+
+
+@pytest.mark.parametrize(
+    ("variables", "kind"),
+    [
+        ({"APPCIRCLE_PERSONAL_ACCESS_KEY": "k"}, "personal-access-key"),
+        ({"APPCIRCLE_PERSONAL_API_TOKEN": "k"}, "personal-api-token"),
+        ({"APPCIRCLE_API_KEY_NAME": "bot", "APPCIRCLE_API_KEY_SECRET": "s"}, "api-key"),
+    ],
+)
+def test_zero_config_makes_one_root_route_from_appcircle_variables(
+    monkeypatch: pytest.MonkeyPatch, variables: dict[str, str], kind: str
+) -> None:
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("APPCIRCLE_SUB_ORGANIZATION", SUB_ORG)
+    settings = load_settings()
+    (credential,) = settings.credentials.values()
+    (route,) = settings.routes.values()
+    assert credential.kind == kind
+    assert (route.prefix, route.sub_organization) == ("/", SUB_ORG)
+    assert settings.server.endpoint == Endpoint("127.0.0.1", 8787)
+
+
+def test_zero_config_api_key_without_its_secret_names_the_variable(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("APPCIRCLE_API_KEY_NAME", "bot")
+    assert "APPCIRCLE_API_KEY_SECRET" in config_error(tmp_path, None, capsys)
+
+
+def test_settings_repr_masks_inline_secrets(tmp_path: Path) -> None:
+    path = tmp_path / "proxy.toml"
+    path.write_text(f'[credentials.main]\nkind = "personal-access-key"\nsecret = "{INLINE_SECRET}"')
+    settings = load_settings(path)
+    assert INLINE_SECRET not in repr(settings)
+    assert INLINE_SECRET not in str(settings.model_dump())
