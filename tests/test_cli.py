@@ -1,0 +1,187 @@
+"""The command line as a user runs it: real processes, real signals, real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import aiohttp
+import jwt
+
+from proxy import __version__
+from proxy.standin import StandIn
+
+from .conftest import PERSONAL_KEY, PERSONAL_KEY_CONFIG, ROOT_ORG, SUB_ORG
+
+TWO_ROUTES = (
+    PERSONAL_KEY_CONFIG
+    + f"""
+[routes.root]
+prefix = "/"
+credential = "main"
+[routes.eu]
+prefix = "/eu"
+credential = "main"
+sub_organization = "{SUB_ORG}"
+"""
+)
+
+
+async def run(*args: str, timeout: float = 20) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "proxy",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=os.environ.copy(),
+    )
+    out, err = await asyncio.wait_for(process.communicate(), timeout)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_version_and_help() -> None:
+    code, out, _ = await run("--version")
+    assert (code, out.strip()) == (0, f"appcircle-proxy {__version__}")
+    code, out, _ = await run("--help")
+    assert code == 0
+    for command in ("serve", "check", "token"):
+        assert command in out
+
+
+async def test_bad_config_exits_2_without_a_traceback(tmp_path: Path) -> None:
+    path = tmp_path / "proxy.toml"
+    path.write_text('[credentials.main]\nkind = "personal-access-key"\nsecret_env = "UNSET_VAR"')
+    code, out, err = await run("serve", "--config", str(path))
+    assert code == 2
+    assert "Traceback" not in err
+    assert "UNSET_VAR" in err and str(path) in err
+    assert out == ""
+
+
+async def test_check_reports_each_route_with_org_and_expiry(
+    standin: StandIn, write_config: Callable[..., Path]
+) -> None:
+    code, out, err = await run("check", "--config", str(write_config(TWO_ROUTES)))
+    assert code == 0, err
+    lines = out.splitlines()
+    assert len(lines) == 2
+    assert re.match(
+        r"ok +/ +route 'root', personal-access-key 'main': organization " + ROOT_ORG, lines[0]
+    )
+    assert re.match(
+        r"ok +/eu +route 'eu', .*organization " + SUB_ORG + ", token expires 20", lines[1]
+    )
+    assert PERSONAL_KEY not in out + err
+    for token in standin.issued_tokens:
+        assert token not in out + err
+
+
+async def test_check_fails_with_exit_1_naming_the_broken_route(
+    standin: StandIn, write_config: Callable[..., Path]
+) -> None:
+    standin.sub_organization_field = None  # the eu route gets a root token: refused
+    code, out, err = await run("check", "--config", str(write_config(TWO_ROUTES)))
+    assert code == 1
+    assert re.search(r"FAIL /eu +route 'eu'.*asked for a token for organization " + SUB_ORG, out)
+    assert "1 route(s) cannot get a session token" in err
+
+
+async def test_token_prints_a_session_token_the_api_accepts(
+    standin: StandIn, write_config: Callable[..., Path]
+) -> None:
+    config = str(write_config(TWO_ROUTES))
+    code, out, err = await run("token", "--config", config, "--route", "eu")
+    assert code == 0, err
+    token = out.strip()
+    assert (
+        jwt.decode(token, options={"verify_signature": False})["currentOrganizationId"] == SUB_ORG
+    )
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(
+            f"{standin.api_url}/build/v2/profiles", headers={"Authorization": f"Bearer {token}"}
+        ) as response,
+    ):
+        assert response.status == 200
+    code, _, err = await run("token", "--config", config)
+    assert code == 2 and "--route" in err
+    code, _, err = await run("token", "--config", config, "--route", "nope")
+    assert code == 2 and "no route named 'nope'" in err
+
+
+async def test_serve_prints_where_it_listens_forwards_and_stops_on_sigterm(
+    standin: StandIn, write_config: Callable[..., Path]
+) -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "proxy",
+        "--config",
+        str(write_config(TWO_ROUTES)),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stdout is not None and process.stderr is not None
+    banner = (await asyncio.wait_for(process.stdout.readline(), 20)).decode()
+    match = re.search(r"listening on (http://127\.0\.0\.1:\d+)", banner)
+    assert match, banner
+    proxy = match.group(1)
+    routes = (await process.stdout.readline() + await process.stdout.readline()).decode()
+    assert "routes:" in routes
+    async with aiohttp.ClientSession() as http, http.get(f"{proxy}/eu/x") as response:
+        assert response.status == 200
+        assert (await response.json())["organization"] == SUB_ORG
+    process.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(process.wait(), 20) == 0
+    rest = (await process.stdout.read()).decode() + (await process.stderr.read()).decode()
+    assert "Traceback" not in rest
+    assert PERSONAL_KEY not in banner + routes + rest
+    for token in standin.issued_tokens:
+        assert token not in rest
+
+
+async def test_zero_config_serves_from_appcircle_variables(
+    standin: StandIn, unused_tcp_port: int
+) -> None:
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("APPCIRCLE_", "TEST_"))
+    }
+    env |= {
+        "APPCIRCLE_PERSONAL_ACCESS_KEY": PERSONAL_KEY,
+        "APPCIRCLE_SUB_ORGANIZATION": SUB_ORG,
+        "APPCIRCLE_PROXY_APPCIRCLE__API_URL": standin.api_url,
+        "APPCIRCLE_PROXY_APPCIRCLE__AUTH_URL": standin.auth_url,
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "proxy",
+        "--listen",
+        f"127.0.0.1:{unused_tcp_port}",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    assert process.stdout is not None
+    banner = (await asyncio.wait_for(process.stdout.readline(), 20)).decode()
+    assert f"http://127.0.0.1:{unused_tcp_port}" in banner
+    try:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{unused_tcp_port}/build/v2/profiles") as response,
+        ):
+            assert response.status == 200
+            assert (await response.json())["organization"] == SUB_ORG
+    finally:
+        process.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(process.wait(), 20) == 0

@@ -1,0 +1,90 @@
+"""Keys and tokens never show: not in logs (even at debug), error bodies, or reprs."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from proxy.app import connect
+from proxy.settings import load_settings
+from proxy.standin import StandIn
+
+from .conftest import API_KEY_NAME, API_KEY_SECRET, PERSONAL_KEY, SUB_ORG, StartProxy
+
+EVERY_KIND = f"""
+[credentials.access]
+kind = "personal-access-key"
+secret_env = "TEST_APPCIRCLE_KEY"
+[credentials.legacy]
+kind = "personal-api-token"
+secret = "{PERSONAL_KEY}"
+[credentials.service]
+kind = "api-key"
+name = "{API_KEY_NAME}"
+secret_env = "TEST_API_KEY_SECRET"
+[routes.a]
+prefix = "/"
+credential = "access"
+[routes.l]
+prefix = "/legacy"
+credential = "legacy"
+sub_organization = "{SUB_ORG}"
+[routes.s]
+prefix = "/service"
+credential = "service"
+"""
+
+
+def assert_no_secret(text: str, standin: StandIn) -> None:
+    for secret in (PERSONAL_KEY, API_KEY_SECRET, *standin.issued_tokens):
+        assert secret not in text
+    # Token fragments too: the JWT signature is the part that grants access.
+    for token in standin.issued_tokens:
+        assert token.rsplit(".", 1)[-1] not in text
+
+
+async def test_no_secret_in_debug_logs_or_error_bodies(
+    start_proxy: StartProxy,
+    standin: StandIn,
+    http: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    bodies: list[str] = []
+    proxy = await start_proxy(EVERY_KIND)
+    # The stand-in API echoes what it received, Authorization included: that is the
+    # upstream's business. What is checked here is what the proxy itself says.
+    for path in ("/x", "/legacy/x", "/service/x", "/_test/status/401", "/_test/cut"):
+        async with http.get(proxy + path) as response:
+            try:
+                await response.read()
+            except aiohttp.ClientPayloadError:
+                pass
+    standin.revoke_all()
+    async with http.post(f"{proxy}/x", data=b"replayed") as response:
+        assert response.status == 200
+    standin.personal_keys.clear()  # every personal key is now rejected
+    standin.revoke_all()
+    for path in ("/x", "/legacy/x"):
+        async with http.get(proxy + path) as response:
+            assert response.status == 503
+            bodies.append(await response.text())
+    assert any("key_rejected" in body for body in bodies)
+    assert len(standin.issued_tokens) >= 4
+    assert_no_secret(caplog.text, standin)
+    assert_no_secret("\n".join(bodies), standin)
+
+
+async def test_reprs_hold_no_secret(standin: StandIn, write_config: Callable[..., Path]) -> None:
+    settings = load_settings(write_config(EVERY_KIND))
+    async with connect(settings) as upstream:
+        texts = [repr(settings)]
+        for route in upstream.routes:
+            token = await route.tokens.get()
+            texts += [repr(route), repr(route.credential), repr(route.tokens), repr(token)]
+            texts.append(str(route.credential))
+    assert_no_secret("\n".join(texts), standin)
