@@ -219,3 +219,15 @@ def test_settings_repr_masks_inline_secrets(tmp_path: Path) -> None:
     settings = load_settings(path)
     assert INLINE_SECRET not in repr(settings)
     assert INLINE_SECRET not in str(settings.model_dump())
+
+
+def test_config_example_is_valid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    example = (Path(__file__).parent.parent / "config.example.toml").read_text()
+    secret_file = tmp_path / "appcircle-api-key"
+    secret_file.write_text("aks_example")
+    path = tmp_path / "proxy.toml"
+    path.write_text(example.replace("/run/secrets/appcircle-api-key", str(secret_file)))
+    monkeypatch.setenv("APPCIRCLE_PERSONAL_ACCESS_KEY", "pak_example")
+    settings = load_settings(path)
+    assert {route.prefix for route in settings.routes.values()} == {"/", "/eu", "/ci"}
+    assert settings.credentials["ci"].kind == "api-key"
