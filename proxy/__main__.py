@@ -12,7 +12,7 @@ from typing import Any
 from . import __version__
 from .server import serve
 from .settings import ConfigError, load_settings
-from .tools import check, token
+from .tools import check, show_config, token
 
 __all__ = ["main"]
 
@@ -51,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "check", parents=[common], help="validate the config and get a token for every route"
     )
+    commands.add_parser(
+        "config", parents=[common], help="print the effective configuration, secrets masked"
+    )
     token_command = commands.add_parser(
         "token", parents=[common], help="print one session token on stdout, for scripts"
     )
@@ -85,6 +88,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "check":
             return check(settings)
+        if args.command == "config":
+            return show_config(settings)
         if args.command == "token":
             return token(settings, args.route)
         serve(settings)

@@ -15,6 +15,7 @@ from aiohttp import web
 from .credentials import credential_from_settings
 from .exchange import Exchanger
 from .forward import Forwarder
+from .guard import Guard
 from .routes import Route, RouteTable
 from .settings import Settings
 from .tokens import Clock, RetryPolicy, TokenKey, TokenSources
@@ -117,7 +118,9 @@ def create_app(settings: Settings, clock: Clock = time.time) -> web.Application:
             )
             yield
 
-    app = web.Application()
+    guard = Guard.from_settings(settings.server)
+    app = web.Application(middlewares=[guard.middleware])
+    app.on_response_prepare.append(guard.cors_headers)
     app.cleanup_ctx.append(lifetime)
     app.router.add_route("*", "/{path:.*}", _forward)
     return app

@@ -13,6 +13,7 @@ from .tokens import TokenUnavailable
 
 __all__ = [
     "no_route",
+    "refused",
     "token_unavailable",
     "upstream_timeout",
     "upstream_unreachable",
@@ -23,6 +24,11 @@ def _answer(status: int, error: str, detail: str, **extra: Any) -> web.Response:
     response = web.json_response({"error": error, "detail": detail, **extra}, status=status)
     response.headers["Cache-Control"] = "no-store"
     return response
+
+
+def refused(status: int, error: str, detail: str) -> web.Response:
+    """The inbound guard's answer to a request it will not forward."""
+    return _answer(status, error, detail)
 
 
 def no_route(path: str, prefixes: list[str]) -> web.Response:

@@ -19,6 +19,7 @@ from pydantic import (
     PositiveFloat,
     SecretStr,
     ValidationError,
+    field_serializer,
     field_validator,
     model_validator,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "ConfigError",
     "CredentialSettings",
     "Endpoint",
+    "UnixSocket",
     "RouteSettings",
     "Settings",
     "load_settings",
@@ -74,12 +76,28 @@ class Endpoint:
         return f"{host}:{self.port}"
 
 
-def _parse_endpoint(value: str) -> Endpoint:
+@dataclass(frozen=True, slots=True)
+class UnixSocket:
+    """A Unix socket listen address: only local users with access to the file can connect."""
+
+    path: Path
+
+    def __str__(self) -> str:
+        return f"unix:{self.path}"
+
+
+def _parse_endpoint(value: str) -> Endpoint | UnixSocket:
+    if value.startswith("unix:"):
+        path = value.removeprefix("unix:")
+        if not path.startswith("/"):
+            raise ValueError(f"'{value}' needs an absolute path, e.g. 'unix:/run/appcircle.sock'")
+        return UnixSocket(Path(path))
     host, sep, port = value.rpartition(":")
     host = host.removeprefix("[").removesuffix("]")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(
-            f"'{value}' is not a listen address; write host:port, e.g. '127.0.0.1:8787'"
+            f"'{value}' is not a listen address; write host:port (e.g. '127.0.0.1:8787') "
+            "or unix:/path/to.sock"
         )
     return Endpoint(host, int(port))
 
@@ -104,12 +122,97 @@ class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+def _parse_mode(value: object) -> object:
+    if isinstance(value, str):
+        try:
+            return int(value, 8)
+        except ValueError:
+            raise ValueError(f"'{value}' is not an octal file mode such as '0600'") from None
+    return value
+
+
 class ServerSettings(_Section):
     listen: ListenAddress = "127.0.0.1:8787"
+    # For a unix: listen address; octal, as chmod takes it.
+    socket_mode: Annotated[int, BeforeValidator(_parse_mode), Field(ge=0, le=0o777)] = 0o600
+    # Host names (besides localhost, 127.0.0.1 and ::1) that clients may address the proxy by.
+    allowed_hosts: tuple[str, ...] = ()
+    # Browser origins (scheme://host[:port]) allowed to use the proxy, with CORS.
+    allowed_origins: tuple[str, ...] = ()
+    client_token: SecretStr | None = None
+    client_token_env: str | None = None
+    client_token_file: Path | None = None
+    # Seconds a connection may take to send a complete request head, and may stay idle.
+    header_timeout: PositiveFloat = 15.0
+    max_url_length: int = Field(default=8192, ge=256)
+    max_header_bytes: int = Field(default=32768, ge=1024)
+    max_header_count: int = Field(default=100, ge=8)
+
+    @field_serializer("socket_mode")
+    def _octal(self, mode: int) -> str:
+        return f"{mode:04o}"
 
     @property
-    def endpoint(self) -> Endpoint:
+    def endpoint(self) -> Endpoint | UnixSocket:
         return _parse_endpoint(self.listen)
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _lower_hosts(cls, hosts: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(host.lower().removeprefix("[").removesuffix("]") for host in hosts)
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _check_origins(cls, origins: tuple[str, ...]) -> tuple[str, ...]:
+        for origin in origins:
+            url = URL(origin)
+            if url.scheme not in ("http", "https") or not url.host or url.raw_path not in ("", "/"):
+                raise ValueError(
+                    f"allowed origin '{origin}' must be scheme://host[:port], "
+                    "e.g. 'http://localhost:3000'"
+                )
+        return tuple(origin.rstrip("/").lower() for origin in origins)
+
+    @model_validator(mode="after")
+    def _client_token_source(self) -> ServerSettings:
+        given = [
+            name
+            for name in ("client_token", "client_token_env", "client_token_file")
+            if getattr(self, name) is not None
+        ]
+        if len(given) > 1:
+            raise ValueError(f"set at most one of {', '.join(given)}")
+        if self.client_token_env is not None and not os.environ.get(self.client_token_env):
+            raise ValueError(
+                f"the environment variable {self.client_token_env} (client_token_env) is not "
+                "set or empty"
+            )
+        if self.client_token_file is not None:
+            _read_secret_file(self.client_token_file, "client_token_file")
+        return self
+
+    def client_secret(self) -> SecretStr | None:
+        """The client token, read from wherever it is configured (validated above)."""
+        if self.client_token_env is not None:
+            return SecretStr(os.environ[self.client_token_env].strip())
+        if self.client_token_file is not None:
+            return SecretStr(_read_secret_file(self.client_token_file, "client_token_file"))
+        if self.client_token is not None:
+            return SecretStr(self.client_token.get_secret_value().strip())
+        return None
+
+
+def _read_secret_file(path: Path, setting: str) -> str:
+    try:
+        content = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as err:
+        reason = getattr(err, "strerror", None) or type(err).__name__
+        raise ValueError(
+            f"the {setting} '{path}' cannot be read ({reason}); check the path and its permissions"
+        ) from None
+    if not content:
+        raise ValueError(f"the {setting} '{path}' is empty")
+    return content
 
 
 class AppcircleSettings(_Section):
@@ -165,16 +268,7 @@ class CredentialSettings(_Section):
                 "export it or point secret_env at the variable that holds the key"
             )
         if self.secret_file is not None:
-            try:
-                content = self.secret_file.read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as err:
-                reason = getattr(err, "strerror", None) or type(err).__name__
-                raise ValueError(
-                    f"the secret file '{self.secret_file}' cannot be read ({reason}); "
-                    "check the path and its permissions"
-                ) from None
-            if not content.strip():
-                raise ValueError(f"the secret file '{self.secret_file}' is empty")
+            _read_secret_file(self.secret_file, "secret file")
         if self.kind == "api-key" and not self.name:
             raise ValueError("an api-key credential needs name (the API key's name)")
         if self.kind != "api-key" and self.name is not None:

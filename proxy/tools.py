@@ -1,8 +1,9 @@
-"""One-shot commands that exchange keys without serving: `check` and `token`."""
+"""One-shot commands that do not serve: `check`, `token` and `config`."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 from datetime import UTC, datetime
 
@@ -10,7 +11,7 @@ from .app import connect
 from .settings import Settings
 from .tokens import TokenUnavailable
 
-__all__ = ["check", "token"]
+__all__ = ["check", "show_config", "token"]
 
 
 async def _check(settings: Settings) -> int:
@@ -71,3 +72,10 @@ def check(settings: Settings) -> int:
 
 def token(settings: Settings, route_name: str | None) -> int:
     return asyncio.run(_token(settings, route_name))
+
+
+def show_config(settings: Settings) -> int:
+    """Print the effective configuration (file, environment and flags merged), secrets masked."""
+    # SecretStr dumps as '**********'; the secret_env / secret_file names are not secret.
+    print(json.dumps(settings.model_dump(mode="json"), indent=2))
+    return 0

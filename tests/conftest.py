@@ -43,12 +43,13 @@ def write_config(tmp_path: Path, standin: StandIn) -> Callable[..., Path]:
         body: str,
         appcircle: str = "",
         tokens: str = "",
+        server: str = "",
         api_url: str | None = None,
         auth_url: str | None = None,
     ) -> Path:
         path = tmp_path / "config.toml"
         path.write_text(
-            f'[server]\nlisten = "127.0.0.1:0"\n'
+            f'[server]\nlisten = "127.0.0.1:0"\n{server}\n'
             f'[appcircle]\napi_url = "{api_url or standin.api_url}"\n'
             f'auth_url = "{auth_url or standin.auth_url}"\n{appcircle}\n'
             f"[tokens]\nretry_initial = 0.05\nretry_max = 0.2\n{tokens}\n{body}",
