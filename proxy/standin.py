@@ -110,7 +110,7 @@ class StandIn:
         self._runners.clear()
 
     async def _serve(self, app: web.Application, host: str) -> str:
-        runner = web.AppRunner(app, access_log=None)
+        runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
         await runner.setup()
         site = web.TCPSite(runner, host, 0)
         await site.start()
