@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -21,18 +22,30 @@ OTHER_ORG = "33333333-3333-4333-8333-333333333333"
 PERSONAL_KEY = "pak_" + secrets.token_hex(16)
 API_KEY_NAME = "ci-bot"
 API_KEY_SECRET = "aks_" + secrets.token_hex(16)
+CLIENT_TOKEN = "client_" + secrets.token_hex(16)
 
 StartProxy = Callable[..., Awaitable[str]]
 
 
+def everything_logged(caplog: pytest.LogCaptureFixture) -> str:
+    """All log lines of the test so far, formatted, tracebacks included (from teardown,
+    `caplog.text` holds only the teardown's own records)."""
+    formatter = logging.Formatter("%(name)s %(levelname)s %(message)s")
+    records = caplog.get_records("setup") + caplog.get_records("call")
+    return "\n".join(formatter.format(record) for record in records)
+
+
 @pytest.fixture
-async def standin() -> AsyncIterator[StandIn]:
+async def standin(caplog: pytest.LogCaptureFixture) -> AsyncIterator[StandIn]:
     appcircle = StandIn()
     appcircle.add_personal_key(PERSONAL_KEY, ROOT_ORG, SUB_ORG, OTHER_ORG)
     appcircle.add_api_key(API_KEY_NAME, API_KEY_SECRET, ROOT_ORG, SUB_ORG, OTHER_ORG)
     await appcircle.start()
     yield appcircle
     await appcircle.close()
+    logged = everything_logged(caplog)
+    leaked = [token for token in appcircle.issued_tokens if token in logged]
+    assert not leaked, "a session token appeared in the logs"
 
 
 @pytest.fixture
@@ -65,6 +78,17 @@ PERSONAL_KEY_CONFIG = """
 kind = "personal-access-key"
 secret_env = "TEST_APPCIRCLE_KEY"
 """
+
+
+@pytest.fixture(autouse=True)
+def no_secret_in_logs(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """Every test runs with debug logging; afterwards no key or client token may appear
+    anywhere in what was logged (the stand-in checks its session tokens likewise)."""
+    caplog.set_level(logging.DEBUG)
+    yield
+    logged = everything_logged(caplog)
+    leaked = [s for s in (PERSONAL_KEY, API_KEY_SECRET, CLIENT_TOKEN) if s in logged]
+    assert not leaked, "a key or client token appeared in the logs"
 
 
 @pytest.fixture(autouse=True)

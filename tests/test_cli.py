@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -16,7 +17,7 @@ import jwt
 from proxy import __version__
 from proxy.standin import StandIn
 
-from .conftest import PERSONAL_KEY, PERSONAL_KEY_CONFIG, ROOT_ORG, SUB_ORG
+from .conftest import CLIENT_TOKEN, PERSONAL_KEY, PERSONAL_KEY_CONFIG, ROOT_ORG, SUB_ORG
 
 TWO_ROUTES = (
     PERSONAL_KEY_CONFIG
@@ -185,3 +186,50 @@ async def test_zero_config_serves_from_appcircle_variables(
     finally:
         process.send_signal(signal.SIGINT)
         assert await asyncio.wait_for(process.wait(), 20) == 0
+
+
+async def test_config_prints_the_effective_configuration_with_secrets_masked(
+    write_config: Callable[..., Path],
+) -> None:
+    config = write_config(
+        f'[credentials.main]\nkind = "personal-access-key"\nsecret = "{PERSONAL_KEY}"',
+        server=f'client_token = "{CLIENT_TOKEN}"',
+    )
+    code, out, err = await run("config", "--config", str(config), "--listen", "127.0.0.1:9999")
+    assert code == 0, err
+    effective = json.loads(out)
+    assert effective["server"]["listen"] == "127.0.0.1:9999"  # the flag won
+    assert effective["server"]["client_token"] == "**********"
+    assert effective["credentials"]["main"]["secret"] == "**********"
+    assert PERSONAL_KEY not in out + err and CLIENT_TOKEN not in out + err
+
+
+async def test_tokens_are_never_written_to_disk(
+    standin: StandIn, write_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    config = write_config(TWO_ROUTES)
+    before = {path for path in tmp_path.rglob("*")}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "proxy",
+        "token",
+        "--config",
+        str(config),
+        "--route",
+        "eu",
+        stdout=asyncio.subprocess.PIPE,
+        cwd=home,
+        env=os.environ | {"HOME": str(home), "TMPDIR": str(home), "XDG_CACHE_HOME": str(home)},
+    )
+    out, _ = await process.communicate()
+    assert process.returncode == 0
+    token = out.strip()
+    assert token.startswith(b"ey")
+    written = {path for path in tmp_path.rglob("*")} - before
+    assert written == set()
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert token not in path.read_bytes()

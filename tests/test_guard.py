@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import stat
 from collections.abc import Callable
 from pathlib import Path
@@ -18,10 +17,8 @@ from proxy.server import start
 from proxy.settings import load_settings
 from proxy.standin import StandIn
 
-from .conftest import PERSONAL_KEY_CONFIG, StartProxy
+from .conftest import CLIENT_TOKEN, PERSONAL_KEY_CONFIG, StartProxy
 from .rawhttp import exchange, status_of
-
-CLIENT_TOKEN = "client-token-" + os.urandom(8).hex()
 
 
 async def status(
