@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from . import __version__, logs
 from .server import serve
-from .settings import ConfigError, load_settings
+from .settings import ConfigError, Settings, load_settings
 from .tools import check, show_config, token
 
 __all__ = ["main"]
@@ -35,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--log-level",
         choices=["debug", "info", "warning", "error"],
-        help="log verbosity (default: info)",
+        help="log verbosity (log.level; default: info)",
     )
 
     parser = argparse.ArgumentParser(
@@ -67,6 +66,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         ("listen", "server", "listen"),
         ("api_url", "appcircle", "api_url"),
         ("auth_url", "appcircle", "auth_url"),
+        ("log_level", "log", "level"),
     ):
         if hasattr(args, flag):
             overrides.setdefault(section, {})[key] = getattr(args, flag)
@@ -75,16 +75,16 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=getattr(args, "log_level", "info").upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+
+    def load() -> Settings:
+        return load_settings(getattr(args, "config", None), _overrides(args))
+
     try:
-        settings = load_settings(getattr(args, "config", None), _overrides(args))
+        settings = load()
     except ConfigError as err:
         print(f"appcircle-proxy: {err}", file=sys.stderr)
         return 2
+    logs.configure(settings.log)
     try:
         if args.command == "check":
             return check(settings)
@@ -92,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return show_config(settings)
         if args.command == "token":
             return token(settings, args.route)
-        serve(settings)
+        serve(settings, load)
         return 0
     except KeyboardInterrupt:
         return 130

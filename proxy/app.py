@@ -3,35 +3,92 @@ aiohttp Application that hands every request to the forwarder."""
 
 from __future__ import annotations
 
+import logging
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
 
-from .credentials import credential_from_settings
+from . import admin, errors
+from .credentials import Credential, SecretUnavailable, credential_from_settings
 from .exchange import Exchanger
 from .forward import Forwarder
 from .guard import Guard
+from .observe import Metrics
 from .routes import Route, RouteTable
 from .settings import Settings
 from .tokens import Clock, RetryPolicy, TokenKey, TokenSources
 
-__all__ = ["FORWARDER", "Upstream", "connect", "create_app"]
+__all__ = [
+    "FORWARDER",
+    "METRICS",
+    "UPSTREAM",
+    "Upstream",
+    "connect",
+    "create_app",
+]
 
-FORWARDER = web.AppKey("forwarder", Forwarder)
+log = logging.getLogger("appcircle_proxy.app")
 
 
-@dataclass(frozen=True, slots=True)
 class Upstream:
     """Everything that talks to Appcircle, open for the lifetime of one process."""
 
-    routes: RouteTable
-    tokens: TokenSources
-    api_session: aiohttp.ClientSession
+    def __init__(
+        self,
+        settings: Settings,
+        routes: RouteTable,
+        tokens: TokenSources,
+        api_session: aiohttp.ClientSession,
+        make_exchanger: Callable[[Mapping[str, Credential], TokenKey], Exchanger],
+    ) -> None:
+        self.settings = settings
+        self.routes = routes
+        self.tokens = tokens
+        self.api_session = api_session
+        self._make_exchanger = make_exchanger
+
+    def reload(self, new: Settings) -> None:
+        """Take up changed credentials (and rotated secret files) without a restart: a
+        token whose key has changed is dropped and renewed; all else keeps serving."""
+        credentials = {
+            name: credential_from_settings(name, credential)
+            for name, credential in new.credentials.items()
+        }
+        for source in self.tokens:
+            name = source.key[0]
+            if name not in credentials:
+                log.warning("reload: credential '%s' is gone; restart to remove its routes", name)
+                continue
+            exchanger = self._make_exchanger(credentials, source.key)
+            try:
+                fingerprint = exchanger.key_fingerprint()
+            except SecretUnavailable as err:
+                log.warning("reload: credential '%s': %s; keeping its current token", name, err)
+                continue
+            token = source.current()
+            changed = token is None or token.key_fingerprint != fingerprint
+            source.replace_exchanger(exchanger, drop_token=changed)
+            if changed:
+                log.info("reload: credential '%s' changed; renewing its token", name)
+            else:
+                log.info("reload: credential '%s' unchanged", name)
+        untouched = ("server", "appcircle", "tokens", "log", "routes")
+        if any(getattr(new, part) != getattr(self.settings, part) for part in untouched):
+            log.warning(
+                "reload: only credentials and secret files are reloaded; restart the proxy "
+                "to apply changes to %s",
+                ", ".join(p for p in untouched if getattr(new, p) != getattr(self.settings, p)),
+            )
+        self.settings = self.settings.model_copy(update={"credentials": new.credentials})
+
+
+UPSTREAM = web.AppKey("upstream", Upstream)
+FORWARDER = web.AppKey("forwarder", Forwarder)
+METRICS = web.AppKey("metrics", Metrics)
 
 
 def _tls(settings: Settings) -> ssl.SSLContext | bool:
@@ -64,12 +121,8 @@ async def connect(settings: Settings, clock: Clock = time.time) -> AsyncIterator
         auto_decompress=False,
         cookie_jar=aiohttp.DummyCookieJar(),
     )
-    credentials = {
-        name: credential_from_settings(name, credential)
-        for name, credential in settings.credentials.items()
-    }
 
-    def exchanger(key: TokenKey) -> Exchanger:
+    def make_exchanger(credentials: Mapping[str, Credential], key: TokenKey) -> Exchanger:
         credential, sub_organization = key
         return Exchanger(
             session=auth_session,
@@ -80,8 +133,14 @@ async def connect(settings: Settings, clock: Clock = time.time) -> AsyncIterator
             refresh_margin=settings.tokens.refresh_margin,
         )
 
+    credentials = {
+        name: credential_from_settings(name, credential)
+        for name, credential in settings.credentials.items()
+    }
     tokens = TokenSources(
-        exchanger, RetryPolicy(settings.tokens.retry_initial, settings.tokens.retry_max), clock
+        lambda key: make_exchanger(credentials, key),
+        RetryPolicy(settings.tokens.retry_initial, settings.tokens.retry_max),
+        clock,
     )
     routes = RouteTable(
         [
@@ -96,7 +155,7 @@ async def connect(settings: Settings, clock: Clock = time.time) -> AsyncIterator
         ]
     )
     try:
-        yield Upstream(routes, tokens, api_session)
+        yield Upstream(settings, routes, tokens, api_session, make_exchanger)
     finally:
         await tokens.close()
         await api_session.close()
@@ -107,20 +166,45 @@ async def _forward(request: web.Request) -> web.StreamResponse:
     return await request.app[FORWARDER].handle(request)
 
 
+async def _not_forwarded(request: web.Request) -> web.Response:
+    return errors.refused(
+        404,
+        "not_found",
+        "/_proxy/ is the proxy's own: health, ready and metrics"
+        + (" (served on server.admin_listen)" if admin.ON_ADMIN_LISTENER in request.app else ""),
+    )
+
+
 def create_app(settings: Settings, clock: Clock = time.time) -> web.Application:
+    """The proxy's application; its startup opens the Upstream, its cleanup closes it."""
+
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
         async with connect(settings, clock) as upstream:
+            app[UPSTREAM] = upstream
             app[FORWARDER] = Forwarder(
                 session=upstream.api_session,
                 api_url=settings.appcircle.api_url,
                 routes=upstream.routes,
                 replay_limit=settings.tokens.replay_limit,
             )
+            if settings.server.eager:
+                for source in upstream.tokens:
+                    source.start()
             yield
 
+    def upstream_now() -> Upstream | None:
+        return app.get(UPSTREAM)
+
     guard = Guard.from_settings(settings.server)
-    app = web.Application(middlewares=[guard.middleware])
+    metrics = Metrics(upstream_now, clock)
+    app = web.Application(middlewares=[guard.middleware, metrics.middleware])
+    app[METRICS] = metrics
     app.on_response_prepare.append(guard.cors_headers)
     app.cleanup_ctx.append(lifetime)
+    if settings.server.admin_listen is None:
+        admin.add_routes(app.router, upstream_now, metrics)
+    else:
+        app[admin.ON_ADMIN_LISTENER] = True
+    app.router.add_route("*", "/_proxy/{path:.*}", _not_forwarded)
     app.router.add_route("*", "/{path:.*}", _forward)
     return app

@@ -6,6 +6,8 @@ it says what the auth host answered and what to check, never the key or the toke
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,7 +18,7 @@ import jwt
 
 from .credentials import Credential, SecretUnavailable
 
-__all__ = ["ExchangeError", "Exchanger", "SessionToken", "renewal_margin"]
+__all__ = ["ExchangeError", "Exchanger", "SessionToken", "fingerprint", "renewal_margin"]
 
 # Why a token counts as unusable a little before `exp`: it must still be valid when the
 # request reaches the API, after transit and any clock difference.
@@ -52,6 +54,9 @@ class SessionToken:
     obtained_at: float
     expires_at: float
     refresh_at: float
+    # A digest of the exchange's form (key included): tells, on reload, whether the key
+    # behind this token has changed since.
+    key_fingerprint: str = field(default="", repr=False)
 
     @property
     def usable_until(self) -> float:
@@ -67,6 +72,10 @@ def renewal_margin(lifetime: float, configured: float | None) -> float:
     if configured is not None:
         return min(configured, lifetime / 2)
     return min(MAX_MARGIN, lifetime / 5)
+
+
+def fingerprint(form: dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps(sorted(form.items())).encode()).hexdigest()
 
 
 def _parse_reply(
@@ -168,7 +177,11 @@ class Exchanger:
             raise _http_failure(status, self.credential, self.auth_url)
         token = _parse_reply(body, self.clock(), self.refresh_margin, self.auth_url)
         self._check_organization(token)
-        return token
+        return dataclasses.replace(token, key_fingerprint=fingerprint(form))
+
+    def key_fingerprint(self) -> str:
+        """The fingerprint an exchange made now would have; raises SecretUnavailable."""
+        return fingerprint(self.credential.form(self.sub_organization))
 
     def _check_organization(self, token: SessionToken) -> None:
         wanted = self.sub_organization

@@ -8,6 +8,7 @@ the answer back. Bodies are streamed both ways except a small one kept for a rep
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -22,7 +23,12 @@ from .headers import request_headers, response_headers
 from .routes import Route, RouteTable
 from .tokens import TokenUnavailable
 
-__all__ = ["Forwarder"]
+__all__ = ["ROUTE", "UPSTREAM_SECONDS", "UPSTREAM_STATUS", "Forwarder"]
+
+# What the forwarder learnt about a request, for the access log and the metrics.
+ROUTE = web.RequestKey("route", str)
+UPSTREAM_STATUS = web.RequestKey("upstream_status", int)
+UPSTREAM_SECONDS = web.RequestKey("upstream_seconds", float)
 
 log = logging.getLogger("appcircle_proxy.forward")
 
@@ -48,6 +54,7 @@ class Forwarder:
         if matched is None:
             return errors.no_route(path, self.routes.prefixes)
         route, rest = matched
+        request[ROUTE] = route.name
         target = URL(self.api_url + rest + has_query + query, encoded=True)
         replayable = await self._replayable_body(request)
         headers = request_headers(request.headers)
@@ -88,8 +95,9 @@ class Forwarder:
         replayable: bytes | None,
     ) -> aiohttp.ClientResponse:
         headers["Authorization"] = f"Bearer {token.value}"
+        started = time.monotonic()
         try:
-            return await self.session.request(
+            upstream = await self.session.request(
                 request.method,
                 target,
                 headers=headers,
@@ -102,6 +110,9 @@ class Forwarder:
             raise _UpstreamFailed(errors.upstream_timeout(self.api_url)) from None
         except aiohttp.ClientError as err:
             raise _UpstreamFailed(errors.upstream_unreachable(self.api_url, str(err))) from None
+        request[UPSTREAM_SECONDS] = time.monotonic() - started
+        request[UPSTREAM_STATUS] = upstream.status
+        return upstream
 
     async def _relay(
         self, request: web.Request, route: Route, upstream: aiohttp.ClientResponse

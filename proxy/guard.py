@@ -20,6 +20,7 @@ from aiohttp import hdrs, web
 from pydantic import SecretStr
 
 from . import errors
+from .admin import HEALTH_PATH
 from .settings import ServerSettings
 
 __all__ = ["Guard"]
@@ -128,7 +129,13 @@ class Guard:
                 "requests from web pages are refused, so a site you visit cannot use your "
                 "key; to allow a page, add its origin to server.allowed_origins",
             )
-        if self.client_token is not None and not self._client_token_matches(request):
+        # Liveness says nothing but "up", and container health checks cannot send a token.
+        needs_token = request.path != HEALTH_PATH
+        if (
+            needs_token
+            and self.client_token is not None
+            and not self._client_token_matches(request)
+        ):
             response = errors.refused(
                 407,
                 "proxy_authentication_required",

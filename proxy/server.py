@@ -1,4 +1,5 @@
-"""Serving: bind the listener, say where, run until SIGINT or SIGTERM, shut down cleanly."""
+"""Serving: bind the listeners, say where, run until SIGINT or SIGTERM and drain in-flight
+requests; reload credentials on SIGHUP."""
 
 from __future__ import annotations
 
@@ -9,17 +10,20 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.log import server_logger as aiohttp_server_log
 
-from . import __version__
-from .app import create_app
-from .settings import Endpoint, Settings, UnixSocket
+from . import __version__, admin
+from .app import METRICS, UPSTREAM, create_app
+from .observe import access_logger
+from .settings import ConfigError, Endpoint, Settings, UnixSocket
 from .tokens import Clock
 
-__all__ = ["serve", "start"]
+__all__ = ["Running", "serve", "start"]
 
 log = logging.getLogger("appcircle_proxy.server")
 
@@ -34,48 +38,6 @@ def _describe_routes(settings: Settings) -> list[str]:
             f"credential '{route.credential}' [{credential.kind}], {organization})"
         )
     return lines
-
-
-async def start(settings: Settings, clock: Clock = time.time) -> web.AppRunner:
-    """Build the app and start listening; the caller must `cleanup()` the runner."""
-    server = settings.server
-    runner = web.AppRunner(
-        create_app(settings, clock),
-        # A client that hangs up cancels its handler, and so its upstream request, at once.
-        handler_cancellation=True,
-        # aiohttp closes a connection that has not sent a whole request head within this
-        # time (slowloris), as well as an idle keep-alive connection.
-        keepalive_timeout=server.header_timeout,
-        # The parser's own limits sit above the guard's, so that the guard can answer
-        # 414/431 with a reason; beyond them the parser answers 400.
-        max_line_size=server.max_url_length + 64,
-        max_field_size=server.max_header_bytes,
-        max_headers=server.max_header_count * 2 + 32,
-    )
-    await runner.setup()
-    aiohttp_server_log.addFilter(_QUIET_PARSER_ERRORS)
-    endpoint = server.endpoint
-    try:
-        if isinstance(endpoint, UnixSocket):
-            await _start_unix(runner, endpoint, server.socket_mode)
-        else:
-            await web.TCPSite(runner, endpoint.host, endpoint.port).start()
-    except OSError as err:
-        await runner.cleanup()
-        raise SystemExit(
-            f"appcircle-proxy: cannot listen on {endpoint}: {err.strerror or err}; "
-            "choose another address with --listen or server.listen"
-        ) from None
-    if isinstance(endpoint, Endpoint) and not _is_loopback(endpoint.host):
-        if server.client_secret() is None:
-            log.warning(
-                "LISTENING ON %s, BEYOND LOOPBACK, WITHOUT A CLIENT TOKEN: anyone who can "
-                "reach this address can use the Appcircle key(s) with their full rights. "
-                "Set server.client_token (or client_token_env / client_token_file), or "
-                "listen on 127.0.0.1 unless this is a container's own network namespace.",
-                endpoint,
-            )
-    return runner
 
 
 class _ParserErrorsInOneLine(logging.Filter):
@@ -93,17 +55,104 @@ class _ParserErrorsInOneLine(logging.Filter):
         return True
 
 
-async def _start_unix(runner: web.AppRunner, socket: UnixSocket, mode: int) -> None:
+_QUIET_PARSER_ERRORS = _ParserErrorsInOneLine()
+
+
+@dataclass(frozen=True, slots=True)
+class Running:
+    """A started proxy: its app and its listeners (the API one first)."""
+
+    app: web.Application
+    runners: tuple[web.AppRunner, ...]
+
+    @property
+    def urls(self) -> list[str]:
+        """Where the API listener listens, as URLs (unix:/path for a Unix socket)."""
+        return [_url(address) for address in self.runners[0].addresses]
+
+    @property
+    def admin_urls(self) -> list[str]:
+        return [_url(address) for runner in self.runners[1:] for address in runner.addresses]
+
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight requests finish (up to shutdown_timeout), close."""
+        for runner in reversed(self.runners):
+            await runner.cleanup()
+
+
+def _url(address: object) -> str:
+    if isinstance(address, str):
+        return f"unix:{address}"
+    assert isinstance(address, tuple)
+    host, port = address[0], address[1]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+async def start(settings: Settings, clock: Clock = time.time) -> Running:
+    """Build the app and start its listeners; the caller must `stop()` it."""
+    server = settings.server
+    app = create_app(settings, clock)
+    runner = web.AppRunner(
+        app,
+        # A client that hangs up cancels its handler, and so its upstream request, at once.
+        handler_cancellation=True,
+        # aiohttp closes a connection that has not sent a whole request head within this
+        # time (slowloris), as well as an idle keep-alive connection.
+        keepalive_timeout=server.header_timeout,
+        # The parser's own limits sit above the guard's, so that the guard can answer
+        # 414/431 with a reason; beyond them the parser answers 400.
+        max_line_size=server.max_url_length + 64,
+        max_field_size=server.max_header_bytes,
+        max_headers=server.max_header_count * 2 + 32,
+        shutdown_timeout=server.shutdown_timeout,
+        access_log_class=access_logger(
+            settings.log.query_strings, app[METRICS].count_response_bytes
+        ),
+    )
+    aiohttp_server_log.addFilter(_QUIET_PARSER_ERRORS)
+    runners = [runner]
+    try:
+        await runner.setup()
+        await _listen(runner, server.endpoint, server.socket_mode)
+        if server.admin_endpoint is not None:
+            admin_runner = web.AppRunner(
+                admin.create_admin_app(lambda: app.get(UPSTREAM), app[METRICS]),
+                access_log=None,
+            )
+            runners.append(admin_runner)
+            await admin_runner.setup()
+            await _listen(admin_runner, server.admin_endpoint, server.socket_mode)
+    except OSError as err:
+        for started in reversed(runners):
+            await started.cleanup()
+        raise SystemExit(
+            f"appcircle-proxy: cannot listen ({err.strerror or err}); choose other addresses "
+            "with --listen, server.listen or server.admin_listen"
+        ) from None
+    endpoint = server.endpoint
+    if isinstance(endpoint, Endpoint) and not _is_loopback(endpoint.host):
+        if server.client_secret() is None:
+            log.warning(
+                "LISTENING ON %s, BEYOND LOOPBACK, WITHOUT A CLIENT TOKEN: anyone who can "
+                "reach this address can use the Appcircle key(s) with their full rights. "
+                "Set server.client_token (or client_token_env / client_token_file), or "
+                "listen on 127.0.0.1 unless this is a container's own network namespace.",
+                endpoint,
+            )
+    return Running(app, tuple(runners))
+
+
+async def _listen(runner: web.AppRunner, endpoint: Endpoint | UnixSocket, mode: int) -> None:
+    if isinstance(endpoint, Endpoint):
+        await web.TCPSite(runner, endpoint.host, endpoint.port).start()
+        return
     # Created under a restrictive umask, so there is no moment when others could connect.
     previous = os.umask(0o777 & ~mode)
     try:
-        await web.UnixSite(runner, str(socket.path)).start()
+        await web.UnixSite(runner, str(endpoint.path)).start()
     finally:
         os.umask(previous)
-    os.chmod(socket.path, mode)
-
-
-_QUIET_PARSER_ERRORS = _ParserErrorsInOneLine()
+    os.chmod(endpoint.path, mode)
 
 
 def _is_loopback(host: str) -> bool:
@@ -115,26 +164,39 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-async def _serve(settings: Settings) -> None:
-    runner = await start(settings)
+def _reload(running: Running, load: Callable[[], Settings]) -> None:
+    log.info("SIGHUP: reloading credentials")
     try:
-        for address in runner.addresses:
-            if isinstance(address, str):
-                where = f"unix:{address}"
-            else:
-                host, port = address[0], address[1]
-                where = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-            print(f"appcircle-proxy {__version__} listening on {where}", flush=True)
+        settings = load()
+    except ConfigError as err:
+        log.error("reload failed, keeping the running configuration: %s", err)
+        return
+    running.app[UPSTREAM].reload(settings)
+
+
+async def _serve(settings: Settings, load: Callable[[], Settings]) -> None:
+    running = await start(settings)
+    try:
+        for url in running.urls:
+            print(f"appcircle-proxy {__version__} listening on {url}", flush=True)
+        for url in running.admin_urls:
+            print(f"health, readiness and metrics on {url}/_proxy/", flush=True)
         print("\n".join(["routes:", *_describe_routes(settings)]), flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, _reload, running, load)
         await stop.wait()
-        print("appcircle-proxy: shutting down", file=sys.stderr, flush=True)
+        log.info(
+            "shutting down: no new connections; in-flight requests get up to %.0f s",
+            settings.server.shutdown_timeout,
+        )
     finally:
-        await runner.cleanup()
+        await running.stop()
+    print("appcircle-proxy: stopped", file=sys.stderr, flush=True)
 
 
-def serve(settings: Settings) -> None:
-    asyncio.run(_serve(settings))
+def serve(settings: Settings, load: Callable[[], Settings]) -> None:
+    """Run until SIGINT/SIGTERM; `load` re-reads the configuration on SIGHUP."""
+    asyncio.run(_serve(settings, load))

@@ -144,6 +144,13 @@ class ServerSettings(_Section):
     client_token_file: Path | None = None
     # Seconds a connection may take to send a complete request head, and may stay idle.
     header_timeout: PositiveFloat = 15.0
+    # A second listener for /_proxy/ (health, readiness, metrics) alone, for probes and
+    # scrapers; it has no access to the API. None: /_proxy/ is served on `listen`.
+    admin_listen: ListenAddress | None = None
+    # On SIGTERM/SIGINT, seconds in-flight requests get to finish.
+    shutdown_timeout: float = Field(default=30.0, ge=0)
+    # Obtain every route's token at start-up, so readiness turns green before traffic.
+    eager: bool = True
     max_url_length: int = Field(default=8192, ge=256)
     max_header_bytes: int = Field(default=32768, ge=1024)
     max_header_count: int = Field(default=100, ge=8)
@@ -155,6 +162,10 @@ class ServerSettings(_Section):
     @property
     def endpoint(self) -> Endpoint | UnixSocket:
         return _parse_endpoint(self.listen)
+
+    @property
+    def admin_endpoint(self) -> Endpoint | UnixSocket | None:
+        return None if self.admin_listen is None else _parse_endpoint(self.admin_listen)
 
     @field_validator("allowed_hosts")
     @classmethod
@@ -245,6 +256,13 @@ class TokenSettings(_Section):
         return self
 
 
+class LogSettings(_Section):
+    format: Literal["text", "json"] = "text"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    # Query strings can carry ids and search terms; access log lines omit them by default.
+    query_strings: bool = False
+
+
 class CredentialSettings(_Section):
     kind: CredentialKind
     secret: SecretStr | None = None
@@ -318,6 +336,7 @@ class Settings(BaseSettings):
     server: ServerSettings = ServerSettings()
     appcircle: AppcircleSettings = AppcircleSettings()
     tokens: TokenSettings = TokenSettings()
+    log: LogSettings = LogSettings()
     credentials: dict[str, CredentialSettings] = {}
     routes: dict[str, RouteSettings] = {}
 

@@ -10,6 +10,7 @@ while the loop backs off.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import random
@@ -107,9 +108,26 @@ class TokenSource:
         self._wake = asyncio.Event()
         self._next_outcome: asyncio.Future[None] | None = None
         self.exchanges = 0
+        # Exchange outcomes by kind ("ok" or a failure kind), read by the metrics.
+        self.outcomes: collections.Counter[str] = collections.Counter()
 
     def __repr__(self) -> str:
         return f"<TokenSource {self.key!r} exchanges={self.exchanges}>"
+
+    @property
+    def exchanger(self) -> Exchanger:
+        return self._exchanger
+
+    def replace_exchanger(self, exchanger: Exchanger, *, drop_token: bool) -> None:
+        """Use a reloaded credential from now on; with `drop_token`, renew at once."""
+        self._exchanger = exchanger
+        if drop_token:
+            token = self._cache.get(self.key)
+            if token is not None:
+                self._cache.discard(self.key, token)
+            self._failure = None
+            self._failures = 0
+            self._wake.set()
 
     @property
     def failure(self) -> ExchangeError | None:
@@ -182,8 +200,10 @@ class TokenSource:
         try:
             token = await self._exchanger.exchange()
         except ExchangeError as err:
+            self.outcomes[err.kind] += 1
             return self._failed(err)
         except Exception as err:  # noqa: BLE001 - a bug must not stop renewal for good
+            self.outcomes["auth_error"] += 1
             log.error("unexpected error while exchanging for %s: %r", _label(self.key), err)
             return self._failed(
                 ExchangeError("auth_error", f"unexpected error: {type(err).__name__}")
@@ -191,6 +211,7 @@ class TokenSource:
         finally:
             self._exchanging = False
             self._publish()
+        self.outcomes["ok"] += 1
         self._failures = 0
         self._failure = None
         self._cache.put(self.key, token)

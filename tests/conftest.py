@@ -9,9 +9,8 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from aiohttp import web
 
-from proxy.server import start
+from proxy.server import Running, start
 from proxy.settings import load_settings
 from proxy.standin import StandIn
 
@@ -61,6 +60,9 @@ def write_config(tmp_path: Path, standin: StandIn) -> Callable[..., Path]:
         auth_url: str | None = None,
     ) -> Path:
         path = tmp_path / "config.toml"
+        if "eager" not in server:
+            # Lazy by default here, so tests see the first exchange happen on demand.
+            server += "\neager = false"
         path.write_text(
             f'[server]\nlisten = "127.0.0.1:0"\n{server}\n'
             f'[appcircle]\napi_url = "{api_url or standin.api_url}"\n'
@@ -100,17 +102,16 @@ def key_in_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 async def start_proxy(write_config: Callable[..., Path]) -> AsyncIterator[StartProxy]:
     """Start the proxy with a config (body, appcircle=..., tokens=...); returns its URL."""
-    runners: list[web.AppRunner] = []
+    proxies: list[Running] = []
 
     async def start_with(body: str = PERSONAL_KEY_CONFIG, **sections: str) -> str:
-        runner = await start(load_settings(write_config(body, **sections)))
-        runners.append(runner)
-        host, port = runner.addresses[0][:2]
-        return f"http://{host}:{port}"
+        proxy = await start(load_settings(write_config(body, **sections)))
+        proxies.append(proxy)
+        return proxy.urls[0]
 
     yield start_with
-    for runner in runners:
-        await runner.cleanup()
+    for proxy in proxies:
+        await proxy.stop()
 
 
 @pytest.fixture

@@ -259,7 +259,7 @@ async def test_unix_socket_listener_is_private_and_serves(
     config.write_text(
         config.read_text().replace('listen = "127.0.0.1:0"', f'listen = "unix:{socket_path}"')
     )
-    runner = await start(load_settings(config))
+    proxy = await start(load_settings(config))
     try:
         assert stat.S_IMODE(socket_path.stat().st_mode) == 0o600
         async with (
@@ -268,7 +268,7 @@ async def test_unix_socket_listener_is_private_and_serves(
         ):
             assert response.status == 200
     finally:
-        await runner.cleanup()
+        await proxy.stop()
 
 
 async def test_listening_beyond_loopback_without_client_token_warns(
@@ -276,11 +276,11 @@ async def test_listening_beyond_loopback_without_client_token_warns(
 ) -> None:
     config = write_config(PERSONAL_KEY_CONFIG)
     config.write_text(config.read_text().replace('"127.0.0.1:0"', '"0.0.0.0:0"'))
-    runner = await start(load_settings(config))
-    await runner.cleanup()
+    proxy = await start(load_settings(config))
+    await proxy.stop()
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("WITHOUT A CLIENT TOKEN" in message for message in warnings)
     caplog.clear()
-    runner = await start(load_settings(write_config(PERSONAL_KEY_CONFIG)))
-    await runner.cleanup()
+    proxy = await start(load_settings(write_config(PERSONAL_KEY_CONFIG)))
+    await proxy.stop()
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]

@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.server import start
+from proxy.server import Running, start
 from proxy.settings import load_settings
 from proxy.standin import StandIn
 
@@ -182,18 +182,17 @@ def threaded_proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             f'auth_url = "{standin.auth_url}"\n[credentials.main]\n'
             f'kind = "personal-access-key"\nsecret = "{key}"\n'
         )
-        runner = await start(load_settings(Path(config)))
-        runners.append(runner)
-        host, port = runner.addresses[0][:2]
-        return f"http://{host}:{port}"
+        proxy = await start(load_settings(Path(config)))
+        proxies.append(proxy)
+        return proxy.urls[0]
 
-    runners: list[object] = []
+    proxies: list[Running] = []
     url = asyncio.run_coroutine_threadsafe(up(), loop).result(10)
     yield url
 
     async def down() -> None:
-        for runner in runners:
-            await runner.cleanup()  # type: ignore[attr-defined]
+        for proxy in proxies:
+            await proxy.stop()
         await standin.close()
 
     asyncio.run_coroutine_threadsafe(down(), loop).result(10)
