@@ -197,7 +197,8 @@ def create_app(settings: Settings, clock: Clock = time.time) -> web.Application:
 
     guard = Guard.from_settings(settings.server)
     metrics = Metrics(upstream_now, clock)
-    app = web.Application(middlewares=[guard.middleware, metrics.middleware])
+    # Metrics outermost, so refused requests are counted too.
+    app = web.Application(middlewares=[metrics.middleware, guard.middleware])
     app[METRICS] = metrics
     app.on_response_prepare.append(guard.cors_headers)
     app.cleanup_ctx.append(lifetime)

@@ -1,0 +1,140 @@
+"""The serving process under signals: SIGTERM drains in-flight requests and exits 0; SIGHUP
+reloads credentials without downtime; JSON logs are one object per line."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import aiohttp
+
+from proxy.standin import StandIn
+
+from .conftest import PERSONAL_KEY, ROOT_ORG
+
+
+@asynccontextmanager
+async def serving(
+    config: Path, *args: str
+) -> AsyncIterator[tuple[str, asyncio.subprocess.Process]]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "proxy",
+        "--config",
+        str(config),
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    try:
+        banner = (await asyncio.wait_for(process.stdout.readline(), 20)).decode()
+        match = re.search(r"listening on (http://\S+)", banner)
+        assert match, banner
+        yield match.group(1), process
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def stderr_of(process: asyncio.subprocess.Process) -> str:
+    assert process.stderr is not None
+    return (await process.stderr.read()).decode()
+
+
+async def test_sigterm_lets_in_flight_requests_finish_then_exits_0(
+    standin: StandIn, write_config: Callable[..., Path]
+) -> None:
+    config = write_config("", server="shutdown_timeout = 10")
+    config.write_text(
+        config.read_text()
+        + f'[credentials.main]\nkind = "personal-access-key"\nsecret = "{PERSONAL_KEY}"\n'
+    )
+    async with serving(config) as (proxy, process), aiohttp.ClientSession() as http:
+        slow = asyncio.create_task(http.get(f"{proxy}/_test/slow", params={"seconds": "1"}))
+        await asyncio.sleep(0.3)
+        process.send_signal(signal.SIGTERM)
+        response = await slow
+        assert response.status == 200
+        assert await response.json() == {"slow": True}
+        assert await asyncio.wait_for(process.wait(), 20) == 0
+        try:
+            async with http.get(f"{proxy}/x") as late:
+                raise AssertionError(f"served after shutdown: {late.status}")
+        except aiohttp.ClientConnectionError:
+            pass
+        assert "Traceback" not in await stderr_of(process)
+
+
+async def test_sighup_reloads_a_rotated_key_without_downtime(
+    standin: StandIn, write_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    secret_file = tmp_path / "key"
+    secret_file.write_text(PERSONAL_KEY)
+    config = write_config(
+        f'[credentials.main]\nkind = "personal-access-key"\nsecret_file = "{secret_file}"\n'
+    )
+    async with serving(config) as (proxy, process), aiohttp.ClientSession() as http:
+        async with http.get(f"{proxy}/x") as response:
+            assert response.status == 200
+        process.send_signal(signal.SIGHUP)  # nothing changed: the token stays
+        await asyncio.sleep(0.3)
+        async with http.get(f"{proxy}/x") as response:
+            assert response.status == 200
+        assert len(standin.exchanges) == 1
+
+        rotated = PERSONAL_KEY + "-rotated"
+        standin.add_personal_key(rotated, ROOT_ORG)
+        secret_file.write_text(rotated)
+        process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 5
+        while len(standin.exchanges) < 2:
+            assert time.monotonic() < deadline, "no renewal after SIGHUP"
+            await asyncio.sleep(0.02)
+        del standin.personal_keys[PERSONAL_KEY]
+        async with http.get(f"{proxy}/x") as response:
+            assert response.status == 200
+
+        config.write_text("this is [not valid toml")
+        process.send_signal(signal.SIGHUP)
+        await asyncio.sleep(0.3)
+        async with http.get(f"{proxy}/x") as response:
+            assert response.status == 200  # a broken reload keeps the running config
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 20) == 0
+        logs = await stderr_of(process)
+    assert "reload: credential 'main' unchanged" in logs
+    assert "reload: credential 'main' changed; renewing its token" in logs
+    assert "reload failed, keeping the running configuration" in logs
+    assert rotated not in logs and PERSONAL_KEY not in logs
+
+
+async def test_json_logs_are_one_object_per_line(
+    standin: StandIn, write_config: Callable[..., Path]
+) -> None:
+    config = write_config(
+        f'[credentials.main]\nkind = "personal-access-key"\nsecret = "{PERSONAL_KEY}"\n'
+        '[log]\nformat = "json"\n'
+    )
+    async with serving(config) as (proxy, process), aiohttp.ClientSession() as http:
+        async with http.get(f"{proxy}/build/v2/profiles?page=2") as response:
+            assert response.status == 200
+        process.send_signal(signal.SIGTERM)
+        await process.wait()
+        lines = [line for line in (await stderr_of(process)).splitlines() if line.startswith("{")]
+    entries = [json.loads(line) for line in lines]
+    access = [e for e in entries if e["logger"] == "aiohttp.access"]
+    assert len(access) == 1
+    assert access[0]["path"] == "/build/v2/profiles"
+    assert access[0]["status"] == 200 and access[0]["route"] == "default"
+    assert {"time", "level", "message", "duration_ms", "bytes_in", "bytes_out"} <= set(access[0])
+    assert any("obtained session token" in e["message"] for e in entries)
