@@ -380,6 +380,16 @@ class Settings(BaseSettings):
         return self
 
 
+def _secret_source(variable: str) -> dict[str, str]:
+    """VARIABLE holds the secret; VARIABLE_FILE names a file holding it (the Docker and
+    Kubernetes secrets convention). Empty when neither is set."""
+    if os.environ.get(variable):
+        return {"secret_env": variable}
+    if path := os.environ.get(f"{variable}_FILE"):
+        return {"secret_file": path}
+    return {}
+
+
 class _ZeroConfigSource(PydanticBaseSettingsSource):
     """With no config file: one credential and one route `/` from Appcircle's own variables."""
 
@@ -389,16 +399,19 @@ class _ZeroConfigSource(PydanticBaseSettingsSource):
     def __call__(self) -> dict[str, Any]:
         credential: dict[str, Any] | None = None
         for variable, kind in ZERO_CONFIG_KEYS:
-            if os.environ.get(variable):
-                credential = {"kind": kind, "secret_env": variable}
+            if source := _secret_source(variable):
+                credential = {"kind": kind, **source}
                 break
         if credential is None and (
-            os.environ.get(ZERO_CONFIG_API_KEY_NAME) or os.environ.get(ZERO_CONFIG_API_KEY_SECRET)
+            os.environ.get(ZERO_CONFIG_API_KEY_NAME) or _secret_source(ZERO_CONFIG_API_KEY_SECRET)
         ):
             credential = {
                 "kind": "api-key",
                 "name": os.environ.get(ZERO_CONFIG_API_KEY_NAME),
-                "secret_env": ZERO_CONFIG_API_KEY_SECRET,
+                **(
+                    _secret_source(ZERO_CONFIG_API_KEY_SECRET)
+                    or {"secret_env": ZERO_CONFIG_API_KEY_SECRET}
+                ),
             }
         if credential is None:
             return {}

@@ -32,6 +32,7 @@ def no_outside_config(monkeypatch: pytest.MonkeyPatch) -> None:
         "APPCIRCLE_SUB_ORGANIZATION",
     ):
         monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(f"{name}_FILE", raising=False)
 
 
 def config_error(tmp_path: Path, text: str | None, capsys: pytest.CaptureFixture[str]) -> str:
@@ -231,3 +232,13 @@ def test_config_example_is_valid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     settings = load_settings(path)
     assert {route.prefix for route in settings.routes.values()} == {"/", "/eu", "/ci"}
     assert settings.credentials["ci"].kind == "api-key"
+
+
+def test_zero_config_reads_a_secret_file_named_by_a_file_variable(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    key_file = tmp_path / "appcircle_personal_access_key"
+    key_file.write_text("pak_from_a_docker_secret")
+    monkeypatch.setenv("APPCIRCLE_PERSONAL_ACCESS_KEY_FILE", str(key_file))
+    (credential,) = load_settings().credentials.values()
+    assert (credential.kind, credential.secret_file) == ("personal-access-key", key_file)
