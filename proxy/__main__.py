@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__, logs
+from .demo import demo
 from .server import serve
-from .settings import ConfigError, Settings, load_settings
+from .settings import ConfigError, LogSettings, Settings, load_settings
 from .tools import check, show_config, token
 
 __all__ = ["main"]
@@ -53,6 +54,11 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "config", parents=[common], help="print the effective configuration, secrets masked"
     )
+    commands.add_parser(
+        "demo",
+        parents=[common],
+        help="run against a local stand-in Appcircle: no account, no network",
+    )
     token_command = commands.add_parser(
         "token", parents=[common], help="print one session token on stdout, for scripts"
     )
@@ -75,6 +81,10 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+
+    if args.command == "demo":
+        logs.configure(LogSettings(level=getattr(args, "log_level", "warning")))
+        return demo(getattr(args, "listen", "127.0.0.1:8787"))
 
     def load() -> Settings:
         return load_settings(getattr(args, "config", None), _overrides(args))

@@ -39,6 +39,7 @@ __all__ = [
     "ConfigError",
     "CredentialSettings",
     "Endpoint",
+    "LogSettings",
     "UnixSocket",
     "RouteSettings",
     "Settings",

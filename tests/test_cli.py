@@ -233,3 +233,33 @@ async def test_tokens_are_never_written_to_disk(
     for path in tmp_path.rglob("*"):
         if path.is_file():
             assert token not in path.read_bytes()
+
+
+async def test_demo_serves_its_three_curl_commands_with_no_account(unused_tcp_port: int) -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "proxy",
+        "demo",
+        "--listen",
+        f"127.0.0.1:{unused_tcp_port}",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    try:
+        text = ""
+        while "Ctrl-C" not in text:
+            text += (await asyncio.wait_for(process.stdout.readline(), 20)).decode()
+        urls = re.findall(r"^  curl '?(http://\S+?)'?$", text, re.MULTILINE)
+        assert len(urls) == 3, text
+        organizations = []
+        async with aiohttp.ClientSession() as http:
+            for url in urls:
+                async with http.get(url) as response:
+                    assert response.status == 200
+                    organizations.append((await response.json())["organization"])
+        assert len(set(organizations)) == 2  # the sub-organization route differs
+    finally:
+        process.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(process.wait(), 20) == 0

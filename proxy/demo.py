@@ -1,0 +1,83 @@
+"""`appcircle-proxy demo`: the whole mechanism on one machine, with no account and no
+network. A stand-in Appcircle (the one the tests use) and the proxy in front of it, with one
+route per kind of key, and curl commands to try."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import signal
+import uuid
+
+from .server import start
+from .settings import load_settings
+from .standin import StandIn
+
+__all__ = ["demo"]
+
+ROOT_ORGANIZATION = str(uuid.UUID(int=0x1D1))
+SUB_ORGANIZATION = str(uuid.UUID(int=0x5B0))
+
+
+async def _demo(listen: str) -> None:
+    personal_key = "demo_pak_" + secrets.token_hex(8)
+    api_key_secret = "demo_aks_" + secrets.token_hex(8)
+    appcircle = StandIn(token_lifetime=300)
+    appcircle.add_personal_key(personal_key, ROOT_ORGANIZATION, SUB_ORGANIZATION)
+    appcircle.add_api_key("demo-bot", api_key_secret, ROOT_ORGANIZATION)
+    await appcircle.start()
+    settings = load_settings(
+        None,
+        {
+            "server": {"listen": listen},
+            "appcircle": {"api_url": appcircle.api_url, "auth_url": appcircle.auth_url},
+            "credentials": {
+                "me": {"kind": "personal-access-key", "secret": personal_key},
+                "legacy": {"kind": "personal-api-token", "secret": personal_key},
+                "bot": {"kind": "api-key", "name": "demo-bot", "secret": api_key_secret},
+            },
+            "routes": {
+                "root": {"prefix": "/", "credential": "me"},
+                "sub": {
+                    "prefix": "/sub",
+                    "credential": "legacy",
+                    "sub_organization": SUB_ORGANIZATION,
+                },
+                "bot": {"prefix": "/bot", "credential": "bot"},
+            },
+        },
+    )
+    running = await start(settings)
+    try:
+        url = running.urls[0]
+        print(
+            f"""appcircle-proxy demo: a stand-in Appcircle at {appcircle.api_url} (API) and \
+{appcircle.auth_url} (auth),
+with made-up keys, and the proxy in front of it at {url}. The stand-in API echoes what it
+received: note the Authorization header the proxy added and the organization of the token.
+
+  # a Personal Access Key, for its own organization ({ROOT_ORGANIZATION})
+  curl {url}/build/v2/profiles
+  # a legacy Personal API Token, for a sub-organization ({SUB_ORGANIZATION})
+  curl {url}/sub/distribution/v2/profiles
+  # an organization API key
+  curl '{url}/bot/build/v1/queue/my-dashboard?page=1&size=10'
+
+  curl {url}/_proxy/ready ; curl {url}/_proxy/metrics
+
+Ctrl-C stops it.""",
+            flush=True,
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await stop.wait()
+    finally:
+        await running.stop()
+        await appcircle.close()
+
+
+def demo(listen: str) -> int:
+    asyncio.run(_demo(listen))
+    return 0
