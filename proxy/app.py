@@ -154,6 +154,8 @@ async def connect(settings: Settings, clock: Clock = time.time) -> AsyncIterator
             for name, route in settings.routes.items()
         ]
     )
+    for route in routes:
+        route.tokens.routes.append(route.name)
     try:
         yield Upstream(settings, routes, tokens, api_session, make_exchanger)
     finally:

@@ -110,6 +110,8 @@ class TokenSource:
         self.exchanges = 0
         # Exchange outcomes by kind ("ok" or a failure kind), read by the metrics.
         self.outcomes: collections.Counter[str] = collections.Counter()
+        # Names of the routes this source serves, for the logs.
+        self.routes: list[str] = []
 
     def __repr__(self) -> str:
         return f"<TokenSource {self.key!r} exchanges={self.exchanges}>"
@@ -175,9 +177,23 @@ class TokenSource:
     def invalidate(self, token: SessionToken) -> None:
         """The API refused `token`: drop it if still cached and renew now (unless backing off)."""
         if self._cache.discard(self.key, token):
-            log.info("session token for %s was refused by the API; renewing", _label(self.key))
+            log.info(
+                "session token for %s was refused by the API; renewing",
+                self._label(),
+                extra={"fields": self._fields("refused")},
+            )
             if self._failure is None:
                 self._wake.set()
+
+    def _label(self) -> str:
+        credential, organization = self.key
+        routes = ", ".join(self.routes) or "-"
+        return f"route(s) {routes} (credential '{credential}'" + (
+            f", sub-organization {organization})" if organization else ")"
+        )
+
+    def _fields(self, outcome: str) -> dict[str, str]:
+        return {"routes": ",".join(self.routes), "credential": self.key[0], "outcome": outcome}
 
     def _raise_if_backing_off(self) -> None:
         if self._failure is not None:
@@ -204,7 +220,7 @@ class TokenSource:
             return self._failed(err)
         except Exception as err:  # noqa: BLE001 - a bug must not stop renewal for good
             self.outcomes["auth_error"] += 1
-            log.error("unexpected error while exchanging for %s: %r", _label(self.key), err)
+            log.error("unexpected error while exchanging for %s: %r", self._label(), err)
             return self._failed(
                 ExchangeError("auth_error", f"unexpected error: {type(err).__name__}")
             )
@@ -217,9 +233,10 @@ class TokenSource:
         self._cache.put(self.key, token)
         log.info(
             "obtained session token for %s (organization %s, expires in %.0f s)",
-            _label(self.key),
+            self._label(),
             token.organization_id or "unknown",
             token.expires_at - self._clock(),
+            extra={"fields": self._fields("ok")},
         )
         return token.refresh_at - self._clock()
 
@@ -228,7 +245,14 @@ class TokenSource:
         self._failure = err
         delay = self._retry.delay(self._failures)
         self._retry_at = self._clock() + delay
-        log.warning("token exchange failed (%s): %s; retrying in %.1f s", err.kind, err, delay)
+        log.warning(
+            "token exchange for %s failed (%s): %s; retrying in %.1f s",
+            self._label(),
+            err.kind,
+            err,
+            delay,
+            extra={"fields": self._fields(err.kind)},
+        )
         return delay
 
     def _publish(self) -> None:

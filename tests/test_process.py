@@ -137,4 +137,5 @@ async def test_json_logs_are_one_object_per_line(
     assert access[0]["path"] == "/build/v2/profiles"
     assert access[0]["status"] == 200 and access[0]["route"] == "default"
     assert {"time", "level", "message", "duration_ms", "bytes_in", "bytes_out"} <= set(access[0])
-    assert any("obtained session token" in e["message"] for e in entries)
+    exchanges = [e for e in entries if "obtained session token" in e["message"]]
+    assert [(e["routes"], e["outcome"]) for e in exchanges] == [("default", "ok")]
