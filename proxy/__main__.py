@@ -37,6 +37,12 @@ def _parser() -> argparse.ArgumentParser:
         choices=["debug", "info", "warning", "error"],
         help="log verbosity (log.level; default: info)",
     )
+    common.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="serve: N processes sharing the port, each with its own token cache (default 1)",
+    )
 
     parser = argparse.ArgumentParser(
         prog="appcircle-proxy",
@@ -102,8 +108,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return show_config(settings)
         if args.command == "token":
             return token(settings, args.route)
-        serve(settings, load)
-        return 0
+        workers = getattr(args, "workers", 1)
+        if workers < 1:
+            print("appcircle-proxy: --workers must be 1 or more", file=sys.stderr)
+            return 2
+        return serve(settings, load, workers)
     except KeyboardInterrupt:
         return 130
 

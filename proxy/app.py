@@ -92,6 +92,12 @@ METRICS = web.AppKey("metrics", Metrics)
 
 
 def _tls(settings: Settings) -> ssl.SSLContext | bool:
+    if settings.appcircle.insecure_skip_verify:
+        log.warning(
+            "TLS VERIFICATION IS OFF (appcircle.insecure_skip_verify): anyone on the network "
+            "path can impersonate the Appcircle hosts and steal the key. Use appcircle.ca_file."
+        )
+        return False
     if settings.appcircle.ca_file is None:
         return True
     # Self-hosted Appcircle often sits behind a private CA; trust it in addition to the system's.
@@ -113,7 +119,8 @@ async def connect(settings: Settings, clock: Clock = time.time) -> AsyncIterator
         cookie_jar=aiohttp.DummyCookieJar(),
     )
     api_session = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(ssl=tls, limit=0),
+        # A full pool makes requests wait for a connection; they are not refused.
+        connector=aiohttp.TCPConnector(ssl=tls, limit=appcircle.max_connections),
         # No total: a healthy 3 GB download may take long; only silence is a timeout.
         timeout=aiohttp.ClientTimeout(
             total=None, sock_connect=appcircle.connect_timeout, sock_read=appcircle.read_timeout

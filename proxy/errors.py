@@ -15,6 +15,7 @@ __all__ = [
     "no_route",
     "refused",
     "token_unavailable",
+    "upstream_refused_websocket",
     "upstream_timeout",
     "upstream_unreachable",
 ]
@@ -62,6 +63,15 @@ def upstream_unreachable(api_url: str, reason: str) -> web.Response:
         "upstream_unreachable",
         f"the Appcircle API at {api_url} cannot be reached ({reason}); check "
         "appcircle.api_url and this machine's network",
+    )
+
+
+def upstream_refused_websocket(status: int) -> web.Response:
+    return _answer(
+        502,
+        "websocket_refused",
+        f"the Appcircle API refused the WebSocket upgrade with HTTP {status}",
+        upstream_status=status,
     )
 
 

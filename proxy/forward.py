@@ -17,7 +17,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from . import errors
+from . import errors, websocket
 from .exchange import SessionToken
 from .headers import request_headers, response_headers
 from .routes import Route, RouteTable
@@ -56,6 +56,10 @@ class Forwarder:
         route, rest = matched
         request[ROUTE] = route.name
         target = URL(self.api_url + rest + has_query + query, encoded=True)
+        if websocket.is_upgrade(request):
+            return await websocket.relay(
+                request, self.session, route, target, request_headers(request.headers)
+            )
         replayable = await self._replayable_body(request)
         headers = request_headers(request.headers)
         try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import multiprocessing
 import os
 import signal
 import sys
@@ -88,8 +89,11 @@ def _url(address: object) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-async def start(settings: Settings, clock: Clock = time.time) -> Running:
-    """Build the app and start its listeners; the caller must `stop()` it."""
+async def start(
+    settings: Settings, clock: Clock = time.time, *, reuse_port: bool = False
+) -> Running:
+    """Build the app and start its listeners; the caller must `stop()` it. With
+    `reuse_port`, several processes can listen on the same TCP port (SO_REUSEPORT)."""
     server = settings.server
     app = create_app(settings, clock)
     runner = web.AppRunner(
@@ -113,7 +117,7 @@ async def start(settings: Settings, clock: Clock = time.time) -> Running:
     runners = [runner]
     try:
         await runner.setup()
-        await _listen(runner, server.endpoint, server.socket_mode)
+        await _listen(runner, server.endpoint, server.socket_mode, reuse_port)
         if server.admin_endpoint is not None:
             admin_runner = web.AppRunner(
                 admin.create_admin_app(lambda: app.get(UPSTREAM), app[METRICS]),
@@ -121,7 +125,7 @@ async def start(settings: Settings, clock: Clock = time.time) -> Running:
             )
             runners.append(admin_runner)
             await admin_runner.setup()
-            await _listen(admin_runner, server.admin_endpoint, server.socket_mode)
+            await _listen(admin_runner, server.admin_endpoint, server.socket_mode, reuse_port)
     except OSError as err:
         for started in reversed(runners):
             await started.cleanup()
@@ -142,9 +146,11 @@ async def start(settings: Settings, clock: Clock = time.time) -> Running:
     return Running(app, tuple(runners))
 
 
-async def _listen(runner: web.AppRunner, endpoint: Endpoint | UnixSocket, mode: int) -> None:
+async def _listen(
+    runner: web.AppRunner, endpoint: Endpoint | UnixSocket, mode: int, reuse_port: bool
+) -> None:
     if isinstance(endpoint, Endpoint):
-        await web.TCPSite(runner, endpoint.host, endpoint.port).start()
+        await web.TCPSite(runner, endpoint.host, endpoint.port, reuse_port=reuse_port).start()
         return
     # Created under a restrictive umask, so there is no moment when others could connect.
     previous = os.umask(0o777 & ~mode)
@@ -174,14 +180,17 @@ def _reload(running: Running, load: Callable[[], Settings]) -> None:
     running.app[UPSTREAM].reload(settings)
 
 
-async def _serve(settings: Settings, load: Callable[[], Settings]) -> None:
-    running = await start(settings)
+async def _serve(
+    settings: Settings, load: Callable[[], Settings], *, worker: int | None = None
+) -> None:
+    running = await start(settings, reuse_port=worker is not None)
     try:
-        for url in running.urls:
-            print(f"appcircle-proxy {__version__} listening on {url}", flush=True)
-        for url in running.admin_urls:
-            print(f"health, readiness and metrics on {url}/_proxy/", flush=True)
-        print("\n".join(["routes:", *_describe_routes(settings)]), flush=True)
+        if not worker:  # the only process, or the first of several
+            for url in running.urls:
+                print(f"appcircle-proxy {__version__} listening on {url}", flush=True)
+            for url in running.admin_urls:
+                print(f"health, readiness and metrics on {url}/_proxy/", flush=True)
+            print("\n".join(["routes:", *_describe_routes(settings)]), flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -194,9 +203,49 @@ async def _serve(settings: Settings, load: Callable[[], Settings]) -> None:
         )
     finally:
         await running.stop()
-    print("appcircle-proxy: stopped", file=sys.stderr, flush=True)
+    if not worker:
+        print("appcircle-proxy: stopped", file=sys.stderr, flush=True)
 
 
-def serve(settings: Settings, load: Callable[[], Settings]) -> None:
-    """Run until SIGINT/SIGTERM; `load` re-reads the configuration on SIGHUP."""
-    asyncio.run(_serve(settings, load))
+def _worker(settings: Settings, load: Callable[[], Settings], index: int) -> None:
+    # The parent relays SIGINT/SIGTERM; a terminal's Ctrl-C must not hit workers directly.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    asyncio.run(_serve(settings, load, worker=index))
+
+
+def serve(settings: Settings, load: Callable[[], Settings], workers: int = 1) -> int:
+    """Run until SIGINT/SIGTERM; `load` re-reads the configuration on SIGHUP. With several
+    workers, each is a process of its own on the same port, with its own token cache."""
+    if workers == 1:
+        asyncio.run(_serve(settings, load))
+        return 0
+    endpoint = settings.server.endpoint
+    if not isinstance(endpoint, Endpoint) or endpoint.port == 0:
+        print(
+            "appcircle-proxy: --workers needs a fixed TCP port to share (server.listen)",
+            file=sys.stderr,
+        )
+        return 2
+    # fork, not spawn: the workers inherit the validated settings and the loader as they are.
+    context = multiprocessing.get_context("fork")
+    processes = [
+        context.Process(target=_worker, args=(settings, load, index), name=f"worker-{index}")
+        for index in range(workers)
+    ]
+    for process in processes:
+        process.start()
+
+    def relay(signum: int, _frame: object) -> None:
+        for process in processes:
+            if process.pid is not None and process.is_alive():
+                os.kill(process.pid, signal.SIGTERM if signum == signal.SIGINT else signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, relay)
+    for process in processes:
+        process.join()
+    failed = [p.name for p in processes if p.exitcode != 0]
+    if failed:
+        print(f"appcircle-proxy: {', '.join(failed)} exited with an error", file=sys.stderr)
+        return 1
+    return 0

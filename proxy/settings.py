@@ -233,6 +233,10 @@ class AppcircleSettings(_Section):
     ca_file: Path | None = None
     connect_timeout: PositiveFloat = 10.0
     read_timeout: PositiveFloat = 300.0
+    # Upstream connections kept open at most (keep-alive pool); requests beyond wait.
+    max_connections: int = Field(default=100, ge=1)
+    # Turns off TLS verification for the auth and API hosts. Logged loudly; prefer ca_file.
+    insecure_skip_verify: bool = False
 
     @field_validator("ca_file")
     @classmethod
@@ -240,6 +244,14 @@ class AppcircleSettings(_Section):
         if path is not None and not os.access(path, os.R_OK):
             raise ValueError(f"the CA bundle '{path}' does not exist or is not readable")
         return path
+
+    @model_validator(mode="after")
+    def _one_way_to_trust(self) -> AppcircleSettings:
+        if self.ca_file is not None and self.insecure_skip_verify:
+            raise ValueError(
+                "set ca_file or insecure_skip_verify, not both; ca_file is the safe one"
+            )
+        return self
 
 
 class TokenSettings(_Section):

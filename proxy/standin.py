@@ -12,16 +12,17 @@ import asyncio
 import gzip
 import hashlib
 import secrets
+import ssl
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import jwt
-from aiohttp import web
+from aiohttp import WSMsgType, web
 
-__all__ = ["Exchange", "SeenRequest", "StandIn"]
+__all__ = ["Exchange", "SeenRequest", "StandIn", "pattern"]
 
 # What the auth host does with the next exchange instead of answering normally.
 Misbehaviour = int | Literal["not-json", "no-token", "not-jwt", "expired", "no-exp"]
@@ -74,6 +75,13 @@ class StandIn:
     api_requests: list[SeenRequest] = field(default_factory=list)
     rejected_tokens: list[str] = field(default_factory=list)
     revoked: set[str] = field(default_factory=set)
+    # Requests being handled by the API host now, and the most at once.
+    in_flight: int = 0
+    max_in_flight: int = 0
+    # /_test/events sends its first event, then one more each time this is set.
+    events_gate: asyncio.Event | None = None
+    # Close codes WebSocket clients sent to /_test/ws.
+    websocket_closes: list[int] = field(default_factory=list)
     # Every token issued, so tests can prove none of them leaks into logs or output.
     issued_tokens: list[str] = field(default_factory=list, repr=False)
     auth_url: str = ""
@@ -100,23 +108,30 @@ class StandIn:
         return len(self._issued - self.revoked)
 
     # -- servers ----------------------------------------------------------------------
-    async def start(self, host: str = "127.0.0.1") -> None:
-        self.auth_url = await self._serve(self._auth_app(), host)
-        self.api_url = await self._serve(self._api_app(), host)
+    async def start(self, host: str = "127.0.0.1", tls: ssl.SSLContext | None = None) -> None:
+        """Serve both hosts on free ports of `host`, over TLS when given a server context."""
+        self.auth_url = await self._serve(self._auth_app(), host, tls)
+        self.api_url = await self._serve(self._api_app(), host, tls)
 
     async def close(self) -> None:
         for runner in self._runners:
             await runner.cleanup()
         self._runners.clear()
 
-    async def _serve(self, app: web.Application, host: str) -> str:
+    async def _serve(self, app: web.Application, host: str, tls: ssl.SSLContext | None) -> str:
         runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
         await runner.setup()
-        site = web.TCPSite(runner, host, 0)
+        site = web.TCPSite(runner, host, 0, ssl_context=tls)
         await site.start()
         self._runners.append(runner)
         port = runner.addresses[0][1]
-        return f"http://{host}:{port}"
+        return f"{'https' if tls else 'http'}://{host}:{port}"
+
+    @property
+    def api_connections(self) -> int:
+        """Connections open to the API host now."""
+        server = self._runners[1].server
+        return len(server.connections) if server is not None else 0
 
     # -- auth host --------------------------------------------------------------------
     def _auth_app(self) -> web.Application:
@@ -207,6 +222,9 @@ class StandIn:
         app.router.add_get("/_test/cut", self._cut)
         app.router.add_get("/_test/hop-by-hop", self._hop_by_hop)
         app.router.add_get("/_test/status/{status:\\d+}", self._status)
+        app.router.add_get("/_test/download", self._download)
+        app.router.add_get("/_test/events", self._events)
+        app.router.add_get("/_test/ws", self._websocket)
         app.router.add_route("*", "/{path:.*}", self._echo)
         return app
 
@@ -241,7 +259,12 @@ class StandIn:
                 claims["jti"],
             )
         )
-        response: web.StreamResponse = await handler(request)
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            response: web.StreamResponse = await handler(request)
+        finally:
+            self.in_flight -= 1
         return response
 
     async def _echo(self, request: web.Request) -> web.Response:
@@ -297,3 +320,62 @@ class StandIn:
 
     async def _status(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "as asked"}, status=int(request.match_info["status"]))
+
+    async def _download(self, request: web.Request) -> web.StreamResponse:
+        """`size` bytes of `pattern(size)`, streamed; chunked unless `length=1`."""
+        size = int(request.query["size"])
+        response = web.StreamResponse()
+        if request.query.get("length") == "1":
+            response.content_length = size
+        await response.prepare(request)
+        try:
+            for chunk in pattern(size):
+                await response.write(chunk)
+        except ConnectionResetError:
+            return response  # the client (the proxy) went away: nothing more to do
+        await response.write_eof()
+        return response
+
+    async def _events(self, request: web.Request) -> web.StreamResponse:
+        """Server-sent events, the next one only when the test sets `events_gate`."""
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for number in range(int(request.query.get("count", "3"))):
+            if number and self.events_gate is not None:
+                await self.events_gate.wait()
+                self.events_gate.clear()
+            await response.write(f"data: event {number}\n\n".encode())
+        await response.write_eof()
+        return response
+
+    async def _websocket(self, request: web.Request) -> web.WebSocketResponse:
+        """Echoes messages; 'close-me' makes it close with 4000; records clients' closes."""
+        socket = web.WebSocketResponse(protocols=("appcircle.v1",), autoclose=False)
+        await socket.prepare(request)
+        while True:
+            message = await socket.receive()
+            if message.type is WSMsgType.TEXT and message.data == "close-me":
+                await socket.close(code=4000, message=b"bye")
+                return socket
+            if message.type is WSMsgType.TEXT:
+                await socket.send_str("echo: " + message.data)
+            elif message.type is WSMsgType.BINARY:
+                await socket.send_bytes(message.data[::-1])
+            elif message.type is WSMsgType.CLOSE:
+                self.websocket_closes.append(int(message.data))
+                await socket.close()
+                return socket
+            else:
+                return socket
+
+
+PATTERN_BLOCK = hashlib.sha256(b"appcircle-proxy").digest() * 2048  # 64 KiB, fixed
+
+
+def pattern(size: int) -> Iterator[bytes]:
+    """`size` bytes of a fixed pattern in 64 KiB chunks: downloads checkable without storing."""
+    whole, rest = divmod(size, len(PATTERN_BLOCK))
+    for _ in range(whole):
+        yield PATTERN_BLOCK
+    if rest:
+        yield PATTERN_BLOCK[:rest]

@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import signal
-import sys
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -18,32 +15,7 @@ import aiohttp
 from proxy.standin import StandIn
 
 from .conftest import PERSONAL_KEY, ROOT_ORG
-
-
-@asynccontextmanager
-async def serving(
-    config: Path, *args: str
-) -> AsyncIterator[tuple[str, asyncio.subprocess.Process]]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "proxy",
-        "--config",
-        str(config),
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    assert process.stdout is not None
-    try:
-        banner = (await asyncio.wait_for(process.stdout.readline(), 20)).decode()
-        match = re.search(r"listening on (http://\S+)", banner)
-        assert match, banner
-        yield match.group(1), process
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+from .processes import serving
 
 
 async def stderr_of(process: asyncio.subprocess.Process) -> str:

@@ -1,0 +1,129 @@
+"""WebSocket upgrades: the handshake goes to the API host with the session token, then
+messages are relayed both ways until either side closes, and the close (code and reason)
+is passed on to the other side."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Final
+
+import aiohttp
+from aiohttp import WSMsgType, web
+from multidict import CIMultiDict
+from yarl import URL
+
+from . import errors
+from .routes import Route
+from .tokens import TokenUnavailable
+
+__all__ = ["is_upgrade", "relay"]
+
+log = logging.getLogger("appcircle_proxy.websocket")
+
+# The handshake's own headers: aiohttp makes fresh ones for the upstream handshake.
+HANDSHAKE_HEADERS: Final = (
+    "Sec-WebSocket-Key",
+    "Sec-WebSocket-Version",
+    "Sec-WebSocket-Extensions",
+    "Sec-WebSocket-Protocol",
+)
+INTERNAL_ERROR: Final = 1011
+
+WebSocket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
+
+
+def is_upgrade(request: web.Request) -> bool:
+    return (
+        request.headers.get("Upgrade", "").lower() == "websocket"
+        and "upgrade" in request.headers.get("Connection", "").lower()
+    )
+
+
+async def relay(
+    request: web.Request,
+    session: aiohttp.ClientSession,
+    route: Route,
+    target: URL,
+    headers: CIMultiDict[str],
+) -> web.StreamResponse:
+    protocols = tuple(
+        p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()
+    )
+    for name in HANDSHAKE_HEADERS:
+        headers.popall(name, None)
+    upstream = await _connect(session, route, target, headers, protocols)
+    if isinstance(upstream, web.Response):
+        return upstream
+    client = web.WebSocketResponse(
+        protocols=(upstream.protocol,) if upstream.protocol else (), autoclose=False
+    )
+    try:
+        await client.prepare(request)
+        pumps = [
+            asyncio.create_task(_pump(client, upstream)),
+            asyncio.create_task(_pump(upstream, client)),
+        ]
+        try:
+            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for pump in pumps:
+                pump.cancel()
+            for pump in pumps:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await pump
+    finally:
+        await upstream.close()
+        await client.close()
+    return client
+
+
+async def _connect(
+    session: aiohttp.ClientSession,
+    route: Route,
+    target: URL,
+    headers: CIMultiDict[str],
+    protocols: tuple[str, ...],
+) -> aiohttp.ClientWebSocketResponse | web.Response:
+    """The upstream half, or the error answer; a 401 renews the token and retries once."""
+    for attempt in (1, 2):
+        try:
+            token = await route.tokens.get()
+        except TokenUnavailable as problem:
+            return errors.token_unavailable(route, problem)
+        headers["Authorization"] = f"Bearer {token.value}"
+        try:
+            return await session.ws_connect(
+                target, headers=headers, protocols=protocols, autoclose=False
+            )
+        except aiohttp.WSServerHandshakeError as err:
+            if err.status == 401:
+                route.tokens.invalidate(token)
+                if attempt == 1:
+                    continue
+            return errors.upstream_refused_websocket(err.status)
+        except (aiohttp.ServerTimeoutError, TimeoutError):
+            return errors.upstream_timeout(str(target.origin()))
+        except aiohttp.ClientError as err:
+            return errors.upstream_unreachable(str(target.origin()), str(err))
+    raise AssertionError("unreachable")
+
+
+async def _pump(source: WebSocket, sink: WebSocket) -> None:
+    """Relay messages from source to sink; on a close from source, close sink alike."""
+    while True:
+        message = await source.receive()
+        if message.type is WSMsgType.TEXT:
+            await sink.send_str(message.data)
+        elif message.type is WSMsgType.BINARY:
+            await sink.send_bytes(message.data)
+        elif message.type is WSMsgType.CLOSE:
+            await sink.close(code=message.data, message=(message.extra or "").encode())
+            return
+        elif message.type is WSMsgType.ERROR:
+            log.info("websocket relay ended by an error: %s", type(message.data).__name__)
+            await sink.close(code=INTERNAL_ERROR)
+            return
+        elif message.type in (WSMsgType.CLOSING, WSMsgType.CLOSED):
+            return
