@@ -125,23 +125,32 @@ class Forwarder:
         response.headers.extend(response_headers(upstream.headers))
         if location := upstream.headers.get("Location"):
             response.headers["Location"] = self._rewrite_location(location, request, route)
-        await response.prepare(request)
         try:
-            async for chunk in upstream.content.iter_any():
+            await response.prepare(request)
+            while True:
+                try:
+                    chunk = await upstream.content.readany()
+                except (TimeoutError, aiohttp.ClientError) as err:
+                    # The body is cut short. Closing the client's connection is the only way
+                    # to tell it so; ending the body cleanly would pass off a truncated file
+                    # as whole.
+                    log.warning(
+                        "upstream failed mid-response for %s %s (%s); closing the client "
+                        "connection",
+                        request.method,
+                        route.name,
+                        type(err).__name__,
+                    )
+                    if request.transport is not None:
+                        request.transport.close()
+                    return response
+                if not chunk:
+                    break
                 await response.write(chunk)
-        except (TimeoutError, aiohttp.ClientError) as err:
-            # The body is cut short. Closing the client's connection is the only way to
-            # tell it so; ending the body cleanly would pass off a truncated file as whole.
-            log.warning(
-                "upstream failed mid-response for %s %s (%s); closing the client connection",
-                request.method,
-                route.name,
-                type(err).__name__,
-            )
-            if request.transport is not None:
-                request.transport.close()
-            return response
-        await response.write_eof()
+            await response.write_eof()
+        except ConnectionResetError:
+            # The client hung up; the upstream response is dropped with it (see `handle`).
+            log.debug("client went away during %s %s", request.method, route.name)
         return response
 
     def _rewrite_location(self, location: str, request: web.Request, route: Route) -> str:

@@ -43,6 +43,11 @@ class _TokenCollector(Collector):
             "Token exchanges with the auth host, by route and outcome",
             labels=["route", "outcome"],
         )
+        waits = CounterMetricFamily(
+            "appcircle_proxy_token_waits",
+            "Requests that waited for a token exchange (after the first, renewal was late)",
+            labels=["route"],
+        )
         expiry = GaugeMetricFamily(
             "appcircle_proxy_token_expiry_seconds",
             "Seconds until the route's current session token expires (absent: no token)",
@@ -53,10 +58,12 @@ class _TokenCollector(Collector):
         for route in routes:
             for outcome, count in sorted(route.tokens.outcomes.items()):
                 exchanges.add_metric([route.name, outcome], count)
+            waits.add_metric([route.name], route.tokens.waits)
             token = route.tokens.current()
             if token is not None:
                 expiry.add_metric([route.name], token.expires_at - self._clock())
         yield exchanges
+        yield waits
         yield expiry
 
 

@@ -110,6 +110,8 @@ class TokenSource:
         self.exchanges = 0
         # Exchange outcomes by kind ("ok" or a failure kind), read by the metrics.
         self.outcomes: collections.Counter[str] = collections.Counter()
+        # Requests that had to wait for an exchange (ideally one per route, the first).
+        self.waits = 0
         # Names of the routes this source serves, for the logs.
         self.routes: list[str] = []
 
@@ -165,6 +167,7 @@ class TokenSource:
         if not self._exchanging:
             self._wake.set()
         assert self._next_outcome is not None
+        self.waits += 1
         # Shielded: a client that hangs up must not cancel the outcome others wait for.
         await asyncio.shield(self._next_outcome)
         token = self._cache.get(self.key)

@@ -260,3 +260,18 @@ def test_any_request_is_forwarded_faithfully_or_refused_cleanly(
         )
         == 200
     )
+
+
+async def test_clients_hanging_up_before_the_answer_leave_no_traceback(
+    start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    proxy = await start_proxy()
+    host, port = proxy.removeprefix("http://").rsplit(":", 1)
+    for _ in range(50):
+        _, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"GET /_test/download?size=1000000 HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        await writer.drain()
+        writer.transport.abort()
+    await asyncio.sleep(0.3)
+    await still_serving(proxy)
+    no_tracebacks(caplog)

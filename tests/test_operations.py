@@ -134,6 +134,7 @@ async def test_metrics_count_requests_bytes_latency_exchanges_and_token_expiry(
     assert samples[("appcircle_proxy_response_bytes_total", route)] > 1000
     assert samples[("appcircle_proxy_upstream_latency_seconds_count", route)] == 4
     assert samples[("appcircle_proxy_token_exchanges_total", (("outcome", "ok"), *route))] == 1
+    assert samples[("appcircle_proxy_token_waits_total", route)] == 1  # the first request
     assert 3500 < samples[("appcircle_proxy_token_expiry_seconds", route)] <= 3600
     assert samples[("appcircle_proxy_in_flight_requests", ())] == 1  # the scrape itself
 
