@@ -13,7 +13,7 @@ from typing import Final
 
 from pydantic import SecretStr
 
-from .settings import CredentialSettings
+from .settings import CredentialSettings, read_secret_file
 
 __all__ = ["Credential", "SecretUnavailable", "credential_from_settings"]
 
@@ -46,15 +46,9 @@ class _FileSecret:
 
     def read(self) -> str:
         try:
-            value = self.path.read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as err:
-            reason = getattr(err, "strerror", None) or type(err).__name__
-            raise SecretUnavailable(
-                f"secret file '{self.path}' cannot be read ({reason})"
-            ) from None
-        if not value:
-            raise SecretUnavailable(f"secret file '{self.path}' is empty")
-        return value
+            return read_secret_file(self.path)
+        except ValueError as err:
+            raise SecretUnavailable(str(err)) from None
 
 
 @dataclass(frozen=True, slots=True)

@@ -44,6 +44,7 @@ __all__ = [
     "RouteSettings",
     "Settings",
     "load_settings",
+    "read_secret_file",
 ]
 
 ENV_PREFIX: Final = "APPCIRCLE_PROXY_"
@@ -200,7 +201,7 @@ class ServerSettings(_Section):
                 "set or empty"
             )
         if self.client_token_file is not None:
-            _read_secret_file(self.client_token_file, "client_token_file")
+            read_secret_file(self.client_token_file, "client_token_file")
         return self
 
     def client_secret(self) -> SecretStr | None:
@@ -208,13 +209,15 @@ class ServerSettings(_Section):
         if self.client_token_env is not None:
             return SecretStr(os.environ[self.client_token_env].strip())
         if self.client_token_file is not None:
-            return SecretStr(_read_secret_file(self.client_token_file, "client_token_file"))
+            return SecretStr(read_secret_file(self.client_token_file, "client_token_file"))
         if self.client_token is not None:
             return SecretStr(self.client_token.get_secret_value().strip())
         return None
 
 
-def _read_secret_file(path: Path, setting: str) -> str:
+def read_secret_file(path: Path, setting: str = "secret file") -> str:
+    """A secret held in a file, stripped; ValueError (naming the file, never the content)
+    when it cannot be read or is empty."""
     try:
         content = path.read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as err:
@@ -299,7 +302,7 @@ class CredentialSettings(_Section):
                 "export it or point secret_env at the variable that holds the key"
             )
         if self.secret_file is not None:
-            _read_secret_file(self.secret_file, "secret file")
+            read_secret_file(self.secret_file, "secret file")
         if self.kind == "api-key" and not self.name:
             raise ValueError("an api-key credential needs name (the API key's name)")
         if self.kind != "api-key" and self.name is not None:
