@@ -7,6 +7,7 @@ and the renewal loop know nothing of either.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Final
 
@@ -139,6 +140,8 @@ def access_logger(
         def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
             assert isinstance(request, web.Request)
             on_response(request, response)
+            if not self.logger.isEnabledFor(logging.INFO):
+                return  # the byte counts above are metrics; the line itself is not wanted
             path = request.raw_path if query_strings else request.raw_path.partition("?")[0]
             fields = {
                 "route": request.get(ROUTE, NO_ROUTE),

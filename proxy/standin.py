@@ -101,11 +101,7 @@ class StandIn:
 
     def revoke_all(self) -> None:
         """Revoke every token issued so far (as a key rotation on Appcircle's side would)."""
-        self.revoked.update(request.token_id for request in self.api_requests)
         self.revoked.update(self._issued)
-
-    def valid_token_count(self) -> int:
-        return len(self._issued - self.revoked)
 
     # -- servers ----------------------------------------------------------------------
     async def start(self, host: str = "127.0.0.1", tls: ssl.SSLContext | None = None) -> None:

@@ -118,10 +118,6 @@ class TokenSource:
     def __repr__(self) -> str:
         return f"<TokenSource {self.key!r} exchanges={self.exchanges}>"
 
-    @property
-    def exchanger(self) -> Exchanger:
-        return self._exchanger
-
     def replace_exchanger(self, exchanger: Exchanger, *, drop_token: bool) -> None:
         """Use a reloaded credential from now on; with `drop_token`, renew at once."""
         self._exchanger = exchanger

@@ -247,7 +247,8 @@ def test_any_request_is_forwarded_faithfully_or_refused_cleanly(
     if status == 200 and method != "HEAD" and not path.startswith("/_test"):
         echoed = json.loads(body)
         assert echoed["method"] == method
-        assert echoed["raw_path"] == path + query
+        # The one byte not kept: a bare '?' (an empty query), which yarl drops.
+        assert echoed["raw_path"] == path + (query if query != "?" else "")
     elif status != 200:
         assert 400 <= status < 500, answer[:300]
         if b"application/json" in head:
