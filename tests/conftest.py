@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
@@ -24,6 +26,15 @@ API_KEY_SECRET = "aks_" + secrets.token_hex(16)
 CLIENT_TOKEN = "client_" + secrets.token_hex(16)
 
 StartProxy = Callable[..., Awaitable[str]]
+
+
+async def eventually(condition: Callable[[], bool], within: float = 3.0) -> None:
+    """Wait, polling, until `condition()` holds; fail after `within` seconds."""
+    deadline = time.monotonic() + within
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.01)
 
 
 def everything_logged(caplog: pytest.LogCaptureFixture) -> str:
@@ -74,6 +85,20 @@ def write_config(tmp_path: Path, standin: StandIn) -> Callable[..., Path]:
 
     return write
 
+
+# One credential of each kind; tests add the routes.
+EVERY_KIND_CREDENTIALS = f"""
+[credentials.access]
+kind = "personal-access-key"
+secret_env = "TEST_APPCIRCLE_KEY"
+[credentials.legacy]
+kind = "personal-api-token"
+secret = "{PERSONAL_KEY}"
+[credentials.service]
+kind = "api-key"
+name = "{API_KEY_NAME}"
+secret_env = "TEST_API_KEY_SECRET"
+"""
 
 PERSONAL_KEY_CONFIG = """
 [credentials.main]

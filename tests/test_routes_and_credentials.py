@@ -14,6 +14,7 @@ from proxy.standin import StandIn
 
 from .conftest import (
     API_KEY_NAME,
+    EVERY_KIND_CREDENTIALS,
     OTHER_ORG,
     PERSONAL_KEY,
     ROOT_ORG,
@@ -31,17 +32,8 @@ async def test_each_credential_kind_uses_its_endpoint_and_fields(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
     proxy = await start_proxy(
-        f"""
-[credentials.access]
-kind = "personal-access-key"
-secret_env = "TEST_APPCIRCLE_KEY"
-[credentials.legacy]
-kind = "personal-api-token"
-secret = "{PERSONAL_KEY}"
-[credentials.service]
-kind = "api-key"
-name = "{API_KEY_NAME}"
-secret_env = "TEST_API_KEY_SECRET"
+        EVERY_KIND_CREDENTIALS
+        + """
 [routes.a]
 prefix = "/access"
 credential = "access"

@@ -13,19 +13,11 @@ from proxy.app import connect
 from proxy.settings import load_settings
 from proxy.standin import StandIn
 
-from .conftest import API_KEY_NAME, API_KEY_SECRET, PERSONAL_KEY, SUB_ORG, StartProxy
+from .conftest import API_KEY_SECRET, EVERY_KIND_CREDENTIALS, PERSONAL_KEY, SUB_ORG, StartProxy
 
-EVERY_KIND = f"""
-[credentials.access]
-kind = "personal-access-key"
-secret_env = "TEST_APPCIRCLE_KEY"
-[credentials.legacy]
-kind = "personal-api-token"
-secret = "{PERSONAL_KEY}"
-[credentials.service]
-kind = "api-key"
-name = "{API_KEY_NAME}"
-secret_env = "TEST_API_KEY_SECRET"
+EVERY_KIND = (
+    EVERY_KIND_CREDENTIALS
+    + f"""
 [routes.a]
 prefix = "/"
 credential = "access"
@@ -37,6 +29,7 @@ sub_organization = "{SUB_ORG}"
 prefix = "/service"
 credential = "service"
 """
+)
 
 
 def assert_no_secret(text: str, standin: StandIn) -> None:

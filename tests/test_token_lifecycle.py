@@ -20,15 +20,7 @@ from proxy.settings import load_settings
 from proxy.standin import StandIn
 from proxy.tokens import RetryPolicy
 
-from .conftest import PERSONAL_KEY_CONFIG, StartProxy
-
-
-async def eventually(condition: Callable[[], bool], within: float = 3.0) -> None:
-    deadline = time.monotonic() + within
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)
+from .conftest import PERSONAL_KEY_CONFIG, StartProxy, eventually
 
 
 async def get(http: aiohttp.ClientSession, url: str, **kwargs: Any) -> tuple[int, Any]:

@@ -19,7 +19,7 @@ import trustme
 
 from proxy.standin import StandIn, pattern
 
-from .conftest import PERSONAL_KEY, ROOT_ORG, StartProxy
+from .conftest import PERSONAL_KEY, ROOT_ORG, StartProxy, eventually
 from .processes import open_fds, peak_rss_mib, rss_mib, serving
 
 GIB = 1024**3
@@ -127,10 +127,7 @@ async def test_client_hanging_up_cancels_the_upstream_request_at_once(
     reader, writer = await asyncio.open_connection(host, int(port))
     writer.write(b"GET /_test/slow?seconds=30 HTTP/1.1\r\nHost: localhost\r\n\r\n")
     await writer.drain()
-    deadline = time.monotonic() + 5
-    while standin.in_flight == 0:
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.01)
+    await eventually(lambda: standin.in_flight > 0)
     writer.transport.abort()
     hung_up = time.monotonic()
     while standin.in_flight:
@@ -163,10 +160,7 @@ async def test_websocket_is_relayed_both_ways_with_the_token(
         await socket_.send_bytes(b"\x01\x02\x03")
         assert await socket_.receive_bytes() == b"\x03\x02\x01"
         await socket_.close(code=4001, message=b"client done")
-    deadline = time.monotonic() + 5
-    while standin.websocket_closes != [4001]:
-        assert time.monotonic() < deadline, standin.websocket_closes
-        await asyncio.sleep(0.01)
+    await eventually(lambda: standin.websocket_closes == [4001])
     assert standin.api_requests[-1].raw_path == "/_test/ws"  # it passed the token check
 
 
@@ -332,10 +326,7 @@ async def test_workers_share_the_port_each_with_its_own_token_cache(
     config = inline_key_config(write_config, server="eager = true")
     config.write_text(config.read_text().replace('"127.0.0.1:0"', f'"127.0.0.1:{unused_tcp_port}"'))
     async with serving(config, "--workers", "2") as (proxy, process):
-        deadline = time.monotonic() + 10
-        while len(standin.exchanges) < 2:  # eager start in each worker
-            assert time.monotonic() < deadline, standin.exchanges
-            await asyncio.sleep(0.05)
+        await eventually(lambda: len(standin.exchanges) == 2, within=10)  # eager, per worker
         for _ in range(40):  # fresh connections, spread over both workers by the kernel
             async with aiohttp.ClientSession() as http:
                 assert await _status(http, f"{proxy}/x") == 200
