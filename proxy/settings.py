@@ -156,6 +156,11 @@ class ServerSettings(_Section):
     max_url_length: int = Field(default=8192, ge=256)
     max_header_bytes: int = Field(default=32768, ge=1024)
     max_header_count: int = Field(default=100, ge=8)
+    # Seconds a request body may make no progress before the request is cut (408), so a
+    # trickling upload cannot hold an upstream connection.
+    body_timeout: PositiveFloat = 30.0
+    # Requests that may wait for an upstream connection at once; the excess gets 503 at once.
+    max_pending: int = Field(default=256, ge=0)
 
     @field_serializer("socket_mode")
     def _octal(self, mode: int) -> str:
@@ -236,8 +241,13 @@ class AppcircleSettings(_Section):
     ca_file: Path | None = None
     connect_timeout: PositiveFloat = 10.0
     read_timeout: PositiveFloat = 300.0
-    # Upstream connections kept open at most (keep-alive pool); requests beyond wait.
+    # Upstream connections for ordinary API calls (a keep-alive pool); requests beyond wait
+    # up to pool_timeout seconds, then get 503.
     max_connections: int = Field(default=100, ge=1)
+    pool_timeout: PositiveFloat = 5.0
+    # A separate budget for long-lived streams (WebSockets, server-sent events, bodies
+    # streamed rather than buffered), so they can never starve short API calls.
+    max_streams: int = Field(default=100, ge=1)
     # Turns off TLS verification for the auth and API hosts. Logged loudly; prefer ca_file.
     insecure_skip_verify: bool = False
 
