@@ -23,7 +23,7 @@ from .headers import request_headers, response_headers
 from .routes import Route, RouteTable
 from .tokens import TokenUnavailable
 
-__all__ = ["ROUTE", "UPSTREAM_SECONDS", "UPSTREAM_STATUS", "Forwarder"]
+__all__ = ["ROUTE", "UPSTREAM_SECONDS", "UPSTREAM_STATUS", "Forwarder", "rewrite_location"]
 
 # What the forwarder learnt about a request, for the access log and the metrics.
 ROUTE = web.RequestKey("route", str)
@@ -154,23 +154,30 @@ class Forwarder:
         return response
 
     def _rewrite_location(self, location: str, request: web.Request, route: Route) -> str:
-        """Point a redirect at the API host back through the proxy and the route's prefix."""
-        api = URL(self.api_url)
-        target = URL(location, encoded=True)
-        if target.is_absolute():
-            if target.origin() != api.origin():
-                return location
-        elif not location.startswith("/") or location.startswith("//"):
-            return location
-        base = api.raw_path.rstrip("/")
-        path = target.raw_path
-        if base and not (path == base or path.startswith(base + "/")):
-            return location
-        below = path[len(base) :] or "/"
-        prefix = "" if route.prefix == "/" else route.prefix
-        rewritten = f"{request.scheme}://{request.host}{prefix}{below}"
-        if target.raw_query_string:
-            rewritten += "?" + target.raw_query_string
-        if target.raw_fragment:
-            rewritten += "#" + target.raw_fragment
-        return rewritten
+        return rewrite_location(location, self.api_url, route.prefix, request.scheme, request.host)
+
+
+def rewrite_location(location: str, api_url: str, prefix: str, scheme: str, host: str) -> str:
+    """Point a redirect at the API (under `api_url`'s path) back through the proxy, at
+    `scheme://host` and the route's `prefix`; any other Location is returned as it is."""
+    api = URL(api_url)
+    # A scheme-relative reference ('//host/path') is resolved against the API it came from.
+    absolute = f"{api.scheme}:{location}" if location.startswith("//") else location
+    try:
+        target = URL(absolute, encoded=True)
+        elsewhere = target.is_absolute() and target.origin() != api.origin()
+    except ValueError:
+        return location  # not a URL we can read: the client gets it as the API sent it
+    if elsewhere or not (target.is_absolute() or location.startswith("/")):
+        return location
+    base = api.raw_path.rstrip("/")
+    path = target.raw_path
+    if base and not (path == base or path.startswith(base + "/")):
+        return location
+    below = path[len(base) :] or "/"
+    rewritten = f"{scheme}://{host}{'' if prefix == '/' else prefix}{below}"
+    if target.raw_query_string:
+        rewritten += "?" + target.raw_query_string
+    if target.raw_fragment:
+        rewritten += "#" + target.raw_fragment
+    return rewritten

@@ -257,3 +257,23 @@ async def test_expect_100_continue_is_answered_by_the_proxy_and_not_forwarded(
     assert "expect" not in [name.lower() for name, _ in seen["headers"]]
     (upstream,) = standin.api_requests
     assert "expect" not in [name.lower() for name, _ in upstream.headers]
+
+
+# -- found while writing the unit tests -------------------------------------------------
+
+
+async def test_a_scheme_relative_or_unreadable_location_is_relayed_not_a_500(
+    start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
+) -> None:
+    proxy = await start_proxy()
+    api_host = standin.api_url.removeprefix("http://")
+    expectations = {
+        f"//{api_host}/build/v2/x": f"{proxy}/build/v2/x",  # the API's, scheme-relative
+        "//uploads.example.com/x": "//uploads.example.com/x",
+        "http://[::1": "http://[::1",
+    }
+    for to, location in expectations.items():
+        reply = await request(
+            http, "GET", f"{proxy}/_test/redirect", params={"to": to}, allow_redirects=False
+        )
+        assert (reply.status, reply.headers.get("Location")) == (302, location), to
