@@ -13,7 +13,7 @@ from proxy.server import start
 from proxy.settings import load_settings
 from proxy.standin import StandIn
 
-from .conftest import CLIENT_TOKEN, StartProxy, WriteConfig
+from .conftest import CLIENT_TOKEN, ROOT_ORG, SUB_ORG, StartProxy, WriteConfig
 from .support import eventually, request
 
 
@@ -124,6 +124,76 @@ async def test_metrics_count_requests_bytes_latency_exchanges_and_token_expiry(
     assert samples[("appcircle_proxy_token_waits_total", route)] == 1  # the first request
     assert 3500 < samples[("appcircle_proxy_token_expiry_seconds", route)] <= 3600
     assert samples[("appcircle_proxy_in_flight_requests", ())] == 1  # the scrape itself
+
+
+async def test_exchange_outcomes_and_token_waits_are_counted_one_by_one(
+    start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
+) -> None:
+    standin.script = [500, 503]
+    proxy = await start_proxy()
+
+    async def samples() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        return metric_samples((await request(http, "GET", f"{proxy}/_proxy/metrics")).body.decode())
+
+    def count(name: str, **labels: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+        return (name, tuple(sorted({"route": "default", **labels}.items())))
+
+    waits = count("appcircle_proxy_token_waits_total")
+    assert (await request(http, "GET", f"{proxy}/x")).status == 503  # waited, then failed
+    # The loop retries on its own: a failure, then a token, with no request waiting.
+    await eventually(lambda: [e.status for e in standin.exchanges] == [500, 503, 200])
+    standin.gate = asyncio.Event()
+    standin.revoke_all()  # each request's 401 (or the missing token) makes it wait once
+    waiting = [asyncio.create_task(request(http, "GET", f"{proxy}/x/{i}")) for i in range(3)]
+
+    async def all_waiting() -> bool:
+        return (await samples())[waits] == 4
+
+    await eventually(all_waiting)
+    standin.gate.set()
+    assert [reply.status for reply in await asyncio.gather(*waiting)] == [200] * 3
+    counted = await samples()
+    exchanges = "appcircle_proxy_token_exchanges_total"
+    assert counted[count(exchanges, outcome="auth_error")] == 2
+    assert counted[count(exchanges, outcome="ok")] == 2
+    assert counted[waits] == 4
+
+
+async def test_each_exchange_logs_one_line_with_its_routes_credential_and_outcome(
+    start_proxy: StartProxy,
+    standin: StandIn,
+    http: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    standin.script = [500]
+    proxy = await start_proxy(
+        routes={
+            "a": {"prefix": "/a", "credential": "main"},
+            "b": {"prefix": "/b", "credential": "main"},
+            "eu": {"prefix": "/eu", "credential": "main", "sub_organization": SUB_ORG},
+        }
+    )
+
+    async def served() -> bool:
+        return (await request(http, "GET", f"{proxy}/a/x")).status == 200
+
+    await eventually(served)
+    assert (await request(http, "GET", f"{proxy}/eu/x")).status == 200
+    standin.revoke_all()
+    assert (await request(http, "GET", f"{proxy}/b/x")).status == 200
+    lines = [r for r in caplog.records if r.name == "appcircle_proxy.tokens"]
+    assert [r.fields for r in lines] == [  # type: ignore[attr-defined]
+        {"routes": "a,b", "credential": "main", "outcome": "auth_error"},
+        {"routes": "a,b", "credential": "main", "outcome": "ok"},
+        {"routes": "eu", "credential": "main", "outcome": "ok"},
+        {"routes": "a,b", "credential": "main", "outcome": "refused"},
+        {"routes": "a,b", "credential": "main", "outcome": "ok"},
+    ]
+    texts = [r.getMessage() for r in lines]
+    assert "route(s) a, b (credential 'main')" in texts[0] and "HTTP 500" in texts[0]
+    assert ROOT_ORG in texts[1]
+    assert f"route(s) eu (credential 'main', sub-organization {SUB_ORG})" in texts[2]
+    assert "route(s) a, b (credential 'main')" in texts[3]
 
 
 async def test_admin_listener_serves_only_the_proxys_endpoints(

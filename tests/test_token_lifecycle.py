@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import logging
 import time
 from typing import Any
 
@@ -13,7 +14,8 @@ import aiohttp
 import pytest
 
 from proxy.app import connect
-from proxy.exchange import renewal_margin
+from proxy.exchange import Exchanger, SessionToken, renewal_margin
+from proxy.server import start
 from proxy.settings import load_settings
 from proxy.standin import StandIn
 from proxy.tokens import RetryPolicy
@@ -84,6 +86,31 @@ async def test_renewal_runs_in_background_so_requests_never_wait_for_it(
     assert (await request(http, "GET", f"{proxy}/x")).status == 200
     assert standin.api_requests[-1].token_id != first_token
     assert standin.rejected_tokens == []
+
+
+async def test_after_a_suspend_past_expiry_the_next_request_renews_at_once(
+    standin: StandIn, write_config: WriteConfig, http: aiohttp.ClientSession
+) -> None:
+    # Wall-clock time jumps (a laptop wakes up) while the renewal timer, on the monotonic
+    # clock, is still far off: the request must not wait for that timer.
+    jump = [0.0]
+
+    def clock() -> float:
+        return time.time() + jump[0]
+
+    standin.clock = clock
+    running = await start(load_settings(write_config()), clock)
+    try:
+        (proxy,) = running.urls
+        assert (await request(http, "GET", f"{proxy}/x")).status == 200
+        first = standin.api_requests[-1].token_id
+        jump[0] = 2 * 3600.0  # two hours later: the hour-long token has expired
+        reply = await asyncio.wait_for(request(http, "GET", f"{proxy}/x"), timeout=2)
+        assert reply.status == 200
+        assert standin.api_requests[-1].token_id != first
+        assert standin.rejected_tokens == []  # the expired token never went out
+    finally:
+        await running.stop()
 
 
 # -- 3. single flight -------------------------------------------------------------------
@@ -215,6 +242,51 @@ async def test_valid_old_token_is_used_while_renewal_fails_and_expired_one_never
     await eventually(refused_once_expired)
     # The API never saw an expired token: it would have answered 401.
     assert standin.rejected_tokens == []
+
+
+async def test_a_request_arriving_while_a_retry_is_in_flight_waits_for_its_outcome(
+    start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
+) -> None:
+    standin.script = [500]
+    proxy = await start_proxy()
+    assert (await request(http, "GET", f"{proxy}/x")).status == 503
+    standin.gate = asyncio.Event()  # the retry, once it starts, is held
+    await eventually(lambda: standin.exchanges_started == 2)
+    waiting = asyncio.create_task(request(http, "GET", f"{proxy}/x"))
+    await asyncio.sleep(0.1)
+    assert not waiting.done(), "a request failed while the retry that could serve it ran"
+    standin.gate.set()
+    assert (await asyncio.wait_for(waiting, 2)).status == 200
+
+
+async def test_a_bug_in_an_exchange_fails_requests_cleanly_and_renewal_goes_on(
+    start_proxy: StartProxy,
+    http: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    exchange = Exchanger.exchange
+    calls: list[None] = []
+
+    async def failing_once(self: Exchanger) -> SessionToken:
+        calls.append(None)
+        if len(calls) == 1:
+            raise RuntimeError("a bug")
+        return await exchange(self)
+
+    monkeypatch.setattr(Exchanger, "exchange", failing_once)
+    proxy = await start_proxy()
+    reply = await request(http, "GET", f"{proxy}/x")
+    assert reply.status == 503
+    assert reply.json()["error"] == "auth_error"
+    assert "unexpected error: RuntimeError" in reply.json()["detail"]
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert any("RuntimeError" in line and "route(s) default" in line for line in errors)
+
+    async def served() -> bool:
+        return (await request(http, "GET", f"{proxy}/x")).status == 200
+
+    await eventually(served)  # the renewal loop survived the bug
 
 
 # -- 5. upstream 401 --------------------------------------------------------------------
