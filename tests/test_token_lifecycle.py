@@ -195,6 +195,23 @@ def test_backoff_doubles_up_to_the_cap_with_jitter() -> None:
     assert high.delay(10_000) == 8
 
 
+async def test_backoff_starts_at_retry_initial_again_after_each_success(
+    start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
+) -> None:
+    backoff = {"retry_initial": 2.0, "retry_max": 8.0}  # first retry due in 1 to 2 s
+    standin.script = [500]
+    cold = await start_proxy(tokens=backoff)
+    reply = await request(http, "GET", f"{cold}/x")
+    assert reply.status == 503 and int(reply.headers["Retry-After"]) <= 2
+
+    warm = await start_proxy(tokens=backoff)
+    assert (await request(http, "GET", f"{warm}/x")).status == 200
+    standin.always = 500
+    standin.revoke_all()  # the 401 drops the token; its renewal is the first failure
+    reply = await request(http, "GET", f"{warm}/x")
+    assert reply.status == 503 and int(reply.headers["Retry-After"]) <= 2
+
+
 async def test_failing_exchanges_are_retried_with_backoff_not_hammered(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
