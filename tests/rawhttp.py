@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+from typing import Any
 
 
 async def exchange(url: str, data: bytes, *, read_for: float = 2.0) -> bytes:
@@ -26,3 +28,8 @@ async def exchange(url: str, data: bytes, *, read_for: float = 2.0) -> bytes:
 
 def status_of(answer: bytes) -> int:
     return int(answer.split(b" ", 2)[1])
+
+
+def json_of(answer: bytes) -> Any:
+    """The JSON body of a single answer."""
+    return json.loads(answer.partition(b"\r\n\r\n")[2])

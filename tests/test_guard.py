@@ -17,7 +17,7 @@ from proxy.settings import load_settings
 from proxy.standin import StandIn
 
 from .conftest import CLIENT_TOKEN, StartProxy, WriteConfig
-from .rawhttp import exchange, status_of
+from .rawhttp import exchange, json_of, status_of
 from .support import request
 
 # -- Host allowlist ---------------------------------------------------------------------
@@ -102,6 +102,28 @@ async def test_allowed_origin_gets_cors_and_its_preflight_is_answered_locally(
     assert reply.headers["Access-Control-Allow-Origin"] == origin
     reply = await request(http, "GET", f"{proxy}/x")
     assert "Access-Control-Allow-Origin" not in reply.headers
+    # Origins compare without a trailing slash and in any case.
+    for spelling in (f"{origin}/", origin.upper()):
+        reply = await request(http, "GET", f"{proxy}/x", headers={"Origin": spelling})
+        assert reply.status == 200, spelling
+
+
+async def test_only_a_real_preflight_is_answered_locally(
+    start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
+) -> None:
+    origin = "http://localhost:3000"
+    proxy = await start_proxy(server={"allowed_origins": [origin]})
+    # A preflight is an OPTIONS with both Origin and Access-Control-Request-Method;
+    # anything short of that is an ordinary request for the API.
+    for method, headers in [
+        ("OPTIONS", {"Origin": origin}),
+        ("OPTIONS", {"Access-Control-Request-Method": "POST"}),
+        ("GET", {"Origin": origin, "Access-Control-Request-Method": "POST"}),
+    ]:
+        reply = await request(http, method, f"{proxy}/x", headers=headers)
+        assert reply.status == 200, (method, headers)
+        assert reply.json()["method"] == method
+    assert len(standin.api_requests) == 3
 
 
 # -- client token -----------------------------------------------------------------------
@@ -118,12 +140,15 @@ async def test_client_token_is_required_compared_and_never_forwarded(
     for wrong in ("Bearer nope", f"Basic {CLIENT_TOKEN}", f"Bearer {CLIENT_TOKEN}x", ""):
         reply = await request(http, "GET", f"{proxy}/x", headers={"Proxy-Authorization": wrong})
         assert reply.status == 407, wrong
-    reply = await request(
-        http, "GET", f"{proxy}/x", headers={"Proxy-Authorization": f"Bearer {CLIENT_TOKEN}"}
-    )
-    assert reply.status == 200
-    echoed = json.dumps(reply.json())
-    assert CLIENT_TOKEN not in echoed
+    # The scheme in any case, spaces around the token tolerated.
+    for form, right in {
+        "plain": f"Bearer {CLIENT_TOKEN}",
+        "loose": f"bearer  {CLIENT_TOKEN} ",
+    }.items():
+        reply = await request(http, "GET", f"{proxy}/x", headers={"Proxy-Authorization": right})
+        assert reply.status == 200, form
+        echoed = json.dumps(reply.json())
+        assert CLIENT_TOKEN not in echoed
     assert "proxy-authorization" not in echoed.lower()
 
 
@@ -148,7 +173,9 @@ async def test_absolute_form_and_connect_are_refused(
     answer = await exchange(
         proxy, b"GET http://other.example/x HTTP/1.1\r\nHost: other.example\r\n\r\n", read_for=0.5
     )
-    assert status_of(answer) == 400 and b"absolute_form" in answer
+    assert status_of(answer) == 400
+    refusal = json_of(answer)
+    assert refusal["error"] == "absolute_form" and "API base URL" in refusal["detail"]
     answer = await exchange(
         proxy, b"GET http://localhost/x HTTP/1.1\r\nHost: localhost\r\n\r\n", read_for=0.5
     )
@@ -159,6 +186,8 @@ async def test_absolute_form_and_connect_are_refused(
         read_for=0.5,
     )
     assert status_of(answer) == 405
+    refusal = json_of(answer)
+    assert refusal["error"] == "method_not_allowed" and "not an open proxy" in refusal["detail"]
     assert standin.api_requests == []
 
 
