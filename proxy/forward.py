@@ -235,6 +235,7 @@ class Forwarder:
         connection.send(head, head_only=head_only)
         chunked = request.content_length is None
         upload = asyncio.ensure_future(self._upload(request, connection, chunked))
+        upload.add_done_callback(_retrieve)
         try:
             response = await connection.response()
         except UpstreamError:
@@ -242,6 +243,12 @@ class Forwarder:
                 failure = upload.exception()
                 if isinstance(failure, _BodyFailed):
                     raise failure from None
+                if failure is not None and not isinstance(failure, UpstreamError):
+                    raise _BodyFailed(
+                        errors.bad_request_body(
+                            400, "body_incomplete", "the request body ended before it was complete"
+                        )
+                    ) from None
             raise
         finally:
             if not upload.done():
@@ -269,11 +276,12 @@ class Forwarder:
             if chunked:
                 await connection.send_body(b"0\r\n\r\n")
             connection.body_sent()
-        except _BodyFailed:
+        except (asyncio.CancelledError, UpstreamError):
+            raise  # cancelled by the handler, or the connection failed: the handler knows
+        except BaseException:
+            # Too slow, or the client's connection broke mid-body: the API must not wait on.
             connection.abort(UpstreamError("the client's request body failed"))
             raise
-        except UpstreamError:
-            raise  # the connection has failed already; the handler sees it too
 
     async def _discard(self, lease: Lease, response: Response) -> None:
         """Drop a refused answer's body, keeping the connection when that is cheap."""
@@ -394,3 +402,9 @@ def rewrite_location(
     if target.raw_fragment:
         rewritten += "#" + target.raw_fragment
     return rewritten
+
+
+def _retrieve(task: asyncio.Future[None]) -> None:
+    """Mark an upload's failure as seen: the handler reports it, or no longer cares."""
+    if not task.cancelled():
+        task.exception()
