@@ -215,6 +215,9 @@ class Forwarder:
         """Send the request and wait for the response head. A kept-alive connection that
         the API had closed is replaced once, when the request can be sent again."""
         while True:
+            if lease.connection.closed:
+                # The API closed it while it sat idle (or while we waited for a token).
+                lease.connection = await self._pool.reconnect(lease)
             connection = lease.connection
             try:
                 if body is not None:
