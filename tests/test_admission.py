@@ -11,14 +11,15 @@ import aiohttp
 
 from proxy.standin import StandIn
 
-from .conftest import StartProxy, eventually
+from .conftest import StartProxy
 from .rawhttp import exchange, status_of
+from .support import eventually
 
 
 async def test_a_request_waits_at_most_pool_timeout_then_gets_503(
     start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
-    proxy = await start_proxy(appcircle="max_connections = 1\npool_timeout = 0.3")
+    proxy = await start_proxy(appcircle={"max_connections": 1, "pool_timeout": 0.3})
     holder = asyncio.ensure_future(http.get(f"{proxy}/_test/slow?seconds=1.5"))
     await asyncio.sleep(0.2)
     started = time.monotonic()
@@ -36,7 +37,7 @@ async def test_beyond_max_pending_a_request_is_refused_at_once(
     start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
     proxy = await start_proxy(
-        appcircle="max_connections = 1\npool_timeout = 5", server="max_pending = 0"
+        appcircle={"max_connections": 1, "pool_timeout": 5}, server={"max_pending": 0}
     )
     holder = asyncio.ensure_future(http.get(f"{proxy}/_test/slow?seconds=1"))
     await asyncio.sleep(0.2)
@@ -52,7 +53,9 @@ async def test_slow_streams_cannot_starve_a_small_call(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
     standin.events_gate = asyncio.Event()  # the event streams stay open until released
-    proxy = await start_proxy(appcircle="max_connections = 2\nmax_streams = 2\npool_timeout = 0.5")
+    proxy = await start_proxy(
+        appcircle={"max_connections": 2, "max_streams": 2, "pool_timeout": 0.5}
+    )
     streams = [await http.get(f"{proxy}/_test/events?count=2") for _ in range(2)]
     assert [s.status for s in streams] == [200, 200]
     # A third stream is refused at once; short calls still go through, again and again.
@@ -69,7 +72,7 @@ async def test_slow_streams_cannot_starve_a_small_call(
 async def test_a_trickling_upload_is_cut_with_408(
     start_proxy: StartProxy, standin: StandIn
 ) -> None:
-    proxy = await start_proxy(server="body_timeout = 0.3")
+    proxy = await start_proxy(server={"body_timeout": 0.3})
     head = (
         b"POST /distribution/v2/profiles/p/app-versions HTTP/1.1\r\nHost: localhost\r\n"
         b"Content-Length: 1000000\r\n\r\n"
@@ -88,7 +91,7 @@ async def test_a_trickling_upload_is_cut_with_408(
 
 
 async def test_a_stalled_small_body_is_cut_with_408(start_proxy: StartProxy) -> None:
-    proxy = await start_proxy(server="body_timeout = 0.3")
+    proxy = await start_proxy(server={"body_timeout": 0.3})
     head = b"POST /build/v2/profiles HTTP/1.1\r\nHost: localhost\r\nContent-Length: 10\r\n\r\n"
     answer = await exchange(proxy, head + b"abc", read_for=2)
     assert status_of(answer) == 408
@@ -99,7 +102,7 @@ async def test_a_token_that_expired_while_waiting_for_a_connection_is_never_sent
 ) -> None:
     standin.token_lifetime = 2.0
     proxy = await start_proxy(
-        appcircle="max_connections = 1\npool_timeout = 5", server="eager = true"
+        appcircle={"max_connections": 1, "pool_timeout": 5}, server={"eager": True}
     )
     async with http.get(f"{proxy}/build/v2/profiles") as warm:
         assert warm.status == 200
