@@ -148,13 +148,20 @@ class Forwarder:
     async def _body(self, request: web.BaseRequest) -> tuple[bytes | None, bytes]:
         """The body, whole when it is small enough to replay (None: stream it), and the
         framing header that goes with it."""
+        expect = request.headers.get(hdrs.EXPECT)
+        if expect is not None and expect.lower() != "100-continue":
+            raise _BodyFailed(
+                errors.refused(
+                    417, "expectation_failed", "only 'Expect: 100-continue' is understood"
+                )
+            )
         length = request.content_length
         chunked = "chunked" in request.headers.get(hdrs.TRANSFER_ENCODING, "").lower()
         if length is None and not chunked:
             return b"", b""
         if length == 0:
             return b"", b"Content-Length: 0\r\n"
-        if request.headers.get(hdrs.EXPECT, "").lower() == "100-continue":
+        if expect is not None:
             # Answered here, not upstream: the client may send the body now.
             await request.writer.write(CONTINUE)
         if length is not None and length <= self._replay_limit:
@@ -304,13 +311,9 @@ class Forwarder:
         headers = raw_response_headers(response.headers)
         location = headers.get(hdrs.LOCATION)
         if location is not None:
-            rewritten = rewrite_location(
+            headers[hdrs.LOCATION] = rewrite_location(
                 location, self.api_url, route.prefix, request.scheme, request.host
             )
-            if rewritten is None:
-                del headers[hdrs.LOCATION]
-            else:
-                headers[hdrs.LOCATION] = rewritten
         decorate(request, headers, facts)
         connection = lease.connection
         length = response.content_length
@@ -373,21 +376,19 @@ class Forwarder:
         return errors.upstream_unreachable(self.api_url, failure.reason)
 
 
-def rewrite_location(
-    location: str, api_url: str, prefix: str, scheme: str, host: str
-) -> str | None:
-    """Point a redirect at the API host back through the proxy and the route's prefix.
-    Anything else passes unchanged; a value that is not a URL at all is dropped (None)."""
+def rewrite_location(location: str, api_url: str, prefix: str, scheme: str, host: str) -> str:
+    """Point a redirect at the API (under `api_url`'s path) back through the proxy, at
+    `scheme://host` and the route's `prefix`; any other Location is returned as it is."""
+    api = URL(api_url)
+    # A scheme-relative reference ('//host/path') is resolved against the API it came from.
+    absolute = f"{api.scheme}:{location}" if location.startswith("//") else location
     try:
-        api = URL(api_url)
-        target = URL(location, encoded=True)
-        if target.is_absolute():
-            if not target.scheme or target.origin() != api.origin():
-                return location
-        elif not location.startswith("/") or location.startswith("//"):
-            return location
+        target = URL(absolute, encoded=True)
+        elsewhere = target.is_absolute() and target.origin() != api.origin()
     except ValueError:
-        return None
+        return location  # not a URL we can read: the client gets it as the API sent it
+    if elsewhere or not (target.is_absolute() or location.startswith("/")):
+        return location
     base = api.raw_path.rstrip("/")
     path = target.raw_path
     if base and not (path == base or path.startswith(base + "/")):
