@@ -115,13 +115,6 @@ async def test_a_sub_organization_route_refuses_a_token_without_an_organization_
 # -- 4. exact byte counts ---------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="the response-bytes metric counts what aiohttp wrote (status line, headers, chunk "
-    "framing) rather than the body bytes its help text promises; to be fixed in the "
-    "rewritten request path, then this mark goes",
-)
 async def test_the_byte_metrics_count_exactly_the_body_bytes_of_each_route(
     start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
