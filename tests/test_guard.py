@@ -63,6 +63,7 @@ async def test_web_pages_are_refused_and_get_no_cors_headers(
     reply = await request(http, "GET", f"{proxy}/x", headers={"Origin": "https://evil.example"})
     assert reply.status == 403
     assert reply.json()["error"] == "origin_not_allowed"
+    assert "server.allowed_origins" in reply.json()["detail"]
     assert not [h for h in reply.headers if h.lower().startswith("access-control-")]
     # A page's no-cors request (an <img>, a form) carries no Origin but fetch metadata.
     reply = await request(http, "GET", f"{proxy}/x", headers={"Sec-Fetch-Site": "cross-site"})
@@ -100,12 +101,16 @@ async def test_allowed_origin_gets_cors_and_its_preflight_is_answered_locally(
     reply = await request(http, "GET", f"{proxy}/x", headers={"Origin": origin})
     assert reply.status == 200
     assert reply.headers["Access-Control-Allow-Origin"] == origin
+    # Caches must key the answer on the Origin.
+    varies = ",".join(reply.headers.getall("Vary")).split(",")
+    assert "origin" in [name.strip().lower() for name in varies]
     reply = await request(http, "GET", f"{proxy}/x")
     assert "Access-Control-Allow-Origin" not in reply.headers
     # Origins compare without a trailing slash and in any case.
     for spelling in (f"{origin}/", origin.upper()):
         reply = await request(http, "GET", f"{proxy}/x", headers={"Origin": spelling})
         assert reply.status == 200, spelling
+        assert reply.headers["Access-Control-Allow-Origin"] == spelling
 
 
 async def test_only_a_real_preflight_is_answered_locally(
@@ -135,6 +140,8 @@ async def test_client_token_is_required_compared_and_never_forwarded(
     proxy = await start_proxy(server={"client_token": CLIENT_TOKEN})
     reply = await request(http, "GET", f"{proxy}/x")
     assert reply.status == 407
+    assert reply.json()["error"] == "proxy_authentication_required"
+    assert "Proxy-Authorization: Bearer" in reply.json()["detail"]
     assert reply.headers["Proxy-Authenticate"].startswith("Bearer")
     assert CLIENT_TOKEN.encode() not in reply.body
     wrongs = ("Bearer nope", f"Basic {CLIENT_TOKEN}", f"Bearer {CLIENT_TOKEN}x", "")
@@ -213,6 +220,7 @@ async def test_path_tricks_are_refused(
     proxy = await start_proxy()
     reply = await request(http, "GET", URL(proxy + path, encoded=True))
     assert (reply.status, reply.json()["error"]) == (400, "bad_path"), path
+    assert "not allowed" in reply.json()["detail"]
     assert standin.api_requests == []
 
 
@@ -263,14 +271,47 @@ async def test_long_url_gets_414_and_many_or_big_headers_get_431(
     proxy = await start_proxy(
         server={"max_url_length": 1000, "max_header_bytes": 4096, "max_header_count": 20}
     )
-    assert (await request(http, "GET", f"{proxy}/{'a' * 1000}")).status == 414
+    reply = await request(http, "GET", f"{proxy}/{'a' * 1000}")
+    assert (reply.status, reply.json()["error"]) == (414, "url_too_long")
+    assert "1000 bytes" in reply.json()["detail"]
     many = {f"X-H{i}": "v" for i in range(25)}
-    assert (await request(http, "GET", f"{proxy}/x", headers=many)).status == 431
+    reply = await request(http, "GET", f"{proxy}/x", headers=many)
+    assert (reply.status, reply.json()["error"]) == (431, "headers_too_large")
+    assert "20 headers or 4096 bytes" in reply.json()["detail"]
     big = {f"X-H{i}": "v" * 1000 for i in range(5)}
     assert (await request(http, "GET", f"{proxy}/x", headers=big)).status == 431
     # Far past the limits, the HTTP parser itself refuses, still cleanly.
     assert (await request(http, "GET", f"{proxy}/{'a' * 20000}")).status in (400, 414)
     assert (await request(http, "GET", f"{proxy}/x")).status == 200
+
+
+async def test_the_size_limits_are_inclusive(start_proxy: StartProxy) -> None:
+    proxy = await start_proxy(
+        server={"max_url_length": 256, "max_header_bytes": 1024, "max_header_count": 8}
+    )
+
+    async def status(target: bytes, *headers: bytes) -> int:
+        head = b"GET " + target + b" HTTP/1.1\r\n" + b"".join(h + b"\r\n" for h in headers)
+        return status_of(await exchange(proxy, head + b"\r\n", read_for=0.3))
+
+    host = b"Host: localhost"  # counts 17 bytes: name, value, and 4 for ': ' and CRLF
+    assert await status(b"/" + b"a" * 255, host) == 200
+    assert await status(b"/" + b"a" * 256, host) == 414
+    assert await status(b"/x", host, *[b"X-H%d: v" % i for i in range(7)]) == 200
+    assert await status(b"/x", host, *[b"X-H%d: v" % i for i in range(8)]) == 431
+    # 17 + (5 + 998 + 4) is exactly 1024.
+    assert await status(b"/x", host, b"X-Pad: " + b"v" * 998) == 200
+    assert await status(b"/x", host, b"X-Pad: " + b"v" * 999) == 431
+
+
+async def test_a_request_without_a_host_header_is_refused_not_an_error(
+    start_proxy: StartProxy, standin: StandIn
+) -> None:
+    proxy = await start_proxy()
+    answer = await exchange(proxy, b"GET /x HTTP/1.0\r\n\r\n", read_for=0.5)
+    assert status_of(answer) == 403
+    assert json_of(answer)["error"] == "host_not_allowed"
+    assert standin.api_requests == []
 
 
 # -- listeners --------------------------------------------------------------------------
