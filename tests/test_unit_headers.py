@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy.headers import request_headers, response_headers
+from proxy.headers import (
+    raw_request_headers,
+    raw_response_headers,
+    request_headers,
+    response_headers,
+)
 
 
 def headers(*pairs: tuple[str, str]) -> CIMultiDictProxy[str]:
@@ -70,3 +75,52 @@ def test_everything_else_passes_in_order_with_repeats_and_the_senders_spelling()
     )
     assert list(request_headers(incoming).items()) == list(incoming.items())
     assert list(response_headers(incoming).items()) == list(incoming.items())
+
+
+# -- the same rules on raw bytes, as the forwarding client uses them --------------------
+
+RAW_HOP_BY_HOP = [(name.encode(), value.encode()) for name, value in HOP_BY_HOP]
+
+
+def test_raw_request_lines_keep_only_what_the_api_should_see_as_sent() -> None:
+    raw = [
+        *RAW_HOP_BY_HOP,
+        (b"Connection", b"X-One,x-TWO"),
+        (b"X-One", b"a"),
+        (b"X-Two", b"b"),
+        (b"Host", b"localhost:8787"),
+        (b"Authorization", b"Bearer client-supplied"),
+        (b"Expect", b"100-continue"),
+        (b"Content-Length", b"5"),  # the proxy frames the body itself
+        (b"X-Request-Id", b"client-chosen"),  # the proxy sets its own
+        (b"accept", b"application/json"),
+        (b"X-Custom", b"v1"),
+        (b"X-Custom", b"v2"),
+    ]
+    assert raw_request_headers(raw) == [
+        b"accept: application/json\r\n",
+        b"X-Custom: v1\r\n",
+        b"X-Custom: v2\r\n",
+    ]
+
+
+def test_raw_response_headers_drop_hops_and_the_apis_own_cors_and_decode_as_sent() -> None:
+    raw = [
+        *RAW_HOP_BY_HOP,
+        (b"Connection", b"X-Private"),
+        (b"X-Private", b"hidden"),
+        (b"Access-Control-Allow-Origin", b"*"),
+        (b"access-control-allow-credentials", b"true"),
+        (b"Content-Length", b"12"),
+        (b"Set-Cookie", b"a=1"),
+        (b"Set-Cookie", b"b=2"),
+        (b"X-Utf8", "caf\u00e9".encode()),
+        (b"X-Latin1", b"caf\xe9"),
+    ]
+    assert list(raw_response_headers(raw).items()) == [
+        ("Content-Length", "12"),
+        ("Set-Cookie", "a=1"),
+        ("Set-Cookie", "b=2"),
+        ("X-Utf8", "caf\u00e9"),
+        ("X-Latin1", "caf\u00e9"),
+    ]
