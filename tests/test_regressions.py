@@ -26,6 +26,7 @@ from .conftest import (
     WriteConfig,
 )
 from .processes import serving
+from .rawhttp import exchange, json_of, status_of
 from .support import eventually, request
 
 ROTATED_KEY = PERSONAL_KEY + "-rotated"
@@ -250,6 +251,25 @@ async def test_expect_100_continue_is_answered_by_the_proxy_and_not_forwarded(
     assert "expect" not in [name.lower() for name, _ in seen["headers"]]
     (upstream,) = standin.api_requests
     assert "expect" not in [name.lower() for name, _ in upstream.headers]
+
+
+async def test_a_refused_request_gets_its_refusal_instead_of_100_continue(
+    start_proxy: StartProxy, standin: StandIn
+) -> None:
+    proxy = await start_proxy()
+    head = b"POST /upload HTTP/1.1\r\nContent-Length: 5\r\n"
+    # Refused by the guard: the client learns it before sending its body.
+    answer = await exchange(
+        proxy, head + b"Host: evil.example\r\nExpect: 100-continue\r\n\r\n", read_for=0.5
+    )
+    assert status_of(answer) == 403
+    # An expectation the proxy does not know.
+    answer = await exchange(
+        proxy, head + b"Host: localhost\r\nExpect: something-else\r\n\r\n", read_for=0.5
+    )
+    assert status_of(answer) == 417
+    assert json_of(answer)["error"] == "expectation_failed"
+    assert standin.api_requests == []
 
 
 # -- found while writing the unit tests -------------------------------------------------
