@@ -309,7 +309,11 @@ class StandIn:
         return web.json_response({"slow": True})
 
     async def _cut(self, request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Length": "100000"})
+        """Promises `length` bytes (default 100000; 'chunked': no length) and dies after 1000."""
+        length = request.query.get("length", "100000")
+        response = web.StreamResponse()
+        if length != "chunked":
+            response.headers["Content-Length"] = length
         await response.prepare(request)
         await response.write(b"x" * 1000)
         assert request.transport is not None
@@ -340,8 +344,19 @@ class StandIn:
             },
         )
 
-    async def _status(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "as asked"}, status=int(request.match_info["status"]))
+    async def _status(self, request: web.Request) -> web.StreamResponse:
+        """The status asked for, with `reason` as its reason phrase if given; a small JSON
+        body, or with `size`, that many bytes streamed (no Content-Length)."""
+        status = int(request.match_info["status"])
+        reason = request.query.get("reason")
+        if "size" not in request.query:
+            return web.json_response({"status": "as asked"}, status=status, reason=reason)
+        response = web.StreamResponse(status=status, reason=reason)
+        await response.prepare(request)
+        for chunk in pattern(int(request.query["size"])):
+            await response.write(chunk)
+        await response.write_eof()
+        return response
 
     async def _download(self, request: web.Request) -> web.StreamResponse:
         """`size` bytes of `pattern(size)`, streamed; chunked unless `length=1`."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import hashlib
 import io
@@ -9,11 +10,13 @@ import os
 from typing import Any
 
 import aiohttp
+import pytest
 from yarl import URL
 
 from proxy.standin import StandIn
 
 from .conftest import ROOT_ORG, StartProxy
+from .rawhttp import exchange
 from .support import request
 
 
@@ -242,3 +245,61 @@ async def test_api_failing_mid_response_cuts_the_client_connection(
     assert reply.status == 200, reply.body
     seen = reply.json()
     assert seen["raw_path"] == "/still/serving"
+
+
+async def test_the_apis_status_line_comes_back_reason_phrase_included(
+    start_proxy: StartProxy,
+) -> None:
+    proxy = await start_proxy()
+    custom = "/_test/status/299?reason=Custom%20Reason"
+    for method, target, status_line in [
+        ("GET", custom, b"HTTP/1.1 299 Custom Reason"),  # a small body, sent in one write
+        ("GET", custom + "&size=200000", b"HTTP/1.1 299 Custom Reason"),  # a large one, streamed
+        ("HEAD", custom, b"HTTP/1.1 299 Custom Reason"),  # no body at all
+        ("GET", "/_test/status/204?reason=Nothing%20Here", b"HTTP/1.1 204 Nothing Here"),
+    ]:
+        answer = await exchange(
+            proxy,
+            f"{method} {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode(),
+            read_for=2,
+        )
+        assert answer.split(b"\r\n", 1)[0] == status_line, (method, target)
+
+
+async def test_answers_without_a_body_leave_the_connection_reusable(
+    start_proxy: StartProxy,
+) -> None:
+    proxy = await start_proxy()
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as one_connection:
+        for method, path, status in [
+            ("GET", "/_test/status/204", 204),
+            ("HEAD", "/_test/status/404", 404),
+            ("HEAD", "/x", 200),
+            ("GET", "/x", 200),
+        ]:
+            reply = await asyncio.wait_for(request(one_connection, method, proxy + path), 5)
+            assert reply.status == status, (method, path)
+            assert (reply.body == b"") is (path != "/x" or method == "HEAD"), (method, path)
+        # A HEAD answer carries the length the GET's body would have.
+        head = await request(one_connection, "HEAD", f"{proxy}/_test/status/404")
+        get = await request(one_connection, "GET", f"{proxy}/_test/status/404")
+        assert head.headers["Content-Length"] == str(len(get.body))
+
+
+async def test_an_api_failing_inside_a_small_answer_gets_502_before_anything_is_sent(
+    start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    proxy = await start_proxy()
+    reply = await request(http, "GET", f"{proxy}/_test/cut", params={"length": "5000"})
+    assert reply.status == 502
+    assert reply.json()["error"] == "upstream_unreachable"
+
+
+async def test_an_api_failing_inside_a_chunked_answer_cuts_the_client_connection(
+    start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    # With no length to fall short of, only a cut connection tells the client.
+    proxy = await start_proxy()
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await request(http, "GET", f"{proxy}/_test/cut", params={"length": "chunked"})
+    assert (await request(http, "GET", f"{proxy}/still/serving")).status == 200
