@@ -221,12 +221,13 @@ async def test_unreachable_api_gets_502(
 
 
 async def test_slow_api_gets_504_after_the_read_timeout(
-    start_proxy: StartProxy, http: aiohttp.ClientSession
+    start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
     proxy = await start_proxy(appcircle={"read_timeout": 0.2})
     reply = await request(http, "GET", f"{proxy}/_test/slow", params={"seconds": "2"})
     assert reply.status == 504
     assert reply.json()["error"] == "upstream_timeout"
+    assert standin.api_url in reply.json()["detail"]
 
 
 async def test_api_failing_mid_response_cuts_the_client_connection(
@@ -287,12 +288,13 @@ async def test_answers_without_a_body_leave_the_connection_reusable(
 
 
 async def test_an_api_failing_inside_a_small_answer_gets_502_before_anything_is_sent(
-    start_proxy: StartProxy, http: aiohttp.ClientSession
+    start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
     proxy = await start_proxy()
     reply = await request(http, "GET", f"{proxy}/_test/cut", params={"length": "5000"})
     assert reply.status == 502
     assert reply.json()["error"] == "upstream_unreachable"
+    assert standin.api_url in reply.json()["detail"]  # which API, for the reader
 
 
 async def test_an_api_failing_inside_a_chunked_answer_cuts_the_client_connection(
