@@ -157,6 +157,7 @@ async def connect(settings: Settings, clock: Clock = time.time) -> AsyncIterator
                 credential=credentials[route.credential],
                 sub_organization=route.sub_organization,
                 tokens=tokens.for_key((route.credential, route.sub_organization)),
+                policy=route.policy,  # issue 10: allow rules / read_only
             )
             for name, route in settings.routes.items()
         ]
@@ -193,6 +194,7 @@ def create_app(settings: Settings, clock: Clock = time.time) -> web.Application:
             app[FORWARDER] = Forwarder(
                 session=upstream.api_session,
                 api_url=settings.appcircle.api_url,
+                auth_url=settings.appcircle.auth_url,  # issue 10: the userinfo relay
                 routes=upstream.routes,
                 replay_limit=settings.tokens.replay_limit,
             )

@@ -12,7 +12,10 @@ from .routes import Route
 from .tokens import TokenUnavailable
 
 __all__ = [
+    "auth_path_not_forwarded",
+    "auth_unreachable",
     "no_route",
+    "not_allowed_by_route",
     "refused",
     "token_unavailable",
     "upstream_refused_websocket",
@@ -81,4 +84,35 @@ def upstream_timeout(api_url: str) -> web.Response:
         "upstream_timeout",
         f"the Appcircle API at {api_url} did not answer in time; retry, or raise "
         "appcircle.connect_timeout / appcircle.read_timeout if it is merely slow",
+    )
+
+
+def not_allowed_by_route(route: Route, method: str, path: str) -> web.Response:
+    return _answer(
+        403,
+        "not_allowed_by_route",
+        f"route '{route.name}' ({route.prefix}) does not allow {method} {path}; it allows "
+        f"{route.policy.describe()}. Use a route that allows it, or add a rule to "
+        f"routes.{route.name}.allow",
+        route=route.name,
+    )
+
+
+def auth_path_not_forwarded(path: str) -> web.Response:
+    return _answer(
+        404,
+        "not_forwarded_to_auth_host",
+        f"'{path}' is on the auth host, which the proxy does not expose: it holds the key "
+        "and exchanges it itself. Only GET /auth/realms/appcircle/protocol/openid-connect/"
+        "userinfo is relayed (with the route's session token); call the API without a token "
+        "instead of logging in",
+    )
+
+
+def auth_unreachable(auth_url: str, reason: str) -> web.Response:
+    return _answer(
+        502,
+        "auth_unreachable",
+        f"the Appcircle auth host at {auth_url} cannot be reached ({reason}); check "
+        "appcircle.auth_url and this machine's network",
     )

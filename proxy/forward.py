@@ -17,7 +17,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from . import errors, websocket
+from . import errors, userinfo, websocket
 from .exchange import SessionToken
 from .headers import request_headers, response_headers
 from .routes import Route, RouteTable
@@ -47,6 +47,7 @@ class Forwarder:
     api_url: str
     routes: RouteTable
     replay_limit: int
+    auth_url: str  # issue 10: for the userinfo relay
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         path, has_query, query = request.raw_path.partition("?")
@@ -55,6 +56,12 @@ class Forwarder:
             return errors.no_route(path, self.routes.prefixes)
         route, rest = matched
         request[ROUTE] = route.name
+        # Issue 10, least privilege: the route's allow rules / read_only, before any token.
+        if not route.allows(request.method, rest):
+            return errors.not_allowed_by_route(route, request.method, rest)
+        # Issue 10: paths under /auth/ are the auth host's: userinfo relayed, the rest 404.
+        if userinfo.on_auth_host(rest):
+            return await userinfo.relay(request, route, rest, self.session, self.auth_url)
         target = URL(self.api_url + rest + has_query + query, encoded=True)
         if websocket.is_upgrade(request):
             return await websocket.relay(

@@ -9,6 +9,8 @@ and a raw path with nothing that could mean one thing here and another upstream.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
 import re
 from collections.abc import Awaitable, Callable
@@ -56,6 +58,45 @@ def _path_problem(raw_path: str) -> str | None:
     if any(unquote(segment) in (".", "..") for segment in segments):
         return "'.' and '..' path segments (plain or percent-encoded) are not allowed"
     return None
+
+
+def _presented_token(credentials: str) -> bytes | None:
+    """The token in an Authorization-style header value: `Bearer <t>`, or `Basic` with <t>
+    as the password (any user name); None when there is none."""
+    scheme, _, value = credentials.strip().partition(" ")
+    if scheme.lower() == "bearer":
+        return value.strip().encode()
+    if scheme.lower() == "basic":
+        try:
+            decoded = base64.b64decode(value.strip(), validate=True)
+        except binascii.Error:
+            return None
+        _user, colon, password = decoded.partition(b":")
+        return password if colon else None
+    return None
+
+
+def _client_token_refusal(request: web.Request) -> web.Response:
+    """401 for a client that sent Authorization only (ordinary clients understand that);
+    407 otherwise, as a proxy answers."""
+    setting = "the client token set in server.client_token, client_token_env or client_token_file"
+    if hdrs.AUTHORIZATION in request.headers and hdrs.PROXY_AUTHORIZATION not in request.headers:
+        response = errors.refused(
+            401,
+            "client_token_required",
+            f"this proxy wants its client token, and the Authorization header does not hold "
+            f"it: send Authorization: Bearer <{setting}> (for the appcircle CLI: appcircle "
+            "config set AC_ACCESS_TOKEN <client token>)",
+        )
+        response.headers[hdrs.WWW_AUTHENTICATE] = 'Bearer realm="appcircle-proxy"'
+        return response
+    response = errors.refused(
+        407,
+        "proxy_authentication_required",
+        f"send Proxy-Authorization: Bearer <{setting}>, or the same in Authorization",
+    )
+    response.headers[hdrs.PROXY_AUTHENTICATE] = 'Bearer realm="appcircle-proxy"'
+    return response
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,21 +170,15 @@ class Guard:
                 "requests from web pages are refused, so a site you visit cannot use your "
                 "key; to allow a page, add its origin to server.allowed_origins",
             )
-        # Liveness says nothing but "up", and container health checks cannot send a token.
-        needs_token = request.path != HEALTH_PATH
+        # Liveness says nothing but "up", and container health checks cannot send a token;
+        # nor can a browser's CORS preflight (an allowed origin's, as refused ones are above).
+        needs_token = request.path != HEALTH_PATH and not self._is_preflight(request)
         if (
             needs_token
             and self.client_token is not None
             and not self._client_token_matches(request)
         ):
-            response = errors.refused(
-                407,
-                "proxy_authentication_required",
-                "send Proxy-Authorization: Bearer <the client token set in "
-                "server.client_token, client_token_env or client_token_file>",
-            )
-            response.headers[hdrs.PROXY_AUTHENTICATE] = 'Bearer realm="appcircle-proxy"'
-            return response
+            return _client_token_refusal(request)
         problem = _path_problem(request.raw_path.partition("?")[0])
         if problem is not None:
             return errors.refused(400, "bad_path", problem)
@@ -156,12 +191,16 @@ class Guard:
         return request.headers.get("Sec-Fetch-Site", "").lower() in CROSS_SITE
 
     def _client_token_matches(self, request: web.Request) -> bool:
+        """The client token in either header, as Bearer or as HTTP Basic's password: most
+        tools (the appcircle CLI, Postman, SDKs) can only set Authorization."""
         assert self.client_token is not None
-        scheme, _, presented = request.headers.get(hdrs.PROXY_AUTHORIZATION, "").partition(" ")
         expected = self.client_token.get_secret_value().encode()
-        return scheme.lower() == "bearer" and hmac.compare_digest(
-            presented.strip().encode(), expected
-        )
+        matched = False
+        # Both headers are always compared, so the timing does not tell which one held it.
+        for name in (hdrs.PROXY_AUTHORIZATION, hdrs.AUTHORIZATION):
+            presented = _presented_token(request.headers.get(name, ""))
+            matched |= presented is not None and hmac.compare_digest(presented, expected)
+        return matched
 
     @staticmethod
     def _is_preflight(request: web.Request) -> bool:

@@ -16,6 +16,8 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PlainSerializer,
+    PlainValidator,
     PositiveFloat,
     SecretStr,
     ValidationError,
@@ -32,6 +34,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 from yarl import URL
+
+from .allow import AllowRule, RoutePolicy, parse_rule
 
 __all__ = [
     "ENV_PREFIX",
@@ -342,10 +346,47 @@ def _check_org_id(value: object) -> object:
         ) from None
 
 
+def _parse_allow_rule(value: object) -> AllowRule:
+    if isinstance(value, AllowRule):
+        return value
+    if not isinstance(value, str):
+        raise ValueError('each rule is a string such as "GET /build/**"')
+    return parse_rule(value)
+
+
+# Parsed into frozen rules here; printed back as the strings they were written as.
+AllowRuleSetting = Annotated[AllowRule, PlainValidator(_parse_allow_rule), PlainSerializer(str)]
+
+
 class RouteSettings(_Section):
     prefix: Annotated[str, BeforeValidator(_normalise_prefix)]
     credential: str
     sub_organization: Annotated[str | None, BeforeValidator(_check_org_id)] = None
+    # Least privilege: when set, only requests matching one of these rules pass (403 else).
+    allow: tuple[AllowRuleSetting, ...] | None = None
+    # GET, HEAD and OPTIONS only (with `allow`, both must let a request through).
+    read_only: bool = False
+
+    @field_validator("allow", mode="before")
+    @classmethod
+    def _allow_is_a_list(cls, rules: object) -> object:
+        if isinstance(rules, str):
+            raise ValueError(f'allow is a list of rules: allow = ["{rules}"]')
+        return rules
+
+    @field_validator("allow")
+    @classmethod
+    def _allow_not_empty(cls, rules: tuple[AllowRule, ...] | None) -> tuple[AllowRule, ...] | None:
+        if rules is not None and not rules:
+            raise ValueError(
+                "allow is empty, so the route would refuse every request; list rules such as "
+                '"GET /build/**", or remove allow to let everything through'
+            )
+        return rules
+
+    @property
+    def policy(self) -> RoutePolicy:
+        return RoutePolicy(self.allow, self.read_only)
 
 
 class Settings(BaseSettings):

@@ -73,6 +73,8 @@ class StandIn:
     exchanges: list[Exchange] = field(default_factory=list)
     exchanges_started: int = 0
     api_requests: list[SeenRequest] = field(default_factory=list)
+    # Requests the auth host's userinfo endpoint answered with a valid token.
+    userinfo_requests: list[SeenRequest] = field(default_factory=list)
     rejected_tokens: list[str] = field(default_factory=list)
     revoked: set[str] = field(default_factory=set)
     # Requests being handled by the API host now, and the most at once.
@@ -135,7 +137,25 @@ class StandIn:
         for endpoint in ("/auth/v3/token", "/auth/v2/token", "/auth/v1/token"):
             app.router.add_post(endpoint, self._personal_exchange)
         app.router.add_post("/auth/v1/api-key/token", self._api_key_exchange)
+        app.router.add_get(
+            "/auth/realms/appcircle/protocol/openid-connect/userinfo", self._userinfo
+        )
         return app
+
+    async def _userinfo(self, request: web.Request) -> web.Response:
+        """OpenID Connect userinfo: the claims of a valid token, 401 for any other."""
+        claims = self._valid_claims(request)
+        if claims is None:
+            return web.json_response({"error": "invalid_token"}, status=401)
+        self.userinfo_requests.append(_seen(request, claims))
+        return web.json_response(
+            {
+                "sub": claims["sub"],
+                "email": claims["email"],
+                "email_verified": True,
+                "currentOrganizationId": claims["currentOrganizationId"],
+            }
+        )
 
     async def _personal_exchange(self, request: web.Request) -> web.Response:
         form = await request.post()
@@ -228,11 +248,27 @@ class StandIn:
     async def _require_token(
         self, request: web.Request, handler: Callable[[web.Request], Any]
     ) -> web.StreamResponse:
+        claims = self._valid_claims(request)
+        if claims is None:
+            return web.json_response({"message": "Unauthorized"}, status=401)
+        request[CLAIMS] = claims
+        self.api_requests.append(_seen(request, claims))
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            response: web.StreamResponse = await handler(request)
+        finally:
+            self.in_flight -= 1
+        return response
+
+    def _valid_claims(self, request: web.Request) -> dict[str, Any] | None:
+        """The claims of the request's `Authorization: Bearer` token if it is one this
+        stand-in issued and neither expired nor revoked; else None (and the reason noted)."""
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         try:
             if scheme != "Bearer":
                 raise jwt.InvalidTokenError("no bearer token")
-            claims = jwt.decode(
+            claims: dict[str, Any] = jwt.decode(
                 token,
                 self._signing_key,
                 algorithms=[SIGNING_ALGORITHM],
@@ -244,24 +280,8 @@ class StandIn:
                 raise jwt.InvalidTokenError("revoked")
         except jwt.PyJWTError as err:
             self.rejected_tokens.append(type(err).__name__)
-            return web.json_response({"message": "Unauthorized"}, status=401)
-        request[CLAIMS] = claims
-        self.api_requests.append(
-            SeenRequest(
-                request.method,
-                request.raw_path,
-                list(request.headers.items()),
-                claims["currentOrganizationId"],
-                claims["jti"],
-            )
-        )
-        self.in_flight += 1
-        self.max_in_flight = max(self.max_in_flight, self.in_flight)
-        try:
-            response: web.StreamResponse = await handler(request)
-        finally:
-            self.in_flight -= 1
-        return response
+            return None
+        return claims
 
     async def _echo(self, request: web.Request) -> web.Response:
         digest, length = hashlib.sha256(), 0
@@ -363,6 +383,16 @@ class StandIn:
                 return socket
             else:
                 return socket
+
+
+def _seen(request: web.Request, claims: dict[str, Any]) -> SeenRequest:
+    return SeenRequest(
+        request.method,
+        request.raw_path,
+        list(request.headers.items()),
+        claims["currentOrganizationId"],
+        claims["jti"],
+    )
 
 
 PATTERN_BLOCK = hashlib.sha256(b"appcircle-proxy").digest() * 2048  # 64 KiB, fixed

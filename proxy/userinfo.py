@@ -1,0 +1,98 @@
+"""The one auth-host endpoint clients may reach through the proxy: OpenID Connect userinfo.
+
+The official CLI asks `{AUTH_HOSTNAME}/auth/realms/appcircle/protocol/openid-connect/userinfo`
+who its token belongs to (`organization view --organizationId current` and others). With
+AUTH_HOSTNAME at the proxy, that request is relayed to `appcircle.auth_url` with the route's
+session token, so the answer names the route's organization. Nothing else under `/auth/` is
+relayed, above all not the key exchanges: the proxy holds the key, clients never log in.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import aiohttp
+from aiohttp import hdrs, web
+from multidict import CIMultiDict
+
+from . import errors
+from .exchange import SessionToken
+from .headers import response_headers
+from .routes import Route
+from .tokens import TokenUnavailable
+
+__all__ = ["USERINFO_PATH", "on_auth_host", "relay"]
+
+USERINFO_PATH: Final = "/auth/realms/appcircle/protocol/openid-connect/userinfo"
+# A userinfo answer is a few hundred bytes of claims; anything far larger is not one.
+MAX_REPLY_BYTES: Final = 64 * 1024
+# Only what content negotiation needs: the auth host has no business with the client's
+# cookies or other headers.
+PASSED_HEADERS: Final = (hdrs.ACCEPT, hdrs.ACCEPT_ENCODING, hdrs.ACCEPT_LANGUAGE, hdrs.USER_AGENT)
+DROPPED_REPLY_HEADERS: Final = (hdrs.CONTENT_LENGTH, hdrs.SET_COOKIE)
+
+
+def on_auth_host(path: str) -> bool:
+    """Whether `path` (below the route's prefix) is the auth host's, which the API never
+    serves: the userinfo relay or a 404, never the API."""
+    return path == "/auth" or path.startswith("/auth/")
+
+
+async def relay(
+    request: web.Request, route: Route, path: str, session: aiohttp.ClientSession, auth_url: str
+) -> web.Response:
+    """Answer a request for `path` on the auth host: userinfo relayed, anything else 404."""
+    if path != USERINFO_PATH or request.method != hdrs.METH_GET:
+        return errors.auth_path_not_forwarded(path)
+    headers = CIMultiDict(
+        (name, request.headers[name]) for name in PASSED_HEADERS if name in request.headers
+    )
+    try:
+        token = await route.tokens.get()
+        status, reply_headers, body = await _fetch(session, auth_url, headers, token)
+        if status == 401:
+            # As for the API: a refused token is dropped, renewed, and the request replayed once.
+            route.tokens.invalidate(token)
+            token = await route.tokens.get()
+            status, reply_headers, body = await _fetch(session, auth_url, headers, token)
+    except TokenUnavailable as problem:
+        return errors.token_unavailable(route, problem)
+    except _TooLarge:
+        return errors.auth_unreachable(
+            auth_url, f"its userinfo answer is larger than {MAX_REPLY_BYTES} bytes"
+        )
+    except (TimeoutError, aiohttp.ClientError) as err:
+        reason = type(err).__name__ if isinstance(err, TimeoutError) else str(err)
+        return errors.auth_unreachable(auth_url, reason)
+    response = web.Response(status=status, body=body)
+    response.headers.extend(reply_headers)
+    return response
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _fetch(
+    session: aiohttp.ClientSession,
+    auth_url: str,
+    headers: CIMultiDict[str],
+    token: SessionToken,
+) -> tuple[int, CIMultiDict[str], bytes]:
+    headers = CIMultiDict(headers)
+    headers[hdrs.AUTHORIZATION] = f"Bearer {token.value}"
+    async with session.get(
+        auth_url + USERINFO_PATH,
+        headers=headers,
+        allow_redirects=False,
+        skip_auto_headers=PASSED_HEADERS,
+    ) as reply:
+        body = bytearray()
+        while chunk := await reply.content.readany():
+            body += chunk
+            if len(body) > MAX_REPLY_BYTES:
+                raise _TooLarge
+        passed = response_headers(reply.headers)
+        for name in DROPPED_REPLY_HEADERS:
+            passed.popall(name, None)
+        return reply.status, passed, bytes(body)
