@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__, logs
+from . import __version__, ci, logs
 from .demo import demo
 from .server import serve
 from .settings import ConfigError, LogSettings, Settings, load_settings
@@ -69,6 +69,7 @@ def _parser() -> argparse.ArgumentParser:
         "token", parents=[common], help="print one session token on stdout, for scripts"
     )
     token_command.add_argument("--route", metavar="NAME", help="the route whose token to print")
+    ci.add_parsers(commands, common)  # issue 10: `run` and `wait`, for CI jobs
     return parser
 
 
@@ -91,6 +92,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         logs.configure(LogSettings(level=getattr(args, "log_level", "warning")))
         return demo(getattr(args, "listen", "127.0.0.1:8787"))
+
+    # Issue 10: `run` and `wait` (ci.py) load the configuration in their own way.
+    if args.command in ci.COMMANDS:
+        return ci.main(args, _overrides(args))
 
     def load() -> Settings:
         return load_settings(getattr(args, "config", None), _overrides(args))

@@ -91,8 +91,8 @@ def not_allowed_by_route(route: Route, method: str, path: str) -> web.Response:
     return _answer(
         403,
         "not_allowed_by_route",
-        f"route '{route.name}' ({route.prefix}) does not allow {method} {path}; it allows "
-        f"{route.policy.describe()}. Use a route that allows it, or add a rule to "
+        f"route '{route.name}' ({route.prefix}) does not allow {method} {path} (its rules: "
+        f"{route.policy.describe()}); use a route that allows it, or add a rule to "
         f"routes.{route.name}.allow",
         route=route.name,
     )

@@ -32,6 +32,10 @@ async def _check(settings: Settings) -> int:
                 f"token expires {expires}",
                 flush=True,
             )
+    # Issue 10: the least-privilege rules of each restricted route.
+    for route in sorted(upstream.routes, key=lambda route: route.prefix):
+        if route.policy.restricted:
+            print(f"rule {route.prefix:<12} route '{route.name}': {route.policy.describe()}")
     if failed:
         print(f"{failed} route(s) cannot get a session token; see above", file=sys.stderr)
         return 1

@@ -1,0 +1,400 @@
+"""Every real client: the client token in the client's own header (as the official CLI
+sends it), the auth host's userinfo through the proxy, and least-privilege routes."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from proxy.__main__ import main
+from proxy.settings import ConfigError, load_settings
+from proxy.standin import StandIn
+
+from .conftest import CLIENT_TOKEN, PERSONAL_KEY_CONFIG, ROOT_ORG, SUB_ORG, StartProxy
+from .rawhttp import exchange, status_of
+
+WITH_CLIENT_TOKEN = f'client_token = "{CLIENT_TOKEN}"'
+USERINFO = "/auth/realms/appcircle/protocol/openid-connect/userinfo"
+SUB_ORGANIZATION_ROUTES = (
+    PERSONAL_KEY_CONFIG
+    + f"""
+[routes.root]
+prefix = "/"
+credential = "main"
+[routes.eu]
+prefix = "/eu"
+credential = "main"
+sub_organization = "{SUB_ORG}"
+"""
+)
+
+
+def cli_request(path: str, host: str, access_token: str) -> bytes:
+    """A request exactly as the official appcircle CLI (axios on Node) sends it, with
+    AC_ACCESS_TOKEN set to `access_token` and API_HOSTNAME / AUTH_HOSTNAME at the proxy."""
+    return (
+        f"GET {path} HTTP/1.1\r\n"
+        "Accept: application/json\r\n"
+        "User-Agent: Appcircle CLI/1.0.3\r\n"
+        f"Authorization: Bearer {access_token}\r\n"
+        "Accept-Encoding: gzip, compress, deflate, br\r\n"
+        f"Host: {host}\r\n"
+        "Connection: close\r\n"
+        "\r\n"
+    ).encode()
+
+
+def body_of(answer: bytes) -> Any:
+    return json.loads(answer.partition(b"\r\n\r\n")[2])
+
+
+def header_of(answer: bytes, name: str) -> str | None:
+    head = answer.partition(b"\r\n\r\n")[0].decode()
+    for line in head.split("\r\n")[1:]:
+        key, _, value = line.partition(":")
+        if key.strip().lower() == name.lower():
+            return value.strip()
+    return None
+
+
+async def call(
+    http: aiohttp.ClientSession, method: str, url: str, **kwargs: Any
+) -> tuple[int, Any, aiohttp.typedefs.LooseHeaders]:
+    async with http.request(method, url, **kwargs) as response:
+        body = (
+            await response.json()
+            if response.content_type == "application/json"
+            else await response.read()
+        )
+        return response.status, body, response.headers
+
+
+def basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+# -- the client token in the client's own header -----------------------------------------
+
+
+async def test_the_official_cli_with_the_client_token_as_its_access_token_gets_through(
+    start_proxy: StartProxy, standin: StandIn
+) -> None:
+    proxy = await start_proxy(SUB_ORGANIZATION_ROUTES, server=WITH_CLIENT_TOKEN)
+    host = proxy.removeprefix("http://")
+    for path, organization in (
+        ("/distribution/v2/profiles", ROOT_ORG),
+        ("/eu/build/v2/profiles", SUB_ORG),
+        ("/eu/distribution/v2/testing-groups", SUB_ORG),
+    ):
+        answer = await exchange(proxy, cli_request(path, host, CLIENT_TOKEN))
+        assert status_of(answer) == 200, answer
+        seen = body_of(answer)
+        assert seen["organization"] == organization
+        headers = {name.lower(): value for name, value in seen["headers"]}
+        # The CLI's own headers arrive untouched; its Authorization is the proxy's token.
+        assert headers["accept"] == "application/json"
+        assert headers["user-agent"] == "Appcircle CLI/1.0.3"
+        assert headers["accept-encoding"] == "gzip, compress, deflate, br"
+        assert headers["authorization"] in {f"Bearer {t}" for t in standin.issued_tokens}
+        assert CLIENT_TOKEN not in json.dumps(seen)
+
+
+@pytest.mark.parametrize("header", ["Authorization", "Proxy-Authorization"])
+@pytest.mark.parametrize(
+    "value",
+    [f"Bearer {CLIENT_TOKEN}", f"bearer  {CLIENT_TOKEN} ", basic("ci", CLIENT_TOKEN)],
+    ids=["bearer", "bearer-lowercase-spaced", "basic-password"],
+)
+async def test_the_client_token_is_accepted_in_either_header_as_bearer_or_basic_password(
+    header: str, value: str, start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    proxy = await start_proxy(PERSONAL_KEY_CONFIG, server=WITH_CLIENT_TOKEN)
+    status, seen, _ = await call(http, "GET", f"{proxy}/build/v2/profiles", headers={header: value})
+    assert status == 200
+    assert CLIENT_TOKEN not in json.dumps(seen)
+    assert not [name for name, _ in seen["headers"] if name.lower() == "proxy-authorization"]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "Bearer nope",
+        f"Bearer {CLIENT_TOKEN}x",
+        basic(CLIENT_TOKEN, ""),  # the token as the user name is not the password
+        basic("ci", CLIENT_TOKEN[:-1]),
+        f"Basic {CLIENT_TOKEN}",  # not base64
+        f"Token {CLIENT_TOKEN}",
+        CLIENT_TOKEN,
+    ],
+)
+async def test_a_wrong_token_in_authorization_gets_401_with_www_authenticate(
+    value: str, start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
+) -> None:
+    proxy = await start_proxy(PERSONAL_KEY_CONFIG, server=WITH_CLIENT_TOKEN)
+    status, body, headers = await call(
+        http, "GET", f"{proxy}/build/v2/profiles", headers={"Authorization": value}
+    )
+    assert status == 401
+    assert body["error"] == "client_token_required"
+    assert "AC_ACCESS_TOKEN" in body["detail"]
+    assert headers["WWW-Authenticate"] == 'Bearer realm="appcircle-proxy"'
+    assert "Proxy-Authenticate" not in headers
+    assert standin.api_requests == [] and standin.exchanges == []
+
+
+async def test_no_token_or_a_wrong_proxy_authorization_gets_407(
+    start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
+) -> None:
+    proxy = await start_proxy(PERSONAL_KEY_CONFIG, server=WITH_CLIENT_TOKEN)
+    for headers in (
+        {},
+        {"Proxy-Authorization": "Bearer nope"},
+        {"Proxy-Authorization": "Bearer nope", "Authorization": "Bearer nope"},
+    ):
+        status, body, answer_headers = await call(http, "GET", f"{proxy}/x", headers=headers)
+        assert status == 407, headers
+        assert body["error"] == "proxy_authentication_required"
+        assert answer_headers["Proxy-Authenticate"] == 'Bearer realm="appcircle-proxy"'
+    assert standin.api_requests == []
+
+
+async def test_the_token_in_one_header_lets_the_other_carry_anything_and_neither_goes_upstream(
+    start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    proxy = await start_proxy(PERSONAL_KEY_CONFIG, server=WITH_CLIENT_TOKEN)
+    for headers in (
+        {"Proxy-Authorization": f"Bearer {CLIENT_TOKEN}", "Authorization": "Bearer the-tools"},
+        {"Authorization": f"Bearer {CLIENT_TOKEN}", "Proxy-Authorization": "Basic eDp5"},
+    ):
+        status, seen, _ = await call(http, "GET", f"{proxy}/x", headers=headers)
+        assert status == 200, headers
+        echoed = json.dumps(seen)
+        assert CLIENT_TOKEN not in echoed and "the-tools" not in echoed and "eDp5" not in echoed
+
+
+async def test_a_cors_preflight_from_an_allowed_origin_needs_no_client_token(
+    start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
+) -> None:
+    origin = "http://localhost:3000"
+    proxy = await start_proxy(
+        PERSONAL_KEY_CONFIG, server=f'{WITH_CLIENT_TOKEN}\nallowed_origins = ["{origin}"]'
+    )
+    preflight = {"Origin": origin, "Access-Control-Request-Method": "GET"}
+    status, _, headers = await call(
+        http, "OPTIONS", f"{proxy}/build/v2/profiles", headers=preflight
+    )
+    assert status == 204
+    assert headers["Access-Control-Allow-Origin"] == origin
+    # The request that follows the preflight still needs the token.
+    status, _, _ = await call(http, "GET", f"{proxy}/build/v2/profiles", headers={"Origin": origin})
+    assert status == 407
+    status, _, _ = await call(
+        http,
+        "GET",
+        f"{proxy}/build/v2/profiles",
+        headers={"Origin": origin, "Authorization": f"Bearer {CLIENT_TOKEN}"},
+    )
+    assert status == 200
+    # A preflight from any other page is refused as before.
+    foreign = {**preflight, "Origin": "https://evil.example"}
+    status, _, _ = await call(http, "OPTIONS", f"{proxy}/build/v2/profiles", headers=foreign)
+    assert status == 403
+    assert len(standin.api_requests) == 1
+
+
+# -- userinfo through the proxy ---------------------------------------------------------
+
+
+async def test_userinfo_goes_to_the_auth_host_with_the_routes_session_token(
+    start_proxy: StartProxy, standin: StandIn
+) -> None:
+    proxy = await start_proxy(SUB_ORGANIZATION_ROUTES, server=WITH_CLIENT_TOKEN)
+    host = proxy.removeprefix("http://")
+    for prefix, organization in (("", ROOT_ORG), ("/eu", SUB_ORG)):
+        # What `appcircle organization view --organizationId current` sends with
+        # AUTH_HOSTNAME at the proxy (and the route's prefix).
+        answer = await exchange(proxy, cli_request(prefix + USERINFO, host, CLIENT_TOKEN))
+        assert status_of(answer) == 200, answer
+        assert body_of(answer)["currentOrganizationId"] == organization
+        assert header_of(answer, "Content-Type") == "application/json; charset=utf-8"
+    assert [seen.organization for seen in standin.userinfo_requests] == [ROOT_ORG, SUB_ORG]
+    for seen in standin.userinfo_requests:
+        headers = dict((name.lower(), value) for name, value in seen.headers)
+        assert seen.raw_path == USERINFO
+        assert headers["user-agent"] == "Appcircle CLI/1.0.3"
+        assert CLIENT_TOKEN not in json.dumps(seen.headers)
+    assert standin.api_requests == []
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", "/auth/v3/token"),
+        ("POST", "/auth/v2/token"),
+        ("POST", "/auth/v1/token"),
+        ("POST", "/auth/v1/api-key/token"),
+        ("POST", "/eu/auth/v3/token"),
+        ("POST", "/auth/realms/appcircle/protocol/openid-connect/token"),
+        ("POST", USERINFO),
+        ("GET", USERINFO + "/x"),
+        ("GET", "/auth"),
+        ("GET", "/eu/auth/"),
+    ],
+)
+async def test_nothing_else_on_the_auth_host_is_reachable(
+    method: str,
+    path: str,
+    start_proxy: StartProxy,
+    standin: StandIn,
+    http: aiohttp.ClientSession,
+) -> None:
+    proxy = await start_proxy(SUB_ORGANIZATION_ROUTES)
+    status, body, _ = await call(http, method, proxy + path, data=b"personalAccessKey=x")
+    assert status == 404
+    assert body["error"] == "not_forwarded_to_auth_host"
+    assert "userinfo" in body["detail"]
+    assert standin.exchanges == [] and standin.api_requests == []
+    assert standin.userinfo_requests == []
+
+
+async def test_a_userinfo_token_the_auth_host_refuses_is_renewed_and_retried_once(
+    start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
+) -> None:
+    proxy = await start_proxy()
+    assert (await call(http, "GET", proxy + USERINFO))[0] == 200
+    standin.revoke_all()
+    status, body, _ = await call(http, "GET", proxy + USERINFO)
+    assert status == 200
+    assert body["currentOrganizationId"] == ROOT_ORG
+    assert len(standin.exchanges) == 2
+    assert len(standin.userinfo_requests) == 2
+
+
+async def test_userinfo_from_an_auth_host_that_cannot_be_reached_is_a_502(
+    start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
+) -> None:
+    proxy = await start_proxy()
+    assert (await call(http, "GET", f"{proxy}/x"))[0] == 200  # a token, while it is up
+    await standin.close()
+    status, body, _ = await call(http, "GET", proxy + USERINFO)
+    assert status == 502
+    assert body["error"] == "auth_unreachable"
+    assert "appcircle.auth_url" in body["detail"]
+
+
+# -- least-privilege routes -------------------------------------------------------------
+
+CI_ROUTE = (
+    PERSONAL_KEY_CONFIG
+    + """
+[routes.ci]
+prefix = "/ci"
+credential = "main"
+allow = ["GET /build/**", "POST /distribution/v2/profiles/*/app-versions"]
+[routes.viewer]
+prefix = "/viewer"
+credential = "main"
+read_only = true
+"""
+)
+
+
+async def test_an_allow_list_lets_matching_requests_through_and_refuses_the_rest_before_a_token(
+    start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
+) -> None:
+    proxy = await start_proxy(CI_ROUTE)
+    for method, path in (
+        ("DELETE", "/ci/build/v2/profiles/1"),
+        ("GET", "/ci/distribution/v2/profiles"),
+        ("POST", "/ci/distribution/v2/profiles/p1/app-versions/extra"),
+        ("GET", "/ci" + USERINFO),
+        ("GET", "/ci/buildx"),
+    ):
+        status, body, _ = await call(http, method, proxy + path + "?page=1")
+        assert status == 403, (method, path)
+        assert body["error"] == "not_allowed_by_route"
+        assert body["route"] == "ci"
+        assert (
+            f"route 'ci' (/ci) does not allow {method} {path.removeprefix('/ci')} (its rules:"
+            in (body["detail"])
+        )
+        assert '"GET /build/**"' in body["detail"]
+    # Refused before any token was taken or anything reached Appcircle.
+    assert standin.exchanges == [] and standin.api_requests == []
+    for method, path in (
+        ("GET", "/ci/build/v2/profiles"),
+        ("GET", "/ci/build"),
+        ("POST", "/ci/distribution/v2/profiles/p1/app-versions"),
+    ):
+        status, seen, _ = await call(
+            http, method, proxy + path, data=b"x" if method == "POST" else None
+        )
+        assert status == 200, (method, path)
+        assert seen["raw_path"] == path.removeprefix("/ci")
+
+
+async def test_a_read_only_route_allows_get_head_and_options_only(
+    start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
+) -> None:
+    proxy = await start_proxy(CI_ROUTE)
+    for method in ("GET", "HEAD", "OPTIONS"):
+        assert (await call(http, method, f"{proxy}/viewer/build/v2/profiles"))[0] == 200
+    assert (await call(http, "GET", f"{proxy}/viewer{USERINFO}"))[0] == 200
+    for method in ("POST", "PUT", "PATCH", "DELETE"):
+        status, body, _ = await call(http, method, f"{proxy}/viewer/build/v2/profiles")
+        assert status == 403, method
+        assert body["route"] == "viewer"
+        assert "read-only" in body["detail"]
+    assert len(standin.api_requests) == 3
+
+
+async def test_routes_without_rules_let_everything_through(
+    start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    proxy = await start_proxy(CI_ROUTE + '[routes.root]\nprefix = "/"\ncredential = "main"\n')
+    for method in ("GET", "POST", "DELETE"):
+        assert (await call(http, method, f"{proxy}/anything/at/all"))[0] == 200
+
+
+@pytest.mark.parametrize(
+    ("rules", "problem"),
+    [
+        ('["GET build/**"]', "the path must start with '/'"),
+        ('["GET /v*/x"]', "'*' and '**' must be whole segments"),
+        ('["/build/**"]', "is not 'METHOD /path/pattern'"),
+        ('["G(T /x"]', "is not an HTTP method"),
+        ("[]", "allow is empty"),
+        ('"GET /x"', "allow is a list of rules"),
+    ],
+)
+def test_a_bad_rule_stops_start_up_with_one_line_naming_it(
+    rules: str, problem: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "proxy.toml"
+    path.write_text(
+        PERSONAL_KEY_CONFIG + f'[routes.ci]\nprefix = "/ci"\ncredential = "main"\nallow = {rules}\n'
+    )
+    with pytest.raises(ConfigError) as raised:
+        load_settings(path)
+    assert "routes.ci.allow" in str(raised.value)
+    assert problem in str(raised.value)
+
+
+def test_config_prints_the_rules_as_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "proxy.toml"
+    path.write_text(CI_ROUTE.replace("POST /distribution", "post /distribution"))
+    assert main(["config", "--config", str(path)]) == 0
+    routes = json.loads(capsys.readouterr().out)["routes"]
+    assert routes["ci"]["allow"] == [
+        "GET /build/**",
+        "POST /distribution/v2/profiles/*/app-versions",
+    ]
+    assert routes["ci"]["read_only"] is False
+    assert (routes["viewer"]["allow"], routes["viewer"]["read_only"]) == (None, True)
