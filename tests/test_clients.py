@@ -3,8 +3,11 @@ sends it), the auth host's userinfo through the proxy, and least-privilege route
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -398,3 +401,21 @@ def test_config_prints_the_rules_as_written(
     ]
     assert routes["ci"]["read_only"] is False
     assert (routes["viewer"]["allow"], routes["viewer"]["read_only"]) == (None, True)
+
+
+async def test_check_prints_the_rules_of_each_restricted_route(
+    standin: StandIn, write_config: Callable[..., Path]
+) -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "check", "--config", str(write_config(CI_ROUTE)),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(process.communicate(), 20)
+    assert process.returncode == 0, err
+    rules = [line for line in out.decode().splitlines() if line.startswith("rule")]
+    assert rules == [
+        "rule /ci          route 'ci': allow \"GET /build/**\", "
+        '"POST /distribution/v2/profiles/*/app-versions"',
+        "rule /viewer      route 'viewer': read-only (GET, HEAD, OPTIONS)",
+    ]
