@@ -25,6 +25,7 @@ from .conftest import (
     ROOT_ORG,
     SUB_ORG,
     StartProxy,
+    eventually,
 )
 
 TWO_ROUTES = (
@@ -124,6 +125,35 @@ async def test_run_gives_the_command_the_proxy_but_not_the_key_and_passes_its_st
     with pytest.raises(aiohttp.ClientConnectionError):
         async with aiohttp.ClientSession() as http:
             await http.get(environ["APPCIRCLE_PROXY_URL"] + "/_proxy/health")
+
+
+async def test_run_drains_requests_still_in_flight_when_the_command_exits(
+    standin: StandIn, write_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    result = tmp_path / "status"
+    # A background job the command leaves behind, its slow request still in flight.
+    background = (
+        "import os, sys, urllib.request\n"
+        "opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))\n"
+        "url = os.environ['APPCIRCLE_PROXY_URL'] + '/_test/slow?seconds=0.5'\n"
+        "try:\n"
+        "    status = str(opener.open(url).status)\n"
+        "except Exception as err:\n"
+        "    status = type(err).__name__\n"
+        "open(sys.argv[1], 'w').write(status)\n"
+    )
+    command = (
+        "import subprocess, sys, time\n"
+        f"subprocess.Popen([sys.executable, '-c', {background!r}, {str(result)!r}])\n"
+        "time.sleep(0.3)\n"
+    )
+    config = write_config(PERSONAL_KEY_CONFIG)
+    code, _, err = await appcircle_proxy(
+        "run", "--config", str(config), "--", sys.executable, "-c", command
+    )
+    assert code == 0, err
+    await eventually(result.exists, within=5)
+    assert result.read_text() == "200"
 
 
 async def test_run_with_a_route_gives_its_prefix_and_a_client_token_opens_the_proxy(

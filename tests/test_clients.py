@@ -13,8 +13,10 @@ from typing import Any
 
 import aiohttp
 import pytest
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.__main__ import main
+from proxy.headers import request_headers
 from proxy.settings import ConfigError, load_settings
 from proxy.standin import StandIn
 
@@ -105,6 +107,19 @@ async def test_the_official_cli_with_the_client_token_as_its_access_token_gets_t
         assert headers["accept-encoding"] == "gzip, compress, deflate, br"
         assert headers["authorization"] in {f"Bearer {t}" for t in standin.issued_tokens}
         assert CLIENT_TOKEN not in json.dumps(seen)
+
+
+def test_neither_authorization_header_is_among_the_headers_sent_upstream() -> None:
+    incoming = CIMultiDict(
+        [
+            ("Authorization", f"Bearer {CLIENT_TOKEN}"),
+            ("Proxy-Authorization", f"Bearer {CLIENT_TOKEN}"),
+            ("Accept", "application/json"),
+        ]
+    )
+    assert list(request_headers(CIMultiDictProxy(incoming)).items()) == [
+        ("Accept", "application/json")
+    ]
 
 
 @pytest.mark.parametrize("header", ["Authorization", "Proxy-Authorization"])
