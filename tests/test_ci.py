@@ -9,7 +9,6 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -21,25 +20,17 @@ from .conftest import (
     API_KEY_SECRET,
     CLIENT_TOKEN,
     PERSONAL_KEY,
-    PERSONAL_KEY_CONFIG,
     ROOT_ORG,
     SUB_ORG,
     StartProxy,
-    eventually,
+    WriteConfig,
 )
+from .support import eventually
 
-TWO_ROUTES = (
-    PERSONAL_KEY_CONFIG
-    + f"""
-[routes.root]
-prefix = "/"
-credential = "main"
-[routes.eu]
-prefix = "/eu"
-credential = "main"
-sub_organization = "{SUB_ORG}"
-"""
-)
+TWO_ROUTES = {
+    "root": {"prefix": "/", "credential": "main"},
+    "eu": {"prefix": "/eu", "credential": "main", "sub_organization": SUB_ORG},
+}
 
 # The child a CI step would run: calls the API through the proxy it was given, writes its
 # whole environment to a file for the test to search, and exits with status 7.
@@ -86,7 +77,7 @@ def free_port() -> int:
 
 
 async def test_run_gives_the_command_the_proxy_but_not_the_key_and_passes_its_status_through(
-    standin: StandIn, write_config: Callable[..., Path], tmp_path: Path
+    standin: StandIn, write_config: WriteConfig, tmp_path: Path
 ) -> None:
     env = {
         # (The test's own spare variable, which this configuration does not read.)
@@ -99,7 +90,7 @@ async def test_run_gives_the_command_the_proxy_but_not_the_key_and_passes_its_st
         "UNRELATED": "kept",
     }
     report = tmp_path / "child.json"
-    config = write_config(PERSONAL_KEY_CONFIG)
+    config = write_config()
     code, out, err = await appcircle_proxy(
         "run", "--config", str(config), "--", sys.executable, "-c", CHILD, str(report), env=env
     )
@@ -128,7 +119,7 @@ async def test_run_gives_the_command_the_proxy_but_not_the_key_and_passes_its_st
 
 
 async def test_run_drains_requests_still_in_flight_when_the_command_exits(
-    standin: StandIn, write_config: Callable[..., Path], tmp_path: Path
+    standin: StandIn, write_config: WriteConfig, tmp_path: Path
 ) -> None:
     result = tmp_path / "status"
     # A background job the command leaves behind, its slow request still in flight.
@@ -147,7 +138,7 @@ async def test_run_drains_requests_still_in_flight_when_the_command_exits(
         f"subprocess.Popen([sys.executable, '-c', {background!r}, {str(result)!r}])\n"
         "time.sleep(0.3)\n"
     )
-    config = write_config(PERSONAL_KEY_CONFIG)
+    config = write_config()
     code, _, err = await appcircle_proxy(
         "run", "--config", str(config), "--", sys.executable, "-c", command
     )
@@ -158,13 +149,13 @@ async def test_run_drains_requests_still_in_flight_when_the_command_exits(
 
 async def test_run_with_a_route_gives_its_prefix_and_a_client_token_opens_the_proxy(
     standin: StandIn,
-    write_config: Callable[..., Path],
+    write_config: WriteConfig,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("TEST_CLIENT_TOKEN", CLIENT_TOKEN)
     report = tmp_path / "child.json"
-    config = write_config(TWO_ROUTES, server='client_token_env = "TEST_CLIENT_TOKEN"')
+    config = write_config(routes=TWO_ROUTES, server={"client_token_env": "TEST_CLIENT_TOKEN"})
     code, _, err = await appcircle_proxy(
         "run", "--config", str(config), "--route", "eu", "--", sys.executable, "-c", CHILD,
         str(report),
@@ -179,19 +170,19 @@ async def test_run_with_a_route_gives_its_prefix_and_a_client_token_opens_the_pr
 
 
 async def test_run_fails_with_the_reason_and_runs_nothing_when_a_route_gets_no_token(
-    standin: StandIn, write_config: Callable[..., Path], tmp_path: Path
+    standin: StandIn, write_config: WriteConfig, tmp_path: Path
 ) -> None:
     marker = tmp_path / "ran"
     touch = f"open({str(marker)!r}, 'w')"
     rejected = write_config(
-        '[credentials.main]\nkind = "personal-access-key"\nsecret = "not-the-key"\n'
+        credentials={"main": {"kind": "personal-access-key", "secret": "not-the-key"}}
     )
     code, _, err = await appcircle_proxy(
         "run", "--config", str(rejected), "--", sys.executable, "-c", touch
     )
     assert code == 1
     assert "route 'default'" in err and "rejected" in err
-    unreachable = write_config(PERSONAL_KEY_CONFIG, auth_url=f"http://127.0.0.1:{free_port()}")
+    unreachable = write_config(appcircle={"auth_url": f"http://127.0.0.1:{free_port()}"})
     code, _, err = await appcircle_proxy(
         "run", "--config", str(unreachable), "--timeout", "0.5", "--", sys.executable, "-c", touch
     )
@@ -202,9 +193,9 @@ async def test_run_fails_with_the_reason_and_runs_nothing_when_a_route_gets_no_t
 
 
 async def test_run_passes_signals_on_and_reports_a_killed_command_as_128_plus_its_signal(
-    standin: StandIn, write_config: Callable[..., Path]
+    standin: StandIn, write_config: WriteConfig
 ) -> None:
-    config = write_config(PERSONAL_KEY_CONFIG)
+    config = write_config()
     child = (
         "import signal, sys, time\n"
         "signal.signal(signal.SIGTERM, lambda *_: (print('got SIGTERM', flush=True), "
@@ -237,9 +228,9 @@ async def test_run_passes_signals_on_and_reports_a_killed_command_as_128_plus_it
 
 
 async def test_run_without_a_command_or_with_a_missing_one_says_so(
-    standin: StandIn, write_config: Callable[..., Path]
+    standin: StandIn, write_config: WriteConfig
 ) -> None:
-    config = str(write_config(PERSONAL_KEY_CONFIG))
+    config = str(write_config())
     code, _, err = await appcircle_proxy("run", "--config", config)
     assert code == 2 and "name the command after --" in err
     code, _, err = await appcircle_proxy("run", "--config", config, "--route", "nope", "--", "true")
@@ -253,9 +244,9 @@ async def test_run_without_a_command_or_with_a_missing_one_says_so(
 
 
 async def test_wait_exits_0_once_the_proxy_is_ready(
-    start_proxy: StartProxy, write_config: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+    start_proxy: StartProxy, write_config: WriteConfig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    proxy = await start_proxy(PERSONAL_KEY_CONFIG, server="eager = true")
+    proxy = await start_proxy(server={"eager": True})
     code, _, err = await appcircle_proxy("wait", "--url", proxy, "--timeout", "10")
     assert (code, err.strip()) == (0, f"appcircle-proxy: {proxy} is ready")
 
@@ -264,7 +255,7 @@ async def test_wait_exits_1_with_the_reason_when_the_proxy_is_not_ready_in_time(
     start_proxy: StartProxy, standin: StandIn
 ) -> None:
     standin.always = 401
-    proxy = await start_proxy(PERSONAL_KEY_CONFIG, server="eager = true")
+    proxy = await start_proxy(server={"eager": True})
     code, _, err = await appcircle_proxy("wait", "--url", proxy, "--timeout", "0.5")
     assert code == 1
     assert "is not ready after 0.5 s" in err
@@ -275,17 +266,15 @@ async def test_wait_exits_1_with_the_reason_when_the_proxy_is_not_ready_in_time(
 
 
 async def test_wait_finds_the_proxy_and_its_client_token_in_the_configuration(
-    standin: StandIn, write_config: Callable[..., Path]
+    standin: StandIn, write_config: WriteConfig
 ) -> None:
     from proxy.server import start
     from proxy.settings import load_settings
 
     port = free_port()
     config = write_config(
-        PERSONAL_KEY_CONFIG,
-        server=f'eager = true\nclient_token = "{CLIENT_TOKEN}"',
+        server={"listen": f"127.0.0.1:{port}", "eager": True, "client_token": CLIENT_TOKEN}
     )
-    config.write_text(config.read_text().replace("127.0.0.1:0", f"127.0.0.1:{port}"))
     running = await start(load_settings(config))
     try:
         code, _, err = await appcircle_proxy("wait", "--config", str(config), "--timeout", "10")

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import copy
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+import tomli_w
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.__main__ import main
@@ -20,23 +21,16 @@ from proxy.headers import request_headers
 from proxy.settings import ConfigError, load_settings
 from proxy.standin import StandIn
 
-from .conftest import CLIENT_TOKEN, PERSONAL_KEY_CONFIG, ROOT_ORG, SUB_ORG, StartProxy
+from .conftest import CLIENT_TOKEN, PERSONAL_KEY_CONFIG, ROOT_ORG, SUB_ORG, StartProxy, WriteConfig
 from .rawhttp import exchange, status_of
+from .support import proxy_config, request
 
-WITH_CLIENT_TOKEN = f'client_token = "{CLIENT_TOKEN}"'
+WITH_CLIENT_TOKEN = {"client_token": CLIENT_TOKEN}
 USERINFO = "/auth/realms/appcircle/protocol/openid-connect/userinfo"
-SUB_ORGANIZATION_ROUTES = (
-    PERSONAL_KEY_CONFIG
-    + f"""
-[routes.root]
-prefix = "/"
-credential = "main"
-[routes.eu]
-prefix = "/eu"
-credential = "main"
-sub_organization = "{SUB_ORG}"
-"""
-)
+SUB_ORGANIZATION_ROUTES = {
+    "root": {"prefix": "/", "credential": "main"},
+    "eu": {"prefix": "/eu", "credential": "main", "sub_organization": SUB_ORG},
+}
 
 
 def cli_request(path: str, host: str, access_token: str) -> bytes:
@@ -67,16 +61,12 @@ def header_of(answer: bytes, name: str) -> str | None:
     return None
 
 
-async def call(
-    http: aiohttp.ClientSession, method: str, url: str, **kwargs: Any
-) -> tuple[int, Any, aiohttp.typedefs.LooseHeaders]:
-    async with http.request(method, url, **kwargs) as response:
-        body = (
-            await response.json()
-            if response.content_type == "application/json"
-            else await response.read()
-        )
-        return response.status, body, response.headers
+def write_toml(path: Path, routes: dict[str, Any]) -> None:
+    """A config file with the test key and `routes`; no stand-in needed to load it."""
+    document = proxy_config(
+        "http://127.0.0.1:1", "http://127.0.0.1:2", credentials=PERSONAL_KEY_CONFIG, routes=routes
+    )
+    path.write_text(tomli_w.dumps(document))
 
 
 def basic(user: str, password: str) -> str:
@@ -89,7 +79,7 @@ def basic(user: str, password: str) -> str:
 async def test_the_official_cli_with_the_client_token_as_its_access_token_gets_through(
     start_proxy: StartProxy, standin: StandIn
 ) -> None:
-    proxy = await start_proxy(SUB_ORGANIZATION_ROUTES, server=WITH_CLIENT_TOKEN)
+    proxy = await start_proxy(routes=SUB_ORGANIZATION_ROUTES, server=WITH_CLIENT_TOKEN)
     host = proxy.removeprefix("http://")
     for path, organization in (
         ("/distribution/v2/profiles", ROOT_ORG),
@@ -131,11 +121,13 @@ def test_neither_authorization_header_is_among_the_headers_sent_upstream() -> No
 async def test_the_client_token_is_accepted_in_either_header_as_bearer_or_basic_password(
     header: str, value: str, start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
-    proxy = await start_proxy(PERSONAL_KEY_CONFIG, server=WITH_CLIENT_TOKEN)
-    status, seen, _ = await call(http, "GET", f"{proxy}/build/v2/profiles", headers={header: value})
-    assert status == 200
-    assert CLIENT_TOKEN not in json.dumps(seen)
-    assert not [name for name, _ in seen["headers"] if name.lower() == "proxy-authorization"]
+    proxy = await start_proxy(server=WITH_CLIENT_TOKEN)
+    reply = await request(http, "GET", f"{proxy}/build/v2/profiles", headers={header: value})
+    assert reply.status == 200
+    assert CLIENT_TOKEN not in reply.body.decode()
+    assert not [
+        name for name, _ in reply.json()["headers"] if name.lower() == "proxy-authorization"
+    ]
 
 
 @pytest.mark.parametrize(
@@ -153,45 +145,45 @@ async def test_the_client_token_is_accepted_in_either_header_as_bearer_or_basic_
 async def test_a_wrong_token_in_authorization_gets_401_with_www_authenticate(
     value: str, start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
-    proxy = await start_proxy(PERSONAL_KEY_CONFIG, server=WITH_CLIENT_TOKEN)
-    status, body, headers = await call(
+    proxy = await start_proxy(server=WITH_CLIENT_TOKEN)
+    reply = await request(
         http, "GET", f"{proxy}/build/v2/profiles", headers={"Authorization": value}
     )
-    assert status == 401
-    assert body["error"] == "client_token_required"
-    assert "AC_ACCESS_TOKEN" in body["detail"]
-    assert headers["WWW-Authenticate"] == 'Bearer realm="appcircle-proxy"'
-    assert "Proxy-Authenticate" not in headers
+    assert reply.status == 401
+    assert reply.json()["error"] == "client_token_required"
+    assert "AC_ACCESS_TOKEN" in reply.json()["detail"]
+    assert reply.headers["WWW-Authenticate"] == 'Bearer realm="appcircle-proxy"'
+    assert "Proxy-Authenticate" not in reply.headers
     assert standin.api_requests == [] and standin.exchanges == []
 
 
 async def test_no_token_or_a_wrong_proxy_authorization_gets_407(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
-    proxy = await start_proxy(PERSONAL_KEY_CONFIG, server=WITH_CLIENT_TOKEN)
+    proxy = await start_proxy(server=WITH_CLIENT_TOKEN)
     for headers in (
         {},
         {"Proxy-Authorization": "Bearer nope"},
         {"Proxy-Authorization": "Bearer nope", "Authorization": "Bearer nope"},
     ):
-        status, body, answer_headers = await call(http, "GET", f"{proxy}/x", headers=headers)
-        assert status == 407, headers
-        assert body["error"] == "proxy_authentication_required"
-        assert answer_headers["Proxy-Authenticate"] == 'Bearer realm="appcircle-proxy"'
+        reply = await request(http, "GET", f"{proxy}/x", headers=headers)
+        assert reply.status == 407, headers
+        assert reply.json()["error"] == "proxy_authentication_required"
+        assert reply.headers["Proxy-Authenticate"] == 'Bearer realm="appcircle-proxy"'
     assert standin.api_requests == []
 
 
 async def test_the_token_in_one_header_lets_the_other_carry_anything_and_neither_goes_upstream(
     start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
-    proxy = await start_proxy(PERSONAL_KEY_CONFIG, server=WITH_CLIENT_TOKEN)
+    proxy = await start_proxy(server=WITH_CLIENT_TOKEN)
     for headers in (
         {"Proxy-Authorization": f"Bearer {CLIENT_TOKEN}", "Authorization": "Bearer the-tools"},
         {"Authorization": f"Bearer {CLIENT_TOKEN}", "Proxy-Authorization": "Basic eDp5"},
     ):
-        status, seen, _ = await call(http, "GET", f"{proxy}/x", headers=headers)
-        assert status == 200, headers
-        echoed = json.dumps(seen)
+        reply = await request(http, "GET", f"{proxy}/x", headers=headers)
+        assert reply.status == 200, headers
+        echoed = reply.body.decode()
         assert CLIENT_TOKEN not in echoed and "the-tools" not in echoed and "eDp5" not in echoed
 
 
@@ -199,29 +191,25 @@ async def test_a_cors_preflight_from_an_allowed_origin_needs_no_client_token(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
     origin = "http://localhost:3000"
-    proxy = await start_proxy(
-        PERSONAL_KEY_CONFIG, server=f'{WITH_CLIENT_TOKEN}\nallowed_origins = ["{origin}"]'
-    )
+    proxy = await start_proxy(server={**WITH_CLIENT_TOKEN, "allowed_origins": [origin]})
     preflight = {"Origin": origin, "Access-Control-Request-Method": "GET"}
-    status, _, headers = await call(
-        http, "OPTIONS", f"{proxy}/build/v2/profiles", headers=preflight
-    )
-    assert status == 204
-    assert headers["Access-Control-Allow-Origin"] == origin
+    reply = await request(http, "OPTIONS", f"{proxy}/build/v2/profiles", headers=preflight)
+    assert reply.status == 204
+    assert reply.headers["Access-Control-Allow-Origin"] == origin
     # The request that follows the preflight still needs the token.
-    status, _, _ = await call(http, "GET", f"{proxy}/build/v2/profiles", headers={"Origin": origin})
-    assert status == 407
-    status, _, _ = await call(
+    reply = await request(http, "GET", f"{proxy}/build/v2/profiles", headers={"Origin": origin})
+    assert reply.status == 407
+    reply = await request(
         http,
         "GET",
         f"{proxy}/build/v2/profiles",
         headers={"Origin": origin, "Authorization": f"Bearer {CLIENT_TOKEN}"},
     )
-    assert status == 200
+    assert reply.status == 200
     # A preflight from any other page is refused as before.
     foreign = {**preflight, "Origin": "https://evil.example"}
-    status, _, _ = await call(http, "OPTIONS", f"{proxy}/build/v2/profiles", headers=foreign)
-    assert status == 403
+    reply = await request(http, "OPTIONS", f"{proxy}/build/v2/profiles", headers=foreign)
+    assert reply.status == 403
     assert len(standin.api_requests) == 1
 
 
@@ -231,7 +219,7 @@ async def test_a_cors_preflight_from_an_allowed_origin_needs_no_client_token(
 async def test_userinfo_goes_to_the_auth_host_with_the_routes_session_token(
     start_proxy: StartProxy, standin: StandIn
 ) -> None:
-    proxy = await start_proxy(SUB_ORGANIZATION_ROUTES, server=WITH_CLIENT_TOKEN)
+    proxy = await start_proxy(routes=SUB_ORGANIZATION_ROUTES, server=WITH_CLIENT_TOKEN)
     host = proxy.removeprefix("http://")
     for prefix, organization in (("", ROOT_ORG), ("/eu", SUB_ORG)):
         # What `appcircle organization view --organizationId current` sends with
@@ -271,11 +259,11 @@ async def test_nothing_else_on_the_auth_host_is_reachable(
     standin: StandIn,
     http: aiohttp.ClientSession,
 ) -> None:
-    proxy = await start_proxy(SUB_ORGANIZATION_ROUTES)
-    status, body, _ = await call(http, method, proxy + path, data=b"personalAccessKey=x")
-    assert status == 404
-    assert body["error"] == "not_forwarded_to_auth_host"
-    assert "userinfo" in body["detail"]
+    proxy = await start_proxy(routes=SUB_ORGANIZATION_ROUTES)
+    reply = await request(http, method, proxy + path, data=b"personalAccessKey=x")
+    assert reply.status == 404
+    assert reply.json()["error"] == "not_forwarded_to_auth_host"
+    assert "userinfo" in reply.json()["detail"]
     assert standin.exchanges == [] and standin.api_requests == []
     assert standin.userinfo_requests == []
 
@@ -284,11 +272,11 @@ async def test_a_userinfo_token_the_auth_host_refuses_is_renewed_and_retried_onc
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
     proxy = await start_proxy()
-    assert (await call(http, "GET", proxy + USERINFO))[0] == 200
+    assert (await request(http, "GET", proxy + USERINFO)).status == 200
     standin.revoke_all()
-    status, body, _ = await call(http, "GET", proxy + USERINFO)
-    assert status == 200
-    assert body["currentOrganizationId"] == ROOT_ORG
+    reply = await request(http, "GET", proxy + USERINFO)
+    assert reply.status == 200
+    assert reply.json()["currentOrganizationId"] == ROOT_ORG
     assert len(standin.exchanges) == 2
     assert len(standin.userinfo_requests) == 2
 
@@ -297,35 +285,30 @@ async def test_userinfo_from_an_auth_host_that_cannot_be_reached_is_a_502(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
     proxy = await start_proxy()
-    assert (await call(http, "GET", f"{proxy}/x"))[0] == 200  # a token, while it is up
+    assert (await request(http, "GET", f"{proxy}/x")).status == 200  # a token, while it is up
     await standin.close()
-    status, body, _ = await call(http, "GET", proxy + USERINFO)
-    assert status == 502
-    assert body["error"] == "auth_unreachable"
-    assert "appcircle.auth_url" in body["detail"]
+    reply = await request(http, "GET", proxy + USERINFO)
+    assert reply.status == 502
+    assert reply.json()["error"] == "auth_unreachable"
+    assert "appcircle.auth_url" in reply.json()["detail"]
 
 
 # -- least-privilege routes -------------------------------------------------------------
 
-CI_ROUTE = (
-    PERSONAL_KEY_CONFIG
-    + """
-[routes.ci]
-prefix = "/ci"
-credential = "main"
-allow = ["GET /build/**", "POST /distribution/v2/profiles/*/app-versions"]
-[routes.viewer]
-prefix = "/viewer"
-credential = "main"
-read_only = true
-"""
-)
+CI_ROUTES = {
+    "ci": {
+        "prefix": "/ci",
+        "credential": "main",
+        "allow": ["GET /build/**", "POST /distribution/v2/profiles/*/app-versions"],
+    },
+    "viewer": {"prefix": "/viewer", "credential": "main", "read_only": True},
+}
 
 
 async def test_an_allow_list_lets_matching_requests_through_and_refuses_the_rest_before_a_token(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
-    proxy = await start_proxy(CI_ROUTE)
+    proxy = await start_proxy(routes=CI_ROUTES)
     for method, path in (
         ("DELETE", "/ci/build/v2/profiles/1"),
         ("GET", "/ci/distribution/v2/profiles"),
@@ -333,15 +316,15 @@ async def test_an_allow_list_lets_matching_requests_through_and_refuses_the_rest
         ("GET", "/ci" + USERINFO),
         ("GET", "/ci/buildx"),
     ):
-        status, body, _ = await call(http, method, proxy + path + "?page=1")
-        assert status == 403, (method, path)
-        assert body["error"] == "not_allowed_by_route"
-        assert body["route"] == "ci"
+        reply = await request(http, method, proxy + path + "?page=1")
+        assert reply.status == 403, (method, path)
+        assert reply.json()["error"] == "not_allowed_by_route"
+        assert reply.json()["route"] == "ci"
         assert (
             f"route 'ci' (/ci) does not allow {method} {path.removeprefix('/ci')} (its rules:"
-            in (body["detail"])
+            in (reply.json()["detail"])
         )
-        assert '"GET /build/**"' in body["detail"]
+        assert '"GET /build/**"' in reply.json()["detail"]
     # Refused before any token was taken or anything reached Appcircle.
     assert standin.exchanges == [] and standin.api_requests == []
     for method, path in (
@@ -349,54 +332,50 @@ async def test_an_allow_list_lets_matching_requests_through_and_refuses_the_rest
         ("GET", "/ci/build"),
         ("POST", "/ci/distribution/v2/profiles/p1/app-versions"),
     ):
-        status, seen, _ = await call(
-            http, method, proxy + path, data=b"x" if method == "POST" else None
-        )
-        assert status == 200, (method, path)
-        assert seen["raw_path"] == path.removeprefix("/ci")
+        reply = await request(http, method, proxy + path, data=b"x" if method == "POST" else None)
+        assert reply.status == 200, (method, path)
+        assert reply.json()["raw_path"] == path.removeprefix("/ci")
 
 
 async def test_a_read_only_route_allows_get_head_and_options_only(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
-    proxy = await start_proxy(CI_ROUTE)
+    proxy = await start_proxy(routes=CI_ROUTES)
     for method in ("GET", "HEAD", "OPTIONS"):
-        assert (await call(http, method, f"{proxy}/viewer/build/v2/profiles"))[0] == 200
-    assert (await call(http, "GET", f"{proxy}/viewer{USERINFO}"))[0] == 200
+        assert (await request(http, method, f"{proxy}/viewer/build/v2/profiles")).status == 200
+    assert (await request(http, "GET", f"{proxy}/viewer{USERINFO}")).status == 200
     for method in ("POST", "PUT", "PATCH", "DELETE"):
-        status, body, _ = await call(http, method, f"{proxy}/viewer/build/v2/profiles")
-        assert status == 403, method
-        assert body["route"] == "viewer"
-        assert "read-only" in body["detail"]
+        reply = await request(http, method, f"{proxy}/viewer/build/v2/profiles")
+        assert reply.status == 403, method
+        assert reply.json()["route"] == "viewer"
+        assert "read-only" in reply.json()["detail"]
     assert len(standin.api_requests) == 3
 
 
 async def test_routes_without_rules_let_everything_through(
     start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
-    proxy = await start_proxy(CI_ROUTE + '[routes.root]\nprefix = "/"\ncredential = "main"\n')
+    proxy = await start_proxy(routes={**CI_ROUTES, "root": {"prefix": "/", "credential": "main"}})
     for method in ("GET", "POST", "DELETE"):
-        assert (await call(http, method, f"{proxy}/anything/at/all"))[0] == 200
+        assert (await request(http, method, f"{proxy}/anything/at/all")).status == 200
 
 
 @pytest.mark.parametrize(
     ("rules", "problem"),
     [
-        ('["GET build/**"]', "the path must start with '/'"),
-        ('["GET /v*/x"]', "'*' and '**' must be whole segments"),
-        ('["/build/**"]', "is not 'METHOD /path/pattern'"),
-        ('["G(T /x"]', "is not an HTTP method"),
-        ("[]", "allow is empty"),
-        ('"GET /x"', "allow is a list of rules"),
+        (["GET build/**"], "the path must start with '/'"),
+        (["GET /v*/x"], "'*' and '**' must be whole segments"),
+        (["/build/**"], "is not 'METHOD /path/pattern'"),
+        (["G(T /x"], "is not an HTTP method"),
+        ([], "allow is empty"),
+        ("GET /x", "allow is a list of rules"),
     ],
 )
 def test_a_bad_rule_stops_start_up_with_one_line_naming_it(
-    rules: str, problem: str, tmp_path: Path
+    rules: object, problem: str, tmp_path: Path
 ) -> None:
     path = tmp_path / "proxy.toml"
-    path.write_text(
-        PERSONAL_KEY_CONFIG + f'[routes.ci]\nprefix = "/ci"\ncredential = "main"\nallow = {rules}\n'
-    )
+    write_toml(path, routes={"ci": {"prefix": "/ci", "credential": "main", "allow": rules}})
     with pytest.raises(ConfigError) as raised:
         load_settings(path)
     assert "routes.ci.allow" in str(raised.value)
@@ -407,7 +386,9 @@ def test_config_prints_the_rules_as_written(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     path = tmp_path / "proxy.toml"
-    path.write_text(CI_ROUTE.replace("POST /distribution", "post /distribution"))
+    routes = copy.deepcopy(CI_ROUTES)
+    routes["ci"]["allow"][1] = "post /distribution/v2/profiles/*/app-versions"
+    write_toml(path, routes=routes)
     assert main(["config", "--config", str(path)]) == 0
     routes = json.loads(capsys.readouterr().out)["routes"]
     assert routes["ci"]["allow"] == [
@@ -419,10 +400,10 @@ def test_config_prints_the_rules_as_written(
 
 
 async def test_check_prints_the_rules_of_each_restricted_route(
-    standin: StandIn, write_config: Callable[..., Path]
+    standin: StandIn, write_config: WriteConfig
 ) -> None:
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "check", "--config", str(write_config(CI_ROUTE)),
+        sys.executable, "-m", "proxy", "check", "--config", str(write_config(routes=CI_ROUTES)),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
