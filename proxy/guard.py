@@ -80,7 +80,7 @@ def _client_token_refusal(request: web.Request) -> web.Response:
     """401 for a client that sent Authorization only (ordinary clients understand that);
     407 otherwise, as a proxy answers."""
     setting = "the client token set in server.client_token, client_token_env or client_token_file"
-    if False:
+    if hdrs.AUTHORIZATION in request.headers and hdrs.PROXY_AUTHORIZATION not in request.headers:
         response = errors.refused(
             401,
             "client_token_required",
