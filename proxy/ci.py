@@ -23,7 +23,6 @@ import aiohttp
 from yarl import URL
 
 from . import logs
-from .app import UPSTREAM
 from .routes import Route
 from .server import start
 from .settings import (
@@ -181,7 +180,7 @@ async def _run(
 ) -> int:
     running = await start(settings)
     try:
-        routes = running.app[UPSTREAM].routes
+        routes = running.proxy.runtime.routes
         problems = await _tokens_for_every_route(list(routes), timeout)
         if problems:
             print(

@@ -9,6 +9,7 @@ relayed, above all not the key exchanges: the proxy holds the key, clients never
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Final
 
 import aiohttp
@@ -21,7 +22,7 @@ from .headers import response_headers
 from .routes import Route
 from .tokens import TokenUnavailable
 
-__all__ = ["USERINFO_PATH", "on_auth_host", "relay"]
+__all__ = ["USERINFO_PATH", "Relay", "on_auth_host"]
 
 USERINFO_PATH: Final = "/auth/realms/appcircle/protocol/openid-connect/userinfo"
 # A userinfo answer is a few hundred bytes of claims; anything far larger is not one.
@@ -38,61 +39,66 @@ def on_auth_host(path: str) -> bool:
     return path == "/auth" or path.startswith("/auth/")
 
 
-async def relay(
-    request: web.Request, route: Route, path: str, session: aiohttp.ClientSession, auth_url: str
-) -> web.Response:
-    """Answer a request for `path` on the auth host: userinfo relayed, anything else 404."""
-    if path != USERINFO_PATH or request.method != hdrs.METH_GET:
-        return errors.auth_path_not_forwarded(path)
-    headers = CIMultiDict(
-        (name, request.headers[name]) for name in PASSED_HEADERS if name in request.headers
-    )
-    try:
-        token = await route.tokens.get()
-        status, reply_headers, body = await _fetch(session, auth_url, headers, token)
-        if status == 401:
-            # As for the API: a refused token is dropped, renewed, and the request replayed once.
-            route.tokens.invalidate(token)
-            token = await route.tokens.get()
-            status, reply_headers, body = await _fetch(session, auth_url, headers, token)
-    except TokenUnavailable as problem:
-        return errors.token_unavailable(route, problem)
-    except _TooLarge:
-        return errors.auth_unreachable(
-            auth_url, f"its userinfo answer is larger than {MAX_REPLY_BYTES} bytes"
+@dataclass(frozen=True, slots=True)
+class Relay:
+    """Relays userinfo to the auth host at `auth_url` over `session`, each call within
+    `timeout` seconds in all."""
+
+    session: aiohttp.ClientSession = field(repr=False)
+    auth_url: str
+    timeout: float
+
+    async def answer(self, request: web.BaseRequest, route: Route, path: str) -> web.Response:
+        """Answer a request for `path` on the auth host: userinfo relayed, the rest 404."""
+        if path != USERINFO_PATH or request.method != hdrs.METH_GET:
+            return errors.auth_path_not_forwarded(path)
+        headers = CIMultiDict(
+            (name, request.headers[name]) for name in PASSED_HEADERS if name in request.headers
         )
-    except (TimeoutError, aiohttp.ClientError) as err:
-        reason = type(err).__name__ if isinstance(err, TimeoutError) else str(err)
-        return errors.auth_unreachable(auth_url, reason)
-    response = web.Response(status=status, body=body)
-    response.headers.extend(reply_headers)
-    return response
+        try:
+            token = await route.tokens.get()
+            status, reply_headers, body = await self._fetch(headers, token)
+            if status == 401:
+                # As for the API: a refused token is dropped and renewed, the request replayed
+                # once.
+                route.tokens.invalidate(token)
+                token = await route.tokens.get()
+                status, reply_headers, body = await self._fetch(headers, token)
+        except TokenUnavailable as problem:
+            return errors.token_unavailable(route, problem)
+        except _TooLarge:
+            return errors.auth_unreachable(
+                self.auth_url, f"its userinfo answer is larger than {MAX_REPLY_BYTES} bytes"
+            )
+        except (TimeoutError, aiohttp.ClientError) as err:
+            reason = type(err).__name__ if isinstance(err, TimeoutError) else str(err)
+            return errors.auth_unreachable(self.auth_url, reason)
+        response = web.Response(status=status, body=body)
+        response.headers.extend(reply_headers)
+        return response
+
+    async def _fetch(
+        self, headers: CIMultiDict[str], token: SessionToken
+    ) -> tuple[int, CIMultiDict[str], bytes]:
+        headers = CIMultiDict(headers)
+        headers[hdrs.AUTHORIZATION] = f"Bearer {token.value}"
+        async with self.session.get(
+            self.auth_url + USERINFO_PATH,
+            headers=headers,
+            allow_redirects=False,
+            skip_auto_headers=PASSED_HEADERS,
+            timeout=aiohttp.ClientTimeout(total=self.timeout),
+        ) as reply:
+            body = bytearray()
+            while chunk := await reply.content.readany():
+                body += chunk
+                if len(body) > MAX_REPLY_BYTES:
+                    raise _TooLarge
+            passed = response_headers(reply.headers)
+            for name in DROPPED_REPLY_HEADERS:
+                passed.popall(name, None)
+            return reply.status, passed, bytes(body)
 
 
 class _TooLarge(Exception):
     pass
-
-
-async def _fetch(
-    session: aiohttp.ClientSession,
-    auth_url: str,
-    headers: CIMultiDict[str],
-    token: SessionToken,
-) -> tuple[int, CIMultiDict[str], bytes]:
-    headers = CIMultiDict(headers)
-    headers[hdrs.AUTHORIZATION] = f"Bearer {token.value}"
-    async with session.get(
-        auth_url + USERINFO_PATH,
-        headers=headers,
-        allow_redirects=False,
-        skip_auto_headers=PASSED_HEADERS,
-    ) as reply:
-        body = bytearray()
-        while chunk := await reply.content.readany():
-            body += chunk
-            if len(body) > MAX_REPLY_BYTES:
-                raise _TooLarge
-        passed = response_headers(reply.headers)
-        for name in DROPPED_REPLY_HEADERS:
-            passed.popall(name, None)
-        return reply.status, passed, bytes(body)

@@ -17,7 +17,7 @@ import tomli_w
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.__main__ import main
-from proxy.headers import request_headers
+from proxy.headers import raw_request_headers, request_headers
 from proxy.settings import ConfigError, load_settings
 from proxy.standin import StandIn
 
@@ -111,6 +111,9 @@ def test_neither_authorization_header_is_among_the_headers_sent_upstream() -> No
     assert list(request_headers(CIMultiDictProxy(incoming)).items()) == [
         ("Accept", "application/json")
     ]
+    # The same on raw bytes, as the forwarding client sends them.
+    raw = [(name.encode(), value.encode()) for name, value in incoming.items()]
+    assert raw_request_headers(raw) == [b"Accept: application/json\r\n"]
 
 
 @pytest.mark.parametrize("header", ["Authorization", "Proxy-Authorization"])
