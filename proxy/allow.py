@@ -32,13 +32,20 @@ class AllowRule:
     def __str__(self) -> str:
         return f"{self.method} /{'/'.join(self.segments)}"
 
-    def matches(self, method: str, path: str) -> bool:
+    def matches(self, method: str, segments: tuple[str, ...]) -> bool:
+        """Whether this rule covers `method` on a path split into `segments` (the path's
+        split on '/', without the empty one before its leading '/')."""
         if self.method != ANY and self.method != method:
             return False
-        return _matches(self.segments, tuple(path.split("/")[1:]))
+        return _matches(self.segments, segments)
 
 
 def _matches(pattern: tuple[str, ...], segments: tuple[str, ...]) -> bool:
+    # The common shapes first, segment by segment: no '**', or one at the very end.
+    if ANY_DEPTH not in pattern:
+        return len(pattern) == len(segments) and _segments_match(pattern, segments)
+    if pattern[-1] == ANY_DEPTH and ANY_DEPTH not in pattern[:-1]:
+        return len(segments) >= len(pattern) - 1 and _segments_match(pattern[:-1], segments)
     # Dynamic programming over (pattern, path) positions rather than backtracking, so no
     # path, however long, can make a rule with several '**' take more than len x len steps.
     # reachable[j]: the pattern so far can consume exactly the first j segments.
@@ -52,6 +59,14 @@ def _matches(pattern: tuple[str, ...], segments: tuple[str, ...]) -> bool:
                 reachable[j] and (head == ANY or head == segments[j]) for j in range(len(segments))
             ]
     return reachable[-1]
+
+
+def _segments_match(pattern: tuple[str, ...], segments: tuple[str, ...]) -> bool:
+    """Each pattern segment against the segment at its place; the callers have checked the
+    lengths (for a trailing '**', `segments` may be longer: its rest is not compared)."""
+    return all(
+        head == ANY or head == segment for head, segment in zip(pattern, segments, strict=False)
+    )
 
 
 def parse_rule(text: str) -> AllowRule:
@@ -96,7 +111,10 @@ class RoutePolicy:
         """Whether `method` on `path` (raw, below the route's prefix, no query) may pass."""
         if self.read_only and method not in READ_ONLY_METHODS:
             return False
-        return self.rules is None or any(rule.matches(method, path) for rule in self.rules)
+        if self.rules is None:
+            return True
+        segments = tuple(path.split("/")[1:])
+        return any(rule.matches(method, segments) for rule in self.rules)
 
     def describe(self) -> str:
         """The policy in one line, for `check`, error answers and logs."""

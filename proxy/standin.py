@@ -80,6 +80,8 @@ class StandIn:
     api_requests: list[SeenRequest] = field(default_factory=list)
     # Requests the auth host's userinfo endpoint answered with a valid token.
     userinfo_requests: list[SeenRequest] = field(default_factory=list)
+    # Extra bytes in each userinfo answer (to make one too large to be a userinfo answer).
+    userinfo_padding: int = 0
     rejected_tokens: list[str] = field(default_factory=list)
     revoked: set[str] = field(default_factory=set)
     # Requests being handled by the API host now, and the most at once.
@@ -159,6 +161,7 @@ class StandIn:
                 "email": claims["email"],
                 "email_verified": True,
                 "currentOrganizationId": claims["currentOrganizationId"],
+                **({"padding": "x" * self.userinfo_padding} if self.userinfo_padding else {}),
             }
         )
 

@@ -17,6 +17,7 @@ import tomli_w
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.__main__ import main
+from proxy.allow import RoutePolicy, parse_rule
 from proxy.headers import raw_request_headers, request_headers
 from proxy.settings import ConfigError, load_settings
 from proxy.standin import StandIn
@@ -311,6 +312,17 @@ async def test_userinfo_from_an_auth_host_that_cannot_be_reached_is_a_502(
     assert "appcircle.auth_url" in reply.json()["detail"]
 
 
+async def test_an_answer_too_large_to_be_userinfo_is_not_relayed(
+    start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
+) -> None:
+    standin.userinfo_padding = 100_000
+    proxy = await start_proxy()
+    reply = await request(http, "GET", proxy + USERINFO)
+    assert reply.status == 502
+    assert reply.json()["error"] == "auth_unreachable"
+    assert "larger than 65536 bytes" in reply.json()["detail"]
+
+
 # -- least-privilege routes -------------------------------------------------------------
 
 CI_ROUTES = {
@@ -376,6 +388,35 @@ async def test_routes_without_rules_let_everything_through(
     proxy = await start_proxy(routes={**CI_ROUTES, "root": {"prefix": "/", "credential": "main"}})
     for method in ("GET", "POST", "DELETE"):
         assert (await request(http, method, f"{proxy}/anything/at/all")).status == 200
+
+
+@pytest.mark.parametrize(
+    ("rule", "method", "path", "allowed"),
+    [
+        ("GET /build/**", "GET", "/build", True),
+        ("GET /build/**", "GET", "/build/v2/profiles/1/branches", True),
+        ("GET /build/**", "GET", "/buildx/v2", False),
+        ("GET /build/**", "HEAD", "/build/v2", False),
+        ("GET /build/v2/**", "GET", "/build", False),
+        ("* /task/v1/tasks/*", "DELETE", "/task/v1/tasks/42", True),
+        ("* /task/v1/tasks/*", "GET", "/task/v1/tasks/42/logs", False),
+        ("* /task/v1/tasks/*", "GET", "/task/v1/tasks", False),
+        ("GET /", "GET", "/", True),
+        ("GET /", "GET", "/build", False),
+        ("GET /**/logs", "GET", "/logs", True),
+        ("GET /**/logs", "GET", "/build/v1/commits/c/builds/b/logs", True),
+        ("GET /**/logs", "GET", "/build/v1/logs/x", False),
+        ("GET /build/**/builds/*/logs", "GET", "/build/v1/commits/c/builds/b/logs", True),
+        ("GET /build/**/builds/*/logs", "GET", "/build/builds/b/logs", True),
+        ("GET /build/**/builds/*/logs", "GET", "/build/v1/builds/logs", False),
+        ("GET /**/x/**", "GET", "/a/b/x", True),
+        ("GET /**/x/**", "GET", "/a/b/y/z", False),
+    ],
+)
+def test_allow_rules_match_segments_as_written(
+    rule: str, method: str, path: str, allowed: bool
+) -> None:
+    assert RoutePolicy((parse_rule(rule),)).allows(method, path) is allowed
 
 
 @pytest.mark.parametrize(
