@@ -14,6 +14,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from proxy.server import start
+from proxy.settings import load_settings
 from proxy.standin import StandIn
 
 from .conftest import (
@@ -270,9 +272,6 @@ async def test_wait_exits_1_with_the_reason_when_the_proxy_is_not_ready_in_time(
 async def test_wait_finds_the_proxy_and_its_client_token_in_the_configuration(
     standin: StandIn, write_config: WriteConfig
 ) -> None:
-    from proxy.server import start
-    from proxy.settings import load_settings
-
     port = free_port()
     config = write_config(
         server={"listen": f"127.0.0.1:{port}", "eager": True, "client_token": CLIENT_TOKEN}
@@ -291,5 +290,25 @@ async def test_wait_finds_the_proxy_and_its_client_token_in_the_configuration(
             env={**os.environ, "APPCIRCLE_PROXY_TOKEN": CLIENT_TOKEN},
         )  # fmt: skip
         assert code == 0, err
+    finally:
+        await running.stop()
+
+
+async def test_wait_asks_the_admin_listener_when_there_is_one_which_needs_no_token(
+    standin: StandIn, write_config: WriteConfig
+) -> None:
+    config = write_config(
+        server={
+            "listen": f"127.0.0.1:{free_port()}",
+            "admin_listen": f"127.0.0.1:{free_port()}",
+            "eager": True,
+            "client_token": CLIENT_TOKEN,
+        }
+    )
+    running = await start(load_settings(config))
+    try:
+        code, _, err = await appcircle_proxy("wait", "--config", str(config), "--timeout", "10")
+        assert code == 0, err
+        assert running.admin_urls[0] in err
     finally:
         await running.stop()
