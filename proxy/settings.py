@@ -273,9 +273,8 @@ def _same_address(listen: str, admin_listen: str | None) -> bool:
     first, second = _parse_endpoint(listen), _parse_endpoint(admin_listen)
     if isinstance(first, Endpoint) and isinstance(second, Endpoint):
         wildcard = {"0.0.0.0", "::", ""}
-        return (
-            first.port == second.port != 0
-            and (first.host == second.host or bool({first.host, second.host} & wildcard))
+        return first.port == second.port != 0 and (
+            first.host == second.host or bool({first.host, second.host} & wildcard)
         )
     return first == second
 
@@ -486,11 +485,10 @@ def _zero_config_variables() -> list[str]:
         *(variable for variable, _kind in ZERO_CONFIG_KEYS),
         ZERO_CONFIG_API_KEY_SECRET,
     ]
-    candidates = [
-        name
-        for variable in names
-        for name in (variable, f"{variable}_FILE")
-    ] + [ZERO_CONFIG_API_KEY_NAME, ZERO_CONFIG_SUB_ORGANIZATION]
+    candidates = [name for variable in names for name in (variable, f"{variable}_FILE")] + [
+        ZERO_CONFIG_API_KEY_NAME,
+        ZERO_CONFIG_SUB_ORGANIZATION,
+    ]
     return [name for name in candidates if os.environ.get(name)]
 
 
