@@ -21,6 +21,7 @@ from .observe import Metrics
 from .routes import Route, RouteTable
 from .settings import Settings
 from .tokens import Clock, RetryPolicy, TokenKey, TokenSources
+from .tracing import debug_traces
 
 __all__ = [
     "FORWARDER",
@@ -117,6 +118,7 @@ async def connect(settings: Settings, clock: Clock = time.time) -> AsyncIterator
             total=settings.tokens.exchange_timeout, sock_connect=appcircle.connect_timeout
         ),
         cookie_jar=aiohttp.DummyCookieJar(),
+        trace_configs=debug_traces("auth"),  # ops: exchange timings at --log-level debug
     )
     api_session = aiohttp.ClientSession(
         # A full pool makes requests wait for a connection; they are not refused.
@@ -127,6 +129,7 @@ async def connect(settings: Settings, clock: Clock = time.time) -> AsyncIterator
         ),
         auto_decompress=False,
         cookie_jar=aiohttp.DummyCookieJar(),
+        trace_configs=debug_traces("api"),  # ops: pool events and timings at debug level
     )
 
     def make_exchanger(credentials: Mapping[str, Credential], key: TokenKey) -> Exchanger:

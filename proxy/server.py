@@ -9,6 +9,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable, Coroutine
@@ -18,7 +19,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.log import server_logger as aiohttp_server_log
 
-from . import __version__, admin
+from . import __version__, admin, logs
 from .app import METRICS, UPSTREAM, create_app
 from .observe import access_logger
 from .settings import ConfigError, Endpoint, Settings, UnixSocket
@@ -37,16 +38,61 @@ except ImportError:  # no uvloop on Windows: the standard loop serves as well, a
     _LOOP_FACTORY = None
 
 
-def _describe_routes(settings: Settings) -> list[str]:
-    lines = []
-    for name, route in sorted(settings.routes.items(), key=lambda item: item[1].prefix):
-        credential = settings.credentials[route.credential]
-        organization = route.sub_organization or "the key's own organization"
+def _describe_routes(settings: Settings) -> list[dict[str, str | None]]:
+    return [
+        {
+            "route": name,
+            "prefix": route.prefix,
+            "credential": route.credential,
+            "kind": settings.credentials[route.credential].kind,
+            "sub_organization": route.sub_organization,
+        }
+        for name, route in sorted(settings.routes.items(), key=lambda item: item[1].prefix)
+    ]
+
+
+def _announce(running: Running, settings: Settings) -> None:
+    """The `listening` event: where, and which routes; in text, the banner people read."""
+    routes = _describe_routes(settings)
+    lines = [f"appcircle-proxy {__version__} listening on {url}" for url in running.urls]
+    lines += [f"health, readiness and metrics on {url}/_proxy/" for url in running.admin_urls]
+    lines.append("routes:")
+    for route in routes:
+        organization = route["sub_organization"] or "the key's own organization"
         lines.append(
-            f"  {route.prefix:<12} -> {settings.appcircle.api_url}  (route '{name}', "
-            f"credential '{route.credential}' [{credential.kind}], {organization})"
+            f"  {route['prefix']:<12} -> {settings.appcircle.api_url}  (route '{route['route']}', "
+            f"credential '{route['credential']}' [{route['kind']}], {organization})"
         )
-    return lines
+    logs.event(
+        "listening",
+        f"appcircle-proxy {__version__} listening on {', '.join(running.urls)}",
+        {
+            "version": __version__,
+            "address": running.urls[0],
+            "admin_address": running.admin_urls[0] if running.admin_urls else None,
+            "api_url": settings.appcircle.api_url,
+            "routes": routes,
+        },
+        "\n".join(lines),
+    )
+
+
+def _final_counts(running: Running) -> dict[str, int]:
+    """What this process did, for the `stopped` event."""
+    requests = sum(
+        int(sample.value)
+        for metric in running.app[METRICS].requests.collect()
+        for sample in metric.samples
+        if sample.name.endswith("_total")
+    )
+    upstream = running.app.get(UPSTREAM)
+    sources = list(upstream.tokens) if upstream is not None else []
+    exchanges = sum(sum(source.outcomes.values()) for source in sources)
+    return {
+        "requests": requests,
+        "token_exchanges": exchanges,
+        "token_exchange_failures": exchanges - sum(source.outcomes["ok"] for source in sources),
+    }
 
 
 class _ParserErrorsInOneLine(logging.Filter):
@@ -123,10 +169,12 @@ async def start(
     )
     aiohttp_server_log.addFilter(_QUIET_PARSER_ERRORS)
     runners = [runner]
+    address, setting = server.endpoint, "--listen or server.listen"
     try:
         await runner.setup()
         await _listen(runner, server.endpoint, server.socket_mode, reuse_port)
         if server.admin_endpoint is not None:
+            address, setting = server.admin_endpoint, "--admin-listen or server.admin_listen"
             admin_runner = web.AppRunner(
                 admin.create_admin_app(lambda: app.get(UPSTREAM), app[METRICS]),
                 access_log=None,
@@ -137,10 +185,8 @@ async def start(
     except OSError as err:
         for started in reversed(runners):
             await started.cleanup()
-        raise SystemExit(
-            f"appcircle-proxy: cannot listen ({err.strerror or err}); choose other addresses "
-            "with --listen, server.listen or server.admin_listen"
-        ) from None
+        log.error("cannot listen on %s: %s; choose another with %s", address, _why(err), setting)
+        raise SystemExit(2) from None
     endpoint = server.endpoint
     if isinstance(endpoint, Endpoint) and not _is_loopback(endpoint.host):
         if server.client_secret() is None:
@@ -169,6 +215,14 @@ async def _listen(
     os.chmod(endpoint.path, mode)
 
 
+def _why(err: OSError) -> str:
+    if isinstance(err, socket.gaierror):
+        return f"the host name does not resolve ({err.strerror})"
+    if isinstance(err, FileNotFoundError):
+        return f"its directory does not exist ({err.strerror})"
+    return err.strerror or str(err)
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -192,13 +246,10 @@ async def _serve(
     settings: Settings, load: Callable[[], Settings], *, worker: int | None = None
 ) -> None:
     running = await start(settings, reuse_port=worker is not None)
+    started = time.monotonic()
     try:
         if not worker:  # the only process, or the first of several
-            for url in running.urls:
-                print(f"appcircle-proxy {__version__} listening on {url}", flush=True)
-            for url in running.admin_urls:
-                print(f"health, readiness and metrics on {url}/_proxy/", flush=True)
-            print("\n".join(["routes:", *_describe_routes(settings)]), flush=True)
+            _announce(running, settings)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -211,8 +262,15 @@ async def _serve(
         )
     finally:
         await running.stop()
-    if not worker:
-        print("appcircle-proxy: stopped", file=sys.stderr, flush=True)
+    counts = _final_counts(running)
+    uptime = time.monotonic() - started
+    logs.event(
+        "stopped",
+        f"appcircle-proxy: stopped after {counts['requests']} requests and "
+        f"{counts['token_exchanges']} token exchanges "
+        f"({counts['token_exchange_failures']} failed), up {uptime:.0f} s",
+        {**counts, "uptime_s": round(uptime, 1)},
+    )
 
 
 def _run(main: Coroutine[None, None, None]) -> None:
