@@ -500,10 +500,30 @@ class _ZeroConfigSource(PydanticBaseSettingsSource):
         return None, field_name, False
 
     def __call__(self) -> dict[str, Any]:
-        found: list[tuple[str, dict[str, Any]]] = []
+        kinds = {
+            kind: [name for name in (variable, f"{variable}_FILE") if os.environ.get(name)]
+            for variable, kind in ZERO_CONFIG_KEYS
+        }
+        kinds["api-key"] = [
+            name
+            for name in (
+                ZERO_CONFIG_API_KEY_NAME,
+                ZERO_CONFIG_API_KEY_SECRET,
+                f"{ZERO_CONFIG_API_KEY_SECRET}_FILE",
+            )
+            if os.environ.get(name)
+        ]
+        present = {kind: names for kind, names in kinds.items() if names}
+        if len(present) > 1:
+            raise ConfigError(
+                "more than one kind of key is set ("
+                + ", ".join(name for names in present.values() for name in names)
+                + "); unset all but one, or write a config file with a route for each"
+            )
+        credential: dict[str, Any] | None = None
         for variable, kind in ZERO_CONFIG_KEYS:
             if source := _secret_source(variable):
-                found.append((variable, {"kind": kind, **source}))
+                credential = {"kind": kind, **source}
         name = os.environ.get(ZERO_CONFIG_API_KEY_NAME)
         secret = _secret_source(ZERO_CONFIG_API_KEY_SECRET)
         if name and not secret:
@@ -517,14 +537,8 @@ class _ZeroConfigSource(PydanticBaseSettingsSource):
                 "an API key needs its name and its secret"
             )
         if name:
-            found.append((ZERO_CONFIG_API_KEY_NAME, {"kind": "api-key", "name": name, **secret}))
-        if len(found) > 1:
-            raise ConfigError(
-                "more than one kind of key is set ("
-                + ", ".join(variable for variable, _ in found)
-                + "); unset all but one, or write a config file with a route for each"
-            )
-        if not found:
+            credential = {"kind": "api-key", "name": name, **secret}
+        if credential is None:
             return {}
         route: dict[str, Any] = {"prefix": "/", "credential": "default"}
         if sub_organization := os.environ.get(ZERO_CONFIG_SUB_ORGANIZATION):
@@ -532,7 +546,7 @@ class _ZeroConfigSource(PydanticBaseSettingsSource):
                 route["sub_organization"] = _check_org_id(sub_organization)
             except ValueError as err:
                 raise ConfigError(f"{ZERO_CONFIG_SUB_ORGANIZATION}: {err}") from None
-        return {"credentials": {"default": found[0][1]}, "routes": {"default": route}}
+        return {"credentials": {"default": credential}, "routes": {"default": route}}
 
 
 def _refuse_ignored_zero_config(settings: Settings, config_file: Path) -> None:
