@@ -136,7 +136,9 @@ async def test_the_demo_ignores_a_real_key_in_the_shell_and_logs_its_traffic(
     try:
         text = ""
         while "Ctrl-C" not in text:
-            text += (await asyncio.wait_for(process.stdout.readline(), 20)).decode()
+            line = (await asyncio.wait_for(process.stdout.readline(), 20)).decode()
+            assert line, "the demo exited before it was ready"
+            text += line
         await try_it(url)
     finally:
         process.send_signal(signal.SIGINT)
@@ -203,6 +205,7 @@ async def test_in_text_the_banner_and_the_stopped_line_stay_readable(
 ) -> None:
     async def traffic(url: str) -> None:
         assert await get(f"{url}/x") == 200
+        assert await get(f"{url}/y") == 200
 
     out, _ = await serve_then_stop(
         "--config", str(write_config(PERSONAL_KEY_CONFIG)), requests=traffic
@@ -211,7 +214,7 @@ async def test_in_text_the_banner_and_the_stopped_line_stay_readable(
     assert re.fullmatch(rf"appcircle-proxy {__version__} listening on http://\S+", lines[0])
     assert lines[1] == "routes:"
     assert re.fullmatch(
-        r"appcircle-proxy: stopped after 1 requests and 1 token exchanges \(0 failed\), up \d+ s",
+        r"appcircle-proxy: stopped after 2 requests and 1 token exchanges \(0 failed\), up \d+ s",
         lines[-1],
     )
 
