@@ -22,6 +22,9 @@ from proxy.standin import StandIn
 
 from .conftest import CLIENT_TOKEN, PERSONAL_KEY
 
+# The first build may pull the base image and every dependency.
+pytestmark = pytest.mark.timeout(900)
+
 ROOT = Path(__file__).parent.parent
 BASE_IMAGE = "python:3.11-slim"
 MAKE_AN_ENGINE = "../shared/tools/docker-standin-base makes one"

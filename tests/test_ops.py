@@ -11,11 +11,12 @@ import re
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
 import pytest
+import tomli_w
 import yaml
 
 from proxy import __version__
@@ -23,7 +24,8 @@ from proxy.server import start
 from proxy.settings import ConfigError, ServerSettings, load_settings
 from proxy.standin import StandIn
 
-from .conftest import CLIENT_TOKEN, PERSONAL_KEY, PERSONAL_KEY_CONFIG, StartProxy
+from .conftest import CLIENT_TOKEN, PERSONAL_KEY, PERSONAL_KEY_CONFIG, StartProxy, WriteConfig
+from .support import request
 
 ROOT = Path(__file__).parent.parent
 
@@ -63,7 +65,9 @@ async def run(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, 
     return process.returncode, out.decode(), err.decode()
 
 
-async def serve_then_stop(*args: str, requests: Callable[[str], object]) -> tuple[str, str]:
+async def serve_then_stop(
+    *args: str, requests: Callable[[str], Awaitable[None]]
+) -> tuple[str, str]:
     """Run `appcircle-proxy ARGS` until its banner, call `requests(url)` (awaited), stop it
     with SIGTERM; return everything it wrote to stdout and stderr."""
     process = await asyncio.create_subprocess_exec(
@@ -80,7 +84,7 @@ async def serve_then_stop(*args: str, requests: Callable[[str], object]) -> tupl
         first = (await asyncio.wait_for(process.stdout.readline(), 20)).decode()
         match = re.search(r"listening on (http://[^\s\",]+)", first)
         assert match, first
-        await requests(match.group(1))  # type: ignore[misc]
+        await requests(match.group(1))
         process.send_signal(signal.SIGTERM)
         out, err = await asyncio.wait_for(process.communicate(), 20)
     finally:
@@ -89,12 +93,6 @@ async def serve_then_stop(*args: str, requests: Callable[[str], object]) -> tupl
             await process.wait()
     assert process.returncode == 0, err
     return first + out.decode(), err.decode()
-
-
-async def get(url: str, **headers: str) -> int:
-    async with aiohttp.ClientSession() as http, http.get(url, headers=headers) as response:
-        await response.read()
-        return response.status
 
 
 def json_lines(text: str) -> list[dict[str, object]]:
@@ -111,12 +109,9 @@ def json_lines(text: str) -> list[dict[str, object]]:
 
 
 async def test_the_demo_ignores_a_real_key_in_the_shell_and_logs_its_traffic(
-    unused_tcp_port: int,
+    unused_tcp_port: int, http: aiohttp.ClientSession
 ) -> None:
     url = f"http://127.0.0.1:{unused_tcp_port}"
-
-    async def try_it(_banner_url: str) -> None:
-        assert await get(f"{url}/build/v2/profiles") == 200
 
     process = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -139,7 +134,7 @@ async def test_the_demo_ignores_a_real_key_in_the_shell_and_logs_its_traffic(
             line = (await asyncio.wait_for(process.stdout.readline(), 20)).decode()
             assert line, "the demo exited before it was ready"
             text += line
-        await try_it(url)
+        assert (await request(http, "GET", f"{url}/build/v2/profiles")).status == 200
     finally:
         process.send_signal(signal.SIGINT)
         stdout, stderr = await asyncio.wait_for(process.communicate(), 20)
@@ -170,13 +165,13 @@ async def test_the_demo_refuses_flags_it_cannot_honour(args: tuple[str, ...], na
 
 
 async def test_in_json_every_line_from_start_to_exit_is_one_object_with_lifecycle_events(
-    standin: StandIn, write_config: Callable[..., Path]
+    standin: StandIn, write_config: WriteConfig, http: aiohttp.ClientSession
 ) -> None:
-    config = write_config(PERSONAL_KEY_CONFIG)
+    config = write_config()
 
     async def traffic(url: str) -> None:
-        assert await get(f"{url}/build/v2/profiles") == 200
-        assert await get(f"{url}/build/v2/profiles") == 200
+        assert (await request(http, "GET", f"{url}/build/v2/profiles")).status == 200
+        assert (await request(http, "GET", f"{url}/build/v2/profiles")).status == 200
 
     out, err = await serve_then_stop(
         "--config", str(config), "--log-format", "json", requests=traffic
@@ -201,15 +196,13 @@ async def test_in_json_every_line_from_start_to_exit_is_one_object_with_lifecycl
 
 
 async def test_in_text_the_banner_and_the_stopped_line_stay_readable(
-    standin: StandIn, write_config: Callable[..., Path]
+    standin: StandIn, write_config: WriteConfig, http: aiohttp.ClientSession
 ) -> None:
     async def traffic(url: str) -> None:
-        assert await get(f"{url}/x") == 200
-        assert await get(f"{url}/y") == 200
+        assert (await request(http, "GET", f"{url}/x")).status == 200
+        assert (await request(http, "GET", f"{url}/y")).status == 200
 
-    out, _ = await serve_then_stop(
-        "--config", str(write_config(PERSONAL_KEY_CONFIG)), requests=traffic
-    )
+    out, _ = await serve_then_stop("--config", str(write_config()), requests=traffic)
     lines = out.splitlines()
     assert re.fullmatch(rf"appcircle-proxy {__version__} listening on http://\S+", lines[0])
     assert lines[1] == "routes:"
@@ -220,13 +213,13 @@ async def test_in_text_the_banner_and_the_stopped_line_stay_readable(
 
 
 async def test_with_workers_every_line_says_which_worker(
-    standin: StandIn, write_config: Callable[..., Path], unused_tcp_port: int
+    standin: StandIn, write_config: WriteConfig, unused_tcp_port: int, http: aiohttp.ClientSession
 ) -> None:
-    config = write_config(PERSONAL_KEY_CONFIG)
+    config = write_config()
 
     async def traffic(url: str) -> None:
         for _ in range(4):
-            assert await get(f"{url}/x") == 200
+            assert (await request(http, "GET", f"{url}/x")).status == 200
 
     out, err = await serve_then_stop(
         "--config",
@@ -248,11 +241,11 @@ async def test_with_workers_every_line_says_which_worker(
 
 
 async def test_debug_logs_upstream_connections_and_exchange_timings(
-    start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
+    start_proxy: StartProxy, caplog: pytest.LogCaptureFixture, http: aiohttp.ClientSession
 ) -> None:
     proxy = await start_proxy()  # every test logs at debug level
-    assert await get(f"{proxy}/build/v2/profiles") == 200
-    assert await get(f"{proxy}/build/v2/profiles") == 200
+    assert (await request(http, "GET", f"{proxy}/build/v2/profiles")).status == 200
+    assert (await request(http, "GET", f"{proxy}/build/v2/profiles")).status == 200
     lines = [r.getMessage() for r in caplog.records if r.name == "appcircle_proxy.upstream"]
     assert any(
         re.fullmatch(r"auth POST /auth/v3/token answered 200 in [\d.]+ ms", m) for m in lines
@@ -350,14 +343,15 @@ def test_zero_config_variables_beside_a_config_file_are_refused_unless_it_uses_t
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     config = tmp_path / "proxy.toml"
-    config.write_text(PERSONAL_KEY_CONFIG)  # reads TEST_APPCIRCLE_KEY
+    config.write_text(tomli_w.dumps({"credentials": PERSONAL_KEY_CONFIG}))  # TEST_APPCIRCLE_KEY
     monkeypatch.setenv("APPCIRCLE_PERSONAL_ACCESS_KEY", "pak_other")
     with pytest.raises(ConfigError) as raised:
         load_settings(config)
     assert "APPCIRCLE_PERSONAL_ACCESS_KEY set beside the config file" in str(raised.value)
-    config.write_text(
-        PERSONAL_KEY_CONFIG.replace("TEST_APPCIRCLE_KEY", "APPCIRCLE_PERSONAL_ACCESS_KEY")
-    )
+    uses_it = {
+        "main": {"kind": "personal-access-key", "secret_env": "APPCIRCLE_PERSONAL_ACCESS_KEY"}
+    }
+    config.write_text(tomli_w.dumps({"credentials": uses_it}))
     assert load_settings(config).credentials["main"].secret_env == "APPCIRCLE_PERSONAL_ACCESS_KEY"
     monkeypatch.setenv("APPCIRCLE_SUB_ORGANIZATION", "x")
     with pytest.raises(ConfigError, match="APPCIRCLE_SUB_ORGANIZATION set beside"):
@@ -365,10 +359,10 @@ def test_zero_config_variables_beside_a_config_file_are_refused_unless_it_uses_t
 
 
 async def test_check_and_token_promise_no_retry_they_will_not_make(
-    standin: StandIn, write_config: Callable[..., Path]
+    standin: StandIn, write_config: WriteConfig
 ) -> None:
     standin.always = 503
-    config = str(write_config(PERSONAL_KEY_CONFIG))
+    config = str(write_config())
     code, out, err = await run("check", "--config", config)
     assert code == 1 and out.startswith("FAIL /")
     assert "retrying in" not in out + err
@@ -386,18 +380,18 @@ async def test_check_and_token_promise_no_retry_they_will_not_make(
     ],
 )
 async def test_a_listen_failure_names_the_address_and_the_setting(
-    write_config: Callable[..., Path], flags: tuple[str, str], named: str
+    write_config: WriteConfig, flags: tuple[str, str], named: str
 ) -> None:
-    code, out, err = await run("--config", str(write_config(PERSONAL_KEY_CONFIG)), *flags)
+    code, out, err = await run("--config", str(write_config()), *flags)
     assert code == 2
     assert named in err and flags[0] in err
     assert "Traceback" not in err and out == ""
 
 
 async def test_admin_listen_on_the_listen_address_is_refused_at_validation(
-    write_config: Callable[..., Path],
+    write_config: WriteConfig,
 ) -> None:
-    config = str(write_config(PERSONAL_KEY_CONFIG))
+    config = str(write_config())
     args = ("--listen", "0.0.0.0:8999", "--admin-listen", "127.0.0.1:8999")
     code, _, err = await run("config", "--config", config, *args)
     assert code == 2
@@ -425,12 +419,12 @@ async def test_check_offline_validates_a_deployment_config_without_its_secrets(
 
 
 async def test_health_finds_the_running_proxy_from_the_same_configuration(
-    standin: StandIn, write_config: Callable[..., Path], unused_tcp_port_factory: Callable[[], int]
+    standin: StandIn, write_config: WriteConfig, unused_tcp_port_factory: Callable[[], int]
 ) -> None:
     port, admin_port = unused_tcp_port_factory(), unused_tcp_port_factory()
     listen = {"server": {"listen": f"127.0.0.1:{port}"}}
     env = environment(APPCIRCLE_PROXY_SERVER__LISTEN=f"127.0.0.1:{port}")
-    config = write_config(PERSONAL_KEY_CONFIG, server=f'admin_listen = "0.0.0.0:{admin_port}"')
+    config = write_config(server={"admin_listen": f"0.0.0.0:{admin_port}"})
     code, _, err = await run("health", "--config", str(config), env=env)
     assert code == 1
     assert f"http://127.0.0.1:{admin_port}/_proxy/health (server.admin_listen)" in err
@@ -443,7 +437,7 @@ async def test_health_finds_the_running_proxy_from_the_same_configuration(
         await running.stop()
     # No admin listener: it asks the API listener, past its client token, and needs none of
     # the secrets (the key file is not here).
-    config = write_config(PERSONAL_KEY_CONFIG, server=f'client_token = "{CLIENT_TOKEN}"')
+    config = write_config(server={"client_token": CLIENT_TOKEN})
     running = await start(load_settings(config, listen))
     try:
         code, out, err = await run(
