@@ -51,8 +51,9 @@ def _describe_routes(settings: Settings) -> list[dict[str, str | None]]:
     ]
 
 
-def _announce(running: Running, settings: Settings) -> None:
-    """The `listening` event: where, and which routes; in text, the banner people read."""
+def _announce(running: Running, settings: Settings, *, banner: bool) -> None:
+    """The `listening` event: where, and which routes; in text, with `banner`, the lines
+    people read (once, not once per worker)."""
     routes = _describe_routes(settings)
     lines = [f"appcircle-proxy {__version__} listening on {url}" for url in running.urls]
     lines += [f"health, readiness and metrics on {url}/_proxy/" for url in running.admin_urls]
@@ -65,7 +66,8 @@ def _announce(running: Running, settings: Settings) -> None:
         )
     logs.event(
         "listening",
-        f"appcircle-proxy {__version__} listening on {', '.join(running.urls)}",
+        # The address is followed by a space, for scripts that take the word after "on".
+        f"listening on {' '.join(running.urls)} (appcircle-proxy {__version__})",
         {
             "version": __version__,
             "address": running.urls[0],
@@ -73,7 +75,7 @@ def _announce(running: Running, settings: Settings) -> None:
             "api_url": settings.appcircle.api_url,
             "routes": routes,
         },
-        "\n".join(lines),
+        "\n".join(lines) if banner else None,
     )
 
 
@@ -248,8 +250,7 @@ async def _serve(
     running = await start(settings, reuse_port=worker is not None)
     started = time.monotonic()
     try:
-        if not worker:  # the only process, or the first of several
-            _announce(running, settings)
+        _announce(running, settings, banner=not worker)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):

@@ -66,10 +66,10 @@ async def run(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, 
 
 
 async def serve_then_stop(
-    *args: str, requests: Callable[[str], Awaitable[None]]
+    *args: str, requests: Callable[[str], Awaitable[None]], listeners: int = 1
 ) -> tuple[str, str]:
-    """Run `appcircle-proxy ARGS` until its banner, call `requests(url)` (awaited), stop it
-    with SIGTERM; return everything it wrote to stdout and stderr."""
+    """Run `appcircle-proxy ARGS` until `listeners` processes say they listen, call
+    `requests(url)`, stop it with SIGTERM; return all it wrote to stdout and stderr."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -81,8 +81,12 @@ async def serve_then_stop(
     )
     assert process.stdout is not None
     try:
-        first = (await asyncio.wait_for(process.stdout.readline(), 20)).decode()
-        match = re.search(r"listening on (http://[^\s\",]+)", first)
+        first = ""
+        while first.count("listening on") < listeners:
+            line = (await asyncio.wait_for(process.stdout.readline(), 20)).decode()
+            assert line, "the proxy exited before it listened"
+            first += line
+        match = re.search(r"listening on (http://\S+)", first)
         assert match, first
         await requests(match.group(1))
         process.send_signal(signal.SIGTERM)
@@ -231,12 +235,15 @@ async def test_with_workers_every_line_says_which_worker(
         "--log-format",
         "json",
         requests=traffic,
+        listeners=2,
     )
     entries = json_lines(out) + json_lines(err)
     assert entries
     assert all(entry.get("worker") in (0, 1) for entry in entries), entries
+    for event in ("listening", "stopped"):
+        workers = [entry["worker"] for entry in entries if entry.get("event") == event]
+        assert sorted(workers) == [0, 1], event  # type: ignore[type-var]
     stopped = [entry for entry in entries if entry.get("event") == "stopped"]
-    assert sorted(entry["worker"] for entry in stopped) == [0, 1]  # type: ignore[type-var]
     assert sum(int(entry["requests"]) for entry in stopped) == 4  # type: ignore[call-overload]
 
 
