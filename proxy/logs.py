@@ -19,7 +19,7 @@ from .settings import LogSettings
 
 __all__ = ["configure", "event"]
 
-TEXT_FORMAT: Final = "%(asctime)s %(levelname)s %(name)s%(worker)s: %(message)s"
+TEXT_FORMAT: Final = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 LIFECYCLE: Final = logging.getLogger("appcircle_proxy.lifecycle")
 # server.serve names its worker processes worker-0, worker-1, ...
 _WORKER_NAME: Final = re.compile(r"worker-(\d+)")
@@ -40,10 +40,11 @@ class TextFormatter(logging.Formatter):
         super().__init__(TEXT_FORMAT)
 
     def format(self, record: logging.LogRecord) -> str:
-        worker = _worker(record)
-        record.__dict__["worker"] = "" if worker is None else f" [worker {worker}]"
         line = super().format(record)
         fields = _fields(record)
+        worker = _worker(record)
+        if worker is not None:  # last, as on the access log's lines
+            fields = {**fields, "worker": worker}
         if not fields:
             return line
         return line + " " + " ".join(f"{key}={value}" for key, value in fields.items())
@@ -58,7 +59,7 @@ class BannerFormatter(logging.Formatter):
         if worker is None:
             return text
         first, newline, rest = text.partition("\n")
-        return f"{first} [worker {worker}]{newline}{rest}"
+        return f"{first} worker={worker}{newline}{rest}"
 
 
 class JsonFormatter(logging.Formatter):

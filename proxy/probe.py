@@ -8,7 +8,7 @@ import sys
 
 import aiohttp
 
-from .admin import HEALTH_PATH
+from .paths import HEALTH_PATH
 from .settings import Endpoint, Settings, UnixSocket
 
 __all__ = ["health", "health_url"]

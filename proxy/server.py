@@ -4,6 +4,7 @@ requests; reload credentials on SIGHUP."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import ipaddress
 import logging
 import multiprocessing
@@ -13,15 +14,18 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Coroutine
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from typing import TextIO
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.log import server_logger as aiohttp_server_log
 
-from . import __version__, admin, logs
-from .app import METRICS, UPSTREAM, create_app
-from .observe import access_logger
+from . import __version__, logs
+from .access_log import LOGGER_NAME, access_logger
+from .admin import create_admin_server
+from .app import Proxy, build, connect
 from .settings import ConfigError, Endpoint, Settings, UnixSocket
 from .tokens import Clock
 
@@ -81,17 +85,10 @@ def _announce(running: Running, settings: Settings, *, banner: bool) -> None:
 
 def _final_counts(running: Running) -> dict[str, int]:
     """What this process did, for the `stopped` event."""
-    requests = sum(
-        int(sample.value)
-        for metric in running.app[METRICS].requests.collect()
-        for sample in metric.samples
-        if sample.name.endswith("_total")
-    )
-    upstream = running.app.get(UPSTREAM)
-    sources = list(upstream.tokens) if upstream is not None else []
+    sources = list(running.proxy.runtime.tokens)
     exchanges = sum(sum(source.outcomes.values()) for source in sources)
     return {
-        "requests": requests,
+        "requests": sum(running.proxy.stats.requests.values()),
         "token_exchanges": exchanges,
         "token_exchange_failures": exchanges - sum(source.outcomes["ok"] for source in sources),
     }
@@ -117,10 +114,11 @@ _QUIET_PARSER_ERRORS = _ParserErrorsInOneLine()
 
 @dataclass(frozen=True, slots=True)
 class Running:
-    """A started proxy: its app and its listeners (the API one first)."""
+    """A started proxy: its parts and its listeners (the API one first)."""
 
-    app: web.Application
-    runners: tuple[web.AppRunner, ...]
+    proxy: Proxy
+    runners: tuple[web.BaseRunner, ...]
+    resources: AsyncExitStack
 
     @property
     def urls(self) -> list[str]:
@@ -133,8 +131,12 @@ class Running:
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish (up to shutdown_timeout), close."""
-        for runner in reversed(self.runners):
-            await runner.cleanup()
+        try:
+            for runner in reversed(self.runners):
+                await runner.cleanup()
+        finally:
+            self.proxy.access_log.flush()
+            await self.resources.aclose()
 
 
 def _url(address: object) -> str:
@@ -146,14 +148,24 @@ def _url(address: object) -> str:
 
 
 async def start(
-    settings: Settings, clock: Clock = time.time, *, reuse_port: bool = False
+    settings: Settings,
+    clock: Clock = time.time,
+    *,
+    reuse_port: bool = False,
+    worker: int | None = None,
+    log_stream: Callable[[], TextIO] | None = None,
 ) -> Running:
-    """Build the app and start its listeners; the caller must `stop()` it. With
+    """Build the proxy and start its listeners; the caller must `stop()` it. With
     `reuse_port`, several processes can listen on the same TCP port (SO_REUSEPORT)."""
     server = settings.server
-    app = create_app(settings, clock)
-    runner = web.AppRunner(
-        app,
+    resources = AsyncExitStack()
+    runtime = await resources.enter_async_context(connect(settings, clock))
+    proxy = build(settings, runtime, clock, worker=worker, log_stream=log_stream)
+    if server.eager:
+        for source in runtime.tokens:
+            source.start()
+    web_server = web.Server(
+        proxy.handler,
         # A client that hangs up cancels its handler, and so its upstream request, at once.
         handler_cancellation=True,
         # aiohttp closes a connection that has not sent a whole request head within this
@@ -164,29 +176,26 @@ async def start(
         max_line_size=server.max_url_length + 64,
         max_field_size=server.max_header_bytes,
         max_headers=server.max_header_count * 2 + 32,
-        shutdown_timeout=server.shutdown_timeout,
-        access_log_class=access_logger(
-            settings.log.query_strings, app[METRICS].count_response_bytes
-        ),
+        access_log_class=access_logger(proxy.access_log, proxy.stats),
+        access_log=logging.getLogger(LOGGER_NAME),
     )
+    runner = web.ServerRunner(web_server, shutdown_timeout=server.shutdown_timeout)
     aiohttp_server_log.addFilter(_QUIET_PARSER_ERRORS)
-    runners = [runner]
+    runners: list[web.BaseRunner] = [runner]
     address, setting = server.endpoint, "--listen or server.listen"
     try:
         await runner.setup()
         await _listen(runner, server.endpoint, server.socket_mode, reuse_port)
         if server.admin_endpoint is not None:
             address, setting = server.admin_endpoint, "--admin-listen or server.admin_listen"
-            admin_runner = web.AppRunner(
-                admin.create_admin_app(lambda: app.get(UPSTREAM), app[METRICS]),
-                access_log=None,
-            )
+            admin_runner = web.ServerRunner(create_admin_server(proxy.admin))
             runners.append(admin_runner)
             await admin_runner.setup()
             await _listen(admin_runner, server.admin_endpoint, server.socket_mode, reuse_port)
     except OSError as err:
         for started in reversed(runners):
             await started.cleanup()
+        await resources.aclose()
         log.error("cannot listen on %s: %s; choose another with %s", address, _why(err), setting)
         raise SystemExit(2) from None
     endpoint = server.endpoint
@@ -199,11 +208,11 @@ async def start(
                 "listen on 127.0.0.1 unless this is a container's own network namespace.",
                 endpoint,
             )
-    return Running(app, tuple(runners))
+    return Running(proxy, tuple(runners), resources)
 
 
 async def _listen(
-    runner: web.AppRunner, endpoint: Endpoint | UnixSocket, mode: int, reuse_port: bool
+    runner: web.BaseRunner, endpoint: Endpoint | UnixSocket, mode: int, reuse_port: bool
 ) -> None:
     if isinstance(endpoint, Endpoint):
         await web.TCPSite(runner, endpoint.host, endpoint.port, reuse_port=reuse_port).start()
@@ -241,14 +250,17 @@ def _reload(running: Running, load: Callable[[], Settings]) -> None:
     except ConfigError as err:
         log.error("reload failed, keeping the running configuration: %s", err)
         return
-    running.app[UPSTREAM].reload(settings)
+    running.proxy.runtime.reload(settings)
 
 
 async def _serve(
     settings: Settings, load: Callable[[], Settings], *, worker: int | None = None
 ) -> None:
-    running = await start(settings, reuse_port=worker is not None)
+    running = await start(settings, reuse_port=worker is not None, worker=worker)
     started = time.monotonic()
+    # Everything allocated so far lives as long as the process: keep the collector off it.
+    gc.collect()
+    gc.freeze()
     try:
         _announce(running, settings, banner=not worker)
         stop = asyncio.Event()

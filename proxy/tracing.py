@@ -1,6 +1,7 @@
-"""Debug-level lines for what happens below a request: connections opened, reused or waited
-for, and how long each upstream call and token exchange took. Only built with
-`--log-level debug`, so they cost nothing otherwise. Paths only: no query, header or body."""
+"""Debug-level lines for the aiohttp client sessions (the auth host's, the WebSockets'):
+connections opened, reused or waited for, and how long each call, such as a token exchange,
+took. Only built with `--log-level debug`, so they cost nothing otherwise. Paths only: no
+query, header or body. (The API pool logs its own events on the same logger.)"""
 
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ def _ms(since: float) -> float:
 
 
 def debug_traces(peer: str) -> list[aiohttp.TraceConfig]:
-    """Trace configs for a client session talking to `peer` ("api" or "auth"); none unless
-    debug logging is on."""
+    """Trace configs for an aiohttp client session talking to `peer` ("auth", "websocket");
+    none unless debug logging is on."""
     if not log.isEnabledFor(logging.DEBUG):
         return []
     trace = aiohttp.TraceConfig()
