@@ -36,9 +36,8 @@ from .settings import (
     load_settings,
 )
 
-__all__ = ["COMMANDS", "add_parsers", "child_environment", "main"]
+__all__ = ["child_environment", "run", "wait"]
 
-COMMANDS: Final = ("run", "wait")
 # What CMD is given: the proxy (with the route's prefix), and its client token if it has one.
 PROXY_URL_ENV: Final = "APPCIRCLE_PROXY_URL"
 API_URL_ENV: Final = "APPCIRCLE_API_URL"
@@ -57,53 +56,10 @@ FORWARDED_SIGNALS: Final = (
     signal.SIGUSR1,
     signal.SIGUSR2,
 )
+DEFAULT_TIMEOUT: Final = 60.0
 POLL_SECONDS: Final = 0.05
 WAIT_POLL_SECONDS: Final = 0.2
 WAIT_REQUEST_SECONDS: Final = 2.0
-
-
-def add_parsers(commands: Any, common: argparse.ArgumentParser) -> None:
-    """Register `run` and `wait` on the command line's subparsers."""
-    run = commands.add_parser(
-        "run",
-        parents=[common],
-        help="CI: run CMD with the proxy in front of Appcircle and the key out of its reach",
-        usage="appcircle-proxy run [--route NAME] [--listen HOST:PORT] [--timeout S] "
-        "-- CMD [ARGS ...]",
-    )
-    run.add_argument("--route", metavar="NAME", help="give CMD this route's URL (with its prefix)")
-    run.add_argument(
-        "--timeout",
-        type=float,
-        default=60.0,
-        metavar="S",
-        help="seconds every route may take to get a session token (default 60)",
-    )
-    run.add_argument("cmd", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-    wait = commands.add_parser(
-        "wait",
-        parents=[common],
-        help="CI: exit 0 once a proxy is ready, 1 with the reason after --timeout",
-    )
-    wait.add_argument(
-        "--url",
-        metavar="URL",
-        help="the proxy, e.g. http://appcircle-proxy:8787 (default: from the configuration)",
-    )
-    wait.add_argument(
-        "--timeout", type=float, default=60.0, metavar="S", help="seconds to wait (default 60)"
-    )
-
-
-def main(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
-    """Run `run` or `wait`; `overrides` are the shared flags (--listen, --api-url ...)."""
-    config = getattr(args, "config", None)
-    try:
-        if args.command == "run":
-            return _run_command(args, config, overrides)
-        return _wait_command(args, config, overrides)
-    except KeyboardInterrupt:
-        return 130
 
 
 # -- run --------------------------------------------------------------------------------
@@ -145,8 +101,12 @@ def child_environment(
     return environment
 
 
-def _run_command(args: argparse.Namespace, config: Any, overrides: dict[str, Any]) -> int:
-    command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+def run(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    """`appcircle-proxy run`; `overrides` are the command line's settings flags."""
+    given: list[str] = getattr(args, "cmd", [])
+    command = given[1:] if given[:1] == ["--"] else given
+    timeout: float = getattr(args, "timeout", DEFAULT_TIMEOUT)
+    route_name: str | None = getattr(args, "route", None)
     if not command:
         print(
             "appcircle-proxy run: name the command after --, e.g. "
@@ -154,25 +114,20 @@ def _run_command(args: argparse.Namespace, config: Any, overrides: dict[str, Any
             file=sys.stderr,
         )
         return 2
-    if args.timeout <= 0:
+    if timeout <= 0:
         print("appcircle-proxy run: --timeout must be more than 0 seconds", file=sys.stderr)
         return 2
-    server = overrides.setdefault("server", {})
-    server.setdefault("listen", RUN_LISTEN)
-    try:
-        settings = load_settings(config, overrides)
-    except ConfigError as err:
-        print(f"appcircle-proxy: {err}", file=sys.stderr)
-        return 2
-    if args.route is not None and args.route not in settings.routes:
+    overrides.setdefault("server", {}).setdefault("listen", RUN_LISTEN)
+    settings = load_settings(getattr(args, "config", None), overrides)
+    if route_name is not None and route_name not in settings.routes:
         print(
-            f"appcircle-proxy run: no route named '{args.route}'; configured routes: "
+            f"appcircle-proxy run: no route named '{route_name}'; configured routes: "
             f"{', '.join(sorted(settings.routes))}",
             file=sys.stderr,
         )
         return 2
     logs.configure(settings.log)
-    return asyncio.run(_run(settings, command, args.route, args.timeout))
+    return asyncio.run(_run(settings, command, route_name, timeout))
 
 
 async def _run(
@@ -285,17 +240,20 @@ def _client_url(listening: str) -> str:
 # -- wait -------------------------------------------------------------------------------
 
 
-def _wait_command(args: argparse.Namespace, config: Any, overrides: dict[str, Any]) -> int:
-    if args.timeout <= 0:
+def wait(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    """`appcircle-proxy wait`; `overrides` are the command line's settings flags."""
+    url: str | None = getattr(args, "url", None)
+    timeout: float = getattr(args, "timeout", DEFAULT_TIMEOUT)
+    if timeout <= 0:
         print("appcircle-proxy wait: --timeout must be more than 0 seconds", file=sys.stderr)
         return 2
     headers: dict[str, str] = {}
     socket_path: str | None = None
-    if args.url is not None:
-        given = URL(args.url)
+    if url is not None:
+        given = URL(url)
         if given.scheme not in ("http", "https") or not given.host:
             print(
-                f"appcircle-proxy wait: '{args.url}' is not an http(s) URL; write e.g. "
+                f"appcircle-proxy wait: '{url}' is not an http(s) URL; write e.g. "
                 "--url http://127.0.0.1:8787",
                 file=sys.stderr,
             )
@@ -305,7 +263,8 @@ def _wait_command(args: argparse.Namespace, config: Any, overrides: dict[str, An
             headers["Proxy-Authorization"] = f"Bearer {client_token}"
     else:
         try:
-            settings = load_settings(config, overrides)
+            # Offline: the addresses are needed, not the keys (a service job may not have them).
+            settings = load_settings(getattr(args, "config", None), overrides, offline=True)
         except ConfigError as err:
             print(f"appcircle-proxy: {err}\n(or name the proxy with --url)", file=sys.stderr)
             return 2
@@ -322,10 +281,13 @@ def _wait_command(args: argparse.Namespace, config: Any, overrides: dict[str, An
             return 2
         else:
             base = _client_url(f"http://{_url_host(endpoint)}:{endpoint.port}")
-        secret = settings.server.client_secret()
+        try:
+            secret = settings.server.client_secret()
+        except (KeyError, ValueError):
+            secret = None  # not readable here; the answer will say a token is wanted
         if settings.server.admin_endpoint is None and secret is not None:
             headers["Proxy-Authorization"] = f"Bearer {secret.get_secret_value()}"
-    return asyncio.run(_wait(base, headers, socket_path, args.timeout))
+    return asyncio.run(_wait(base, headers, socket_path, timeout))
 
 
 def _url_host(endpoint: Endpoint) -> str:

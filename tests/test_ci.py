@@ -14,12 +14,12 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from proxy.ci import child_environment
 from proxy.server import start
 from proxy.settings import load_settings
 from proxy.standin import StandIn
 
 from .conftest import (
-    API_KEY_SECRET,
     CLIENT_TOKEN,
     PERSONAL_KEY,
     ROOT_ORG,
@@ -27,7 +27,7 @@ from .conftest import (
     StartProxy,
     WriteConfig,
 )
-from .support import eventually
+from .support import eventually, proxy_config
 
 TWO_ROUTES = {
     "root": {"prefix": "/", "credential": "main"},
@@ -79,23 +79,20 @@ def free_port() -> int:
 
 
 async def test_run_gives_the_command_the_proxy_but_not_the_key_and_passes_its_status_through(
-    standin: StandIn, write_config: WriteConfig, tmp_path: Path
+    standin: StandIn, tmp_path: Path
 ) -> None:
+    # Zero-config, as a CI job would: the key in Appcircle's own variable, no file.
     env = {
-        # (The test's own spare variable, which this configuration does not read.)
-        **{k: v for k, v in os.environ.items() if k != "TEST_API_KEY_SECRET"},
-        # Every way a key can arrive; none may reach the command.
+        **{k: v for k, v in os.environ.items() if not k.startswith("TEST_")},
         "APPCIRCLE_PERSONAL_ACCESS_KEY": PERSONAL_KEY,
-        "APPCIRCLE_PERSONAL_API_TOKEN_FILE": str(tmp_path / "pat"),
-        "APPCIRCLE_API_KEY_SECRET": API_KEY_SECRET,
-        "APPCIRCLE_API_KEY_SECRET_FILE": str(tmp_path / "secret"),
         "UNRELATED": "kept",
     }
     report = tmp_path / "child.json"
-    config = write_config()
     code, out, err = await appcircle_proxy(
-        "run", "--config", str(config), "--", sys.executable, "-c", CHILD, str(report), env=env
-    )
+        "run", "--api-url", standin.api_url, "--auth-url", standin.auth_url,
+        "--", sys.executable, "-c", CHILD, str(report),
+        env=env,
+    )  # fmt: skip
     assert code == 7, err
     seen = json.loads(report.read_text())
     assert seen["organization"] == ROOT_ORG
@@ -103,15 +100,8 @@ async def test_run_gives_the_command_the_proxy_but_not_the_key_and_passes_its_st
     assert environ["APPCIRCLE_PROXY_URL"] == environ["APPCIRCLE_API_URL"]
     assert environ["APPCIRCLE_PROXY_URL"].startswith("http://127.0.0.1:")
     assert environ["UNRELATED"] == "kept"
-    dropped = {
-        "TEST_APPCIRCLE_KEY",  # the credential's secret_env
-        "APPCIRCLE_PERSONAL_ACCESS_KEY",
-        "APPCIRCLE_PERSONAL_API_TOKEN_FILE",
-        "APPCIRCLE_API_KEY_SECRET",
-        "APPCIRCLE_API_KEY_SECRET_FILE",
-    }
-    assert not dropped & set(environ)
-    leaked = any(PERSONAL_KEY in v or API_KEY_SECRET in v for v in environ.values())
+    assert "APPCIRCLE_PERSONAL_ACCESS_KEY" not in environ
+    leaked = any(PERSONAL_KEY in v for v in environ.values())
     assert not leaked, "a key reached the command's environment"
     found = PERSONAL_KEY in out + err
     assert not found, "a secret went through"
@@ -119,6 +109,49 @@ async def test_run_gives_the_command_the_proxy_but_not_the_key_and_passes_its_st
     with pytest.raises(aiohttp.ClientConnectionError):
         async with aiohttp.ClientSession() as http:
             await http.get(environ["APPCIRCLE_PROXY_URL"] + "/_proxy/health")
+
+
+def test_the_commands_environment_loses_every_variable_a_key_can_come_from(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("MY_KEY", PERSONAL_KEY)
+    monkeypatch.setenv("MY_CLIENT_TOKEN", CLIENT_TOKEN)
+    document = proxy_config(
+        "http://127.0.0.1:1",
+        "http://127.0.0.1:2",
+        credentials={"main": {"kind": "personal-access-key", "secret_env": "MY_KEY"}},
+        server={"client_token_env": "MY_CLIENT_TOKEN"},
+    )
+    settings = load_settings(overrides=document, environment=False)
+    environ = {
+        name: "some value"
+        for name in (
+            "MY_KEY",
+            "MY_CLIENT_TOKEN",
+            "APPCIRCLE_PERSONAL_ACCESS_KEY",
+            "APPCIRCLE_PERSONAL_ACCESS_KEY_FILE",
+            "APPCIRCLE_PERSONAL_API_TOKEN",
+            "APPCIRCLE_PERSONAL_API_TOKEN_FILE",
+            "APPCIRCLE_API_KEY_SECRET",
+            "APPCIRCLE_API_KEY_SECRET_FILE",
+            "APPCIRCLE_PROXY_CREDENTIALS__MAIN__SECRET",
+            "appcircle_proxy_server__client_token",
+            "APPCIRCLE_PROXY_SERVER",
+            "APPCIRCLE_PROXY_LOG__LEVEL",
+            "APPCIRCLE_API_KEY_NAME",
+            "HOME",
+        )
+    }
+    environment = child_environment(settings, environ, "http://127.0.0.1:9/eu")
+    assert sorted(environment) == [
+        "APPCIRCLE_API_KEY_NAME",  # a name, not a secret
+        "APPCIRCLE_API_URL",
+        "APPCIRCLE_PROXY_LOG__LEVEL",
+        "APPCIRCLE_PROXY_TOKEN",
+        "APPCIRCLE_PROXY_URL",
+        "HOME",
+    ]
+    assert environment["APPCIRCLE_PROXY_URL"] == "http://127.0.0.1:9/eu"
 
 
 async def test_run_drains_requests_still_in_flight_when_the_command_exits(
@@ -169,6 +202,7 @@ async def test_run_with_a_route_gives_its_prefix_and_a_client_token_opens_the_pr
     assert seen["environ"]["APPCIRCLE_PROXY_URL"].endswith("/eu")
     # The variable the client token came from is gone; the token itself only opens this proxy.
     assert "TEST_CLIENT_TOKEN" not in seen["environ"]
+    assert "TEST_APPCIRCLE_KEY" not in seen["environ"]  # the credential's secret_env
     given = seen["environ"].get("APPCIRCLE_PROXY_TOKEN") == CLIENT_TOKEN
     assert given, "the command did not get the client token as APPCIRCLE_PROXY_TOKEN"
 
