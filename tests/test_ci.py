@@ -98,7 +98,9 @@ async def test_run_gives_the_command_the_proxy_but_not_the_key_and_passes_its_st
     assert seen["organization"] == ROOT_ORG
     environ = seen["environ"]
     assert environ["APPCIRCLE_PROXY_URL"] == environ["APPCIRCLE_API_URL"]
+    # A free loopback port, not the configured (here the default) 8787.
     assert environ["APPCIRCLE_PROXY_URL"].startswith("http://127.0.0.1:")
+    assert not environ["APPCIRCLE_PROXY_URL"].endswith(":8787")
     assert environ["UNRELATED"] == "kept"
     assert "APPCIRCLE_PERSONAL_ACCESS_KEY" not in environ
     leaked = any(PERSONAL_KEY in v for v in environ.values())
