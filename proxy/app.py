@@ -13,14 +13,14 @@ import aiohttp
 from aiohttp import web
 
 from . import admin, errors
-from .credentials import Credential, SecretUnavailable, credential_from_settings
+from .credentials import Credential, credential_from_settings
 from .exchange import Exchanger
 from .forward import Forwarder
 from .guard import Guard
 from .observe import Metrics
 from .routes import Route, RouteTable
 from .settings import Settings
-from .tokens import Clock, RetryPolicy, TokenKey, TokenSources
+from .tokens import Clock, TokenKey, TokenPolicy, TokenSources
 
 __all__ = [
     "FORWARDER",
@@ -53,7 +53,7 @@ class Upstream:
 
     def reload(self, new: Settings) -> None:
         """Take up changed credentials (and rotated secret files) without a restart: a
-        token whose key has changed is dropped and renewed; all else keeps serving."""
+        changed key is exchanged at once; its route's token serves until that succeeds."""
         credentials = {
             name: credential_from_settings(name, credential)
             for name, credential in new.credentials.items()
@@ -63,19 +63,8 @@ class Upstream:
             if name not in credentials:
                 log.warning("reload: credential '%s' is gone; restart to remove its routes", name)
                 continue
-            exchanger = self._make_exchanger(credentials, source.key)
-            try:
-                fingerprint = exchanger.key_fingerprint()
-            except SecretUnavailable as err:
-                log.warning("reload: credential '%s': %s; keeping its current token", name, err)
-                continue
-            token = source.current()
-            changed = token is None or token.key_fingerprint != fingerprint
-            source.replace_exchanger(exchanger, drop_token=changed)
-            if changed:
-                log.info("reload: credential '%s' changed; renewing its token", name)
-            else:
-                log.info("reload: credential '%s' unchanged", name)
+            # Reload semantics (keep the running token until the new key works) live in tokens.
+            source.stage(self._make_exchanger(credentials, source.key))
         untouched = ("server", "appcircle", "tokens", "log", "routes")
         if any(getattr(new, part) != getattr(self.settings, part) for part in untouched):
             log.warning(
@@ -146,7 +135,7 @@ async def connect(settings: Settings, clock: Clock = time.time) -> AsyncIterator
     }
     tokens = TokenSources(
         lambda key: make_exchanger(credentials, key),
-        RetryPolicy(settings.tokens.retry_initial, settings.tokens.retry_max),
+        TokenPolicy.from_settings(settings.tokens),
         clock,
     )
     routes = RouteTable(

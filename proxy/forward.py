@@ -65,8 +65,9 @@ class Forwarder:
         try:
             token = await route.tokens.get()
             upstream = await self._send(request, target, headers, token, replayable)
-            if upstream.status == 401:
-                route.tokens.invalidate(token)
+            # A replay only with another token: a 401 renews at most once per
+            # tokens.min_renew_interval, else the 401 is the API's answer (issue 8).
+            if upstream.status == 401 and route.tokens.invalidate(token):
                 if replayable is not None:
                     upstream.release()
                     token = await route.tokens.get()
