@@ -297,7 +297,7 @@ class Row:
         return (
             f"| {self.name} | {self.requests()} | {self.statuses()} | {self.client_401s()} | "
             f"{self.longest():.1f} | {recovered} | {self.exchanges} | {self.rss:.0f} | "
-            f"{self.fds} |{(' ' + self.note) if self.note else ''}"
+            f"{self.fds} | {self.note} |"
         )
 
 
@@ -333,9 +333,9 @@ async def run(seconds: float) -> int:
     )
     print(
         "| fault | requests | by status | client 401s | longest wait (s) | recovered in (s) "
-        "| exchanges | peak RSS (MiB) | fds |"
+        "| exchanges | peak RSS (MiB) | fds | note |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(row.line())
     auth_rows = [row for row in rows if row.name.startswith("auth")]
@@ -463,7 +463,9 @@ async def inject(
             if name.startswith("worker"):
                 note = f"workers alive after: {len(running.workers())}/2"
             if storm := sum(1 for a in load.answers[first:] if a.storm):
-                note = f"and {storm} requests to the always-401 endpoint (its 401s not counted)"
+                note = f"and {storm} requests to the always-401 endpoint (their 401s not counted)"
+            if name.startswith("auth: killed"):
+                note = "exchanges counted by the restarted auth host only"
             rows.append(
                 Row(
                     name,
