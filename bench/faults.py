@@ -4,14 +4,16 @@
 
 It starts, on loopback, the stand-in auth host and the stand-in API host as processes of
 their own (so either can be killed and restarted on its port; they share a signing key),
-and the proxy as a real process (`python -m proxy --config ... --workers 2`). A load loop
-(aiohttp, a steady ~150 requests/s of small GETs) runs throughout, while, one after another:
-the auth host answers 500s, hangs, answers garbage, is killed and restarted; the API host is
-slowed and killed; an endpoint refuses every token; the key is rotated by SIGHUP (a good key,
-then a bad one, then fixed); a worker is killed. Per fault, one row: requests by status,
-client-visible 401s (must be 0), the longest wait for an answer, the time from the end of
-the fault to the last failed request, exchanges with the auth host, and the proxy's peak
-RSS and open file descriptors (all its processes, from /proc). Not a test: it prints
+and the proxy as a real process (`python -m proxy --config ... --workers 2`, a pool of 8
+upstream connections). A load loop (aiohttp, a steady ~150 requests/s of small GETs) runs
+throughout, while, one after another: the auth host answers 500s, hangs, answers garbage,
+is killed and restarted; the API host is slowed (with 100 KiB uploads, too big to replay,
+waiting for pooled connections) and killed; an endpoint refuses every token; the key is
+rotated by SIGHUP (a good key, then a bad one, then fixed); a worker is killed. Per fault,
+one row: requests by status, client-visible 401s (must be 0), the longest wait for an
+answer, the time from the end of the fault to the last failed request, exchanges with the
+auth host, tokens the API refused (sent expired, even if a replay hid it), and the proxy's
+peak RSS and open file descriptors (all its processes, from /proc). Not a test: it prints
 figures and always exits 0 unless something it needs fails to start.
 """
 
@@ -43,6 +45,10 @@ KEYS: Final = ("bench-key", "bench-key-rotated")  # the processes must agree: fi
 BAD_KEY: Final = "bench-key-wrong"
 SIGNING_KEY_ENV: Final = "FAULTS_SIGNING_KEY"
 CONCURRENCY: Final = 15
+# A small upstream pool, so that a slow API makes requests wait for a connection.
+MAX_CONNECTIONS: Final = 8
+# Above the default tokens.replay_limit (64 KiB): a 401 to it cannot be hidden by a replay.
+UPLOAD: Final = b"u" * 100 * 1024
 PAUSE: Final = 0.1  # between one client's requests: ~150 requests/s in all when healthy
 WAIT_TIMEOUT: Final = 5.0  # the proxy's default tokens.wait_timeout, checked below
 
@@ -96,7 +102,9 @@ async def serve_standin(
         return web.json_response({})
 
     async def stats(request: web.Request) -> web.Response:
-        return web.json_response({"exchanges": appcircle.exchanges_started})
+        return web.json_response(
+            {"exchanges": appcircle.exchanges_started, "refused": len(appcircle.rejected_tokens)}
+        )
 
     app = web.Application()
     app.router.add_post("/fault", fault)
@@ -144,9 +152,10 @@ class Host:
         async with http.post(f"http://127.0.0.1:{self.control}/fault", json=change) as reply:
             reply.raise_for_status()
 
-    async def exchanges(self, http: aiohttp.ClientSession) -> int:
+    async def count(self, http: aiohttp.ClientSession, what: str) -> int:
+        """A counter of the host's ("exchanges", "refused" tokens); from zero after a restart."""
         async with http.get(f"http://127.0.0.1:{self.control}/stats") as reply:
-            return int((await reply.json())["exchanges"])
+            return int((await reply.json())[what])
 
 
 # -- the proxy, as a real process --------------------------------------------------------
@@ -195,6 +204,7 @@ async def proxy(work: Path, auth: Host, api: Host) -> AsyncIterator[Proxy]:
     config.write_text(
         f'[server]\nlisten = "127.0.0.1:{port}"\n'
         f'[appcircle]\napi_url = "{api.url}"\nauth_url = "{auth.url}"\n'
+        f"max_connections = {MAX_CONNECTIONS}\n"
         f'[tokens]\nwait_timeout = {WAIT_TIMEOUT}\n[log]\nlevel = "error"\n'
         f'[credentials.main]\nkind = "personal-access-key"\nsecret_file = "{key_file}"\n'
     )
@@ -236,14 +246,20 @@ class Answer:
 class Load:
     answers: list[Answer] = field(default_factory=list)
     storm: bool = False
+    uploads: bool = False
 
     async def client(self, http: aiohttp.ClientSession, number: int, stop: asyncio.Event) -> None:
         while not stop.is_set():
             storm = self.storm and number % 3 == 0
+            upload = self.uploads and number % 3 == 1
             path = "/_test/status/401" if storm else f"/build/v2/profiles?client={number}"
             started = time.monotonic()
             try:
-                async with http.get(path) as response:
+                async with http.request(
+                    "POST" if upload else "GET",
+                    "/distribution/v2/profiles/bench/app-versions" if upload else path,
+                    data=UPLOAD if upload else None,
+                ) as response:
                     await response.read()
                     status = response.status
             except (aiohttp.ClientError, TimeoutError):
@@ -259,6 +275,7 @@ class Row:
     ended: float
     window_end: float
     exchanges: int
+    refused: int
     rss: float
     fds: int
     note: str = ""
@@ -296,7 +313,8 @@ class Row:
         recovered = "not yet" if recovery is None else f"{recovery:.1f}"
         return (
             f"| {self.name} | {self.requests()} | {self.statuses()} | {self.client_401s()} | "
-            f"{self.longest():.1f} | {recovered} | {self.exchanges} | {self.rss:.0f} | "
+            f"{self.longest():.1f} | {recovered} | {self.exchanges} | {self.refused} | "
+            f"{self.rss:.0f} | "
             f"{self.fds} | {self.note} |"
         )
 
@@ -333,9 +351,9 @@ async def run(seconds: float) -> int:
     )
     print(
         "| fault | requests | by status | client 401s | longest wait (s) | recovered in (s) "
-        "| exchanges | peak RSS (MiB) | fds | note |"
+        "| exchanges | tokens refused by API | peak RSS (MiB) | fds | note |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(row.line())
     auth_rows = [row for row in rows if row.name.startswith("auth")]
@@ -405,6 +423,10 @@ async def inject(
     async def stop_storm() -> None:
         load.storm = False
 
+    async def slow_api(delay: float) -> None:
+        load.uploads = delay > 0
+        await api.fault(control, api_delay=delay)
+
     async def kill_worker() -> None:
         workers = running.workers()
         if workers:
@@ -430,9 +452,9 @@ async def inject(
         ),
         ("auth: killed, restarted", auth.kill, lambda: restart(auth)),
         (
-            f"API: slow ({api_delay:g} s)",
-            lambda: api.fault(control, api_delay=api_delay),
-            lambda: api.fault(control, api_delay=0),
+            f"API: slow ({api_delay:g} s), uploads",
+            lambda: slow_api(api_delay),
+            lambda: slow_api(0),
         ),
         ("API: killed, restarted", api.kill, lambda: restart(api)),
         ("API: always-401 endpoint", start_storm, stop_storm),
@@ -450,22 +472,22 @@ async def inject(
             say(f"fault: {name} ...")
             peak_rss[0], peak_fds[0] = 0.0, 0
             first = len(load.answers)
-            exchanges_before = await auth.exchanges(control)
+            exchanges_before = await auth.count(control, "exchanges")
+            refused_before = await api.count(control, "refused")
             await begin()
             await asyncio.sleep(fault_for)
             await end()
             ended = time.monotonic()
             await asyncio.sleep(recover)
-            exchanges = await auth.exchanges(control)
-            # A restarted auth host counts from zero.
-            exchanges -= exchanges_before if exchanges >= exchanges_before else 0
+            exchanges = since(exchanges_before, await auth.count(control, "exchanges"))
+            refused = since(refused_before, await api.count(control, "refused"))
             note = ""
             if name.startswith("worker"):
                 note = f"workers alive after: {len(running.workers())}/2"
             if storm := sum(1 for a in load.answers[first:] if a.storm):
                 note = f"and {storm} requests to the always-401 endpoint (their 401s not counted)"
-            if name.startswith("auth: killed"):
-                note = "exchanges counted by the restarted auth host only"
+            if name.startswith(("auth: killed", "API: killed")):
+                note = "counted by the restarted host only"
             rows.append(
                 Row(
                     name,
@@ -473,6 +495,7 @@ async def inject(
                     ended,
                     time.monotonic(),
                     exchanges,
+                    refused,
                     peak_rss[0],
                     peak_fds[0],
                     note,
@@ -481,6 +504,11 @@ async def inject(
         stop.set()
         await asyncio.gather(*clients, sampler)
     return rows
+
+
+def since(before: int, now: int) -> int:
+    """What a counter added; a restarted host counts from zero."""
+    return now - before if now >= before else now
 
 
 def main() -> int:
