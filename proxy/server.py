@@ -4,6 +4,7 @@ requests; reload credentials on SIGHUP."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import ipaddress
 import logging
 import multiprocessing
@@ -12,15 +13,18 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Coroutine
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from typing import TextIO
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.log import server_logger as aiohttp_server_log
 
-from . import __version__, admin
-from .app import METRICS, UPSTREAM, create_app
-from .observe import access_logger
+from . import __version__
+from .access_log import LOGGER_NAME, access_logger
+from .admin import create_admin_server
+from .app import Proxy, build, connect
 from .settings import ConfigError, Endpoint, Settings, UnixSocket
 from .tokens import Clock
 
@@ -69,10 +73,11 @@ _QUIET_PARSER_ERRORS = _ParserErrorsInOneLine()
 
 @dataclass(frozen=True, slots=True)
 class Running:
-    """A started proxy: its app and its listeners (the API one first)."""
+    """A started proxy: its parts and its listeners (the API one first)."""
 
-    app: web.Application
-    runners: tuple[web.AppRunner, ...]
+    proxy: Proxy
+    runners: tuple[web.BaseRunner, ...]
+    resources: AsyncExitStack
 
     @property
     def urls(self) -> list[str]:
@@ -85,8 +90,12 @@ class Running:
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish (up to shutdown_timeout), close."""
-        for runner in reversed(self.runners):
-            await runner.cleanup()
+        try:
+            for runner in reversed(self.runners):
+                await runner.cleanup()
+        finally:
+            self.proxy.access_log.flush()
+            await self.resources.aclose()
 
 
 def _url(address: object) -> str:
@@ -98,14 +107,24 @@ def _url(address: object) -> str:
 
 
 async def start(
-    settings: Settings, clock: Clock = time.time, *, reuse_port: bool = False
+    settings: Settings,
+    clock: Clock = time.time,
+    *,
+    reuse_port: bool = False,
+    worker: int | None = None,
+    log_stream: Callable[[], TextIO] | None = None,
 ) -> Running:
-    """Build the app and start its listeners; the caller must `stop()` it. With
+    """Build the proxy and start its listeners; the caller must `stop()` it. With
     `reuse_port`, several processes can listen on the same TCP port (SO_REUSEPORT)."""
     server = settings.server
-    app = create_app(settings, clock)
-    runner = web.AppRunner(
-        app,
+    resources = AsyncExitStack()
+    runtime = await resources.enter_async_context(connect(settings, clock))
+    proxy = build(settings, runtime, clock, worker=worker, log_stream=log_stream)
+    if server.eager:
+        for source in runtime.tokens:
+            source.start()
+    web_server = web.Server(
+        proxy.handler,
         # A client that hangs up cancels its handler, and so its upstream request, at once.
         handler_cancellation=True,
         # aiohttp closes a connection that has not sent a whole request head within this
@@ -116,27 +135,24 @@ async def start(
         max_line_size=server.max_url_length + 64,
         max_field_size=server.max_header_bytes,
         max_headers=server.max_header_count * 2 + 32,
-        shutdown_timeout=server.shutdown_timeout,
-        access_log_class=access_logger(
-            settings.log.query_strings, app[METRICS].count_response_bytes
-        ),
+        access_log_class=access_logger(proxy.access_log, proxy.stats),
+        access_log=logging.getLogger(LOGGER_NAME),
     )
+    runner = web.ServerRunner(web_server, shutdown_timeout=server.shutdown_timeout)
     aiohttp_server_log.addFilter(_QUIET_PARSER_ERRORS)
-    runners = [runner]
+    runners: list[web.BaseRunner] = [runner]
     try:
         await runner.setup()
         await _listen(runner, server.endpoint, server.socket_mode, reuse_port)
         if server.admin_endpoint is not None:
-            admin_runner = web.AppRunner(
-                admin.create_admin_app(lambda: app.get(UPSTREAM), app[METRICS]),
-                access_log=None,
-            )
+            admin_runner = web.ServerRunner(create_admin_server(proxy.admin))
             runners.append(admin_runner)
             await admin_runner.setup()
             await _listen(admin_runner, server.admin_endpoint, server.socket_mode, reuse_port)
     except OSError as err:
         for started in reversed(runners):
             await started.cleanup()
+        await resources.aclose()
         raise SystemExit(
             f"appcircle-proxy: cannot listen ({err.strerror or err}); choose other addresses "
             "with --listen, server.listen or server.admin_listen"
@@ -151,11 +167,11 @@ async def start(
                 "listen on 127.0.0.1 unless this is a container's own network namespace.",
                 endpoint,
             )
-    return Running(app, tuple(runners))
+    return Running(proxy, tuple(runners), resources)
 
 
 async def _listen(
-    runner: web.AppRunner, endpoint: Endpoint | UnixSocket, mode: int, reuse_port: bool
+    runner: web.BaseRunner, endpoint: Endpoint | UnixSocket, mode: int, reuse_port: bool
 ) -> None:
     if isinstance(endpoint, Endpoint):
         await web.TCPSite(runner, endpoint.host, endpoint.port, reuse_port=reuse_port).start()
@@ -185,13 +201,16 @@ def _reload(running: Running, load: Callable[[], Settings]) -> None:
     except ConfigError as err:
         log.error("reload failed, keeping the running configuration: %s", err)
         return
-    running.app[UPSTREAM].reload(settings)
+    running.proxy.runtime.reload(settings)
 
 
 async def _serve(
     settings: Settings, load: Callable[[], Settings], *, worker: int | None = None
 ) -> None:
-    running = await start(settings, reuse_port=worker is not None)
+    running = await start(settings, reuse_port=worker is not None, worker=worker)
+    # Everything allocated so far lives as long as the process: keep the collector off it.
+    gc.collect()
+    gc.freeze()
     try:
         if not worker:  # the only process, or the first of several
             for url in running.urls:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import Final
 
 import aiohttp
@@ -18,7 +19,7 @@ from . import errors
 from .routes import Route
 from .tokens import TokenUnavailable
 
-__all__ = ["is_upgrade", "relay"]
+__all__ = ["Session", "is_upgrade", "relay"]
 
 log = logging.getLogger("appcircle_proxy.websocket")
 
@@ -32,9 +33,11 @@ HANDSHAKE_HEADERS: Final = (
 INTERNAL_ERROR: Final = 1011
 
 WebSocket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
+# aiohttp's client carries WebSockets (the pooled client is for plain HTTP).
+Session = aiohttp.ClientSession
 
 
-def is_upgrade(request: web.Request) -> bool:
+def is_upgrade(request: web.BaseRequest) -> bool:
     return (
         request.headers.get("Upgrade", "").lower() == "websocket"
         and "upgrade" in request.headers.get("Connection", "").lower()
@@ -42,11 +45,12 @@ def is_upgrade(request: web.Request) -> bool:
 
 
 async def relay(
-    request: web.Request,
-    session: aiohttp.ClientSession,
+    request: web.BaseRequest,
+    session: Session,
     route: Route,
     target: URL,
     headers: CIMultiDict[str],
+    decorate: Callable[[CIMultiDict[str]], None],
 ) -> web.StreamResponse:
     protocols = tuple(
         p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()
@@ -59,6 +63,7 @@ async def relay(
     client = web.WebSocketResponse(
         protocols=(upstream.protocol,) if upstream.protocol else (), autoclose=False
     )
+    decorate(client.headers)
     try:
         await client.prepare(request)
         pumps = [

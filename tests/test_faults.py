@@ -12,7 +12,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from proxy.app import UPSTREAM, Upstream, connect
+from proxy.app import connect
 from proxy.exchange import Exchanger
 from proxy.server import Running, start
 from proxy.settings import load_settings
@@ -195,9 +195,8 @@ async def running(write_config: WriteConfig, tmp_path: Path) -> AsyncIterator[Ru
 
 
 def reload(proxy: Running, tmp_path: Path) -> None:
-    """What SIGHUP does: read the configuration again and hand it to the Upstream."""
-    upstream: Upstream = proxy.app[UPSTREAM]
-    upstream.reload(load_settings(tmp_path / "config.toml"))
+    """What SIGHUP does: read the configuration again and hand it to the running proxy."""
+    proxy.proxy.runtime.reload(load_settings(tmp_path / "config.toml"))
 
 
 async def test_a_rejected_new_key_keeps_the_running_token(
@@ -258,8 +257,8 @@ async def test_fresh_swaps_a_token_near_expiry_for_the_renewed_one_and_never_giv
 ) -> None:
     standin.token_lifetime = 1.0  # renewal due at 0.8 s, unusable from 0.95 s
     settings = load_settings(write_config(tokens={"wait_timeout": 0.2}))
-    async with connect(settings) as upstream:
-        (route,) = upstream.routes
+    async with connect(settings) as runtime:
+        (route,) = runtime.routes
         taken = await route.tokens.get()
         assert await route.tokens.fresh(taken) is taken
         standin.gate = asyncio.Event()  # the renewal hangs
