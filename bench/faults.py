@@ -5,16 +5,17 @@
 It starts, on loopback, the stand-in auth host and the stand-in API host as processes of
 their own (so either can be killed and restarted on its port; they share a signing key),
 and the proxy as a real process (`python -m proxy --config ... --workers 2`, a pool of 8
-upstream connections). A load loop (aiohttp, a steady ~150 requests/s of small GETs) runs
-throughout, while, one after another: the auth host answers 500s, hangs, answers garbage,
-is killed and restarted; the API host is slowed (with 100 KiB uploads, too big to replay,
-waiting for pooled connections) and killed; an endpoint refuses every token; the key is
-rotated by SIGHUP (a good key, then a bad one, then fixed); a worker is killed. Per fault,
-one row: requests by status, client-visible 401s (must be 0), the longest wait for an
-answer, the time from the end of the fault to the last failed request, exchanges with the
-auth host, tokens the API refused (sent expired, even if a replay hid it), and the proxy's
-peak RSS and open file descriptors (all its processes, from /proc). Not a test: it prints
-figures and always exits 0 unless something it needs fails to start.
+upstream connections, so that a slow API makes requests wait for one). A load loop
+(aiohttp, a steady ~150 requests/s of small GETs) runs throughout, while, one after
+another: the auth host answers 500s, hangs, answers garbage, is killed and restarted; the
+API host is slowed (with 100 KiB uploads too, too big to replay after a 401) and killed; an
+endpoint refuses every token; the key is rotated by SIGHUP (a good key, then a bad one,
+then fixed); a worker is killed. Per fault, one row: requests by status, client-visible
+401s (must be 0), the longest wait for an answer, the time from the end of the fault to the
+last failed request, exchanges with the auth host, tokens the API refused (sent expired,
+even if a replay hid it), and the proxy's peak RSS and open file descriptors (all its
+processes, from /proc). Not a test: it prints figures and always exits 0 unless something
+it needs fails to start.
 """
 
 from __future__ import annotations
