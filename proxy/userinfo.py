@@ -58,10 +58,9 @@ class Relay:
         try:
             token = await route.tokens.get()
             status, reply_headers, body = await self._fetch(headers, token)
-            if status == 401:
-                # As for the API: a refused token is dropped and renewed, the request replayed
-                # once.
-                route.tokens.invalidate(token)
+            # As for the API: a refused token is renewed and the request replayed once, unless
+            # a 401 renewed this route moments ago (then the 401 is the auth host's answer).
+            if status == 401 and route.tokens.invalidate(token):
                 token = await route.tokens.get()
                 status, reply_headers, body = await self._fetch(headers, token)
         except TokenUnavailable as problem:
