@@ -112,6 +112,8 @@ def check_offline(settings: Settings) -> int:
             f"  {route.prefix:<12} route '{name}', {credential.kind} '{route.credential}', "
             f"{organization}"
         )
+        if route.policy.restricted:  # issue 10: least-privilege rules
+            print(f"  {'':<12} {route.policy.describe()}")
     server, appcircle = settings.server, settings.appcircle
     print(
         f"  listens on {server.listen}"

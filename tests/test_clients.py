@@ -458,6 +458,21 @@ def test_config_prints_the_rules_as_written(
     assert (routes["viewer"]["allow"], routes["viewer"]["read_only"]) == (None, True)
 
 
+def test_check_offline_prints_the_rules_under_their_route(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "proxy.toml"
+    write_toml(path, routes=CI_ROUTES)
+    assert main(["check", "--offline", "--config", str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    ci = lines.index(next(line for line in lines if "route 'ci'" in line))
+    assert lines[ci + 1].strip() == (
+        'allow "GET /build/**", "POST /distribution/v2/profiles/*/app-versions"'
+    )
+    viewer = lines.index(next(line for line in lines if "route 'viewer'" in line))
+    assert lines[viewer + 1].strip() == "read-only (GET, HEAD, OPTIONS)"
+
+
 async def test_check_prints_the_rules_of_each_restricted_route(
     standin: StandIn, write_config: WriteConfig
 ) -> None:
