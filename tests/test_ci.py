@@ -330,7 +330,7 @@ async def test_wait_finds_the_proxy_and_its_client_token_in_the_configuration(
         await running.stop()
 
 
-async def test_wait_asks_the_admin_listener_when_there_is_one_which_needs_no_token(
+async def test_wait_asks_the_admin_listener_which_needs_no_token_nor_the_key_here(
     standin: StandIn, write_config: WriteConfig
 ) -> None:
     config = write_config(
@@ -342,8 +342,12 @@ async def test_wait_asks_the_admin_listener_when_there_is_one_which_needs_no_tok
         }
     )
     running = await start(load_settings(config))
+    # As a job beside a proxy service would: with its configuration, without its key.
+    without_key = {k: v for k, v in os.environ.items() if not k.startswith("TEST_")}
     try:
-        code, _, err = await appcircle_proxy("wait", "--config", str(config), "--timeout", "10")
+        code, _, err = await appcircle_proxy(
+            "wait", "--config", str(config), "--timeout", "10", env=without_key
+        )
         assert code == 0, err
         assert running.admin_urls[0] in err
     finally:
