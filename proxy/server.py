@@ -1,5 +1,6 @@
 """Serving: bind the listeners, say where, run until SIGINT or SIGTERM and drain in-flight
-requests; reload credentials on SIGHUP."""
+requests within shutdown_timeout; reload credentials on SIGHUP; with --workers, keep N
+processes on the port, re-forking any that dies."""
 
 from __future__ import annotations
 
@@ -7,12 +8,19 @@ import asyncio
 import ipaddress
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
+import socket
+import stat
 import sys
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from multiprocessing.process import BaseProcess
+from multiprocessing.synchronize import Event
+from pathlib import Path
+from typing import Final
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -20,6 +28,8 @@ from aiohttp.log import server_logger as aiohttp_server_log
 
 from . import __version__, admin
 from .app import METRICS, UPSTREAM, create_app
+from .drain import DRAIN, Drain
+from .inbound import Connections, head_limit
 from .observe import access_logger
 from .settings import ConfigError, Endpoint, Settings, UnixSocket
 from .tokens import Clock
@@ -27,6 +37,15 @@ from .tokens import Clock
 __all__ = ["Running", "serve", "start"]
 
 log = logging.getLogger("appcircle_proxy.server")
+
+# Once shutdown_timeout is spent, requests still running are cancelled and given this long
+# to unwind (aiohttp waits twice: for the handler, then for its cancellation).
+CUT_GRACE: Final = 0.1
+# A worker that dies is re-forked after RESTART_INITIAL seconds, doubling up to RESTART_MAX
+# while it keeps dying within STABLE_SECONDS of its start.
+RESTART_INITIAL: Final = 0.5
+RESTART_MAX: Final = 30.0
+STABLE_SECONDS: Final = 10.0
 
 _LOOP_FACTORY: Callable[[], asyncio.AbstractEventLoop] | None
 try:
@@ -68,25 +87,76 @@ _QUIET_PARSER_ERRORS = _ParserErrorsInOneLine()
 
 
 @dataclass(frozen=True, slots=True)
+class _Listener:
+    server: asyncio.Server
+    # A Unix socket file this process created, and its identity, to remove it on exit.
+    socket_file: tuple[Path, int, int] | None = None
+
+    def close(self) -> None:
+        self.server.close()
+        if self.socket_file is None:
+            return
+        path, device, inode = self.socket_file
+        try:
+            found = path.lstat()
+            # Only ours: a later process may have replaced the file meanwhile.
+            if (found.st_dev, found.st_ino) == (device, inode):
+                path.unlink()
+        except OSError:
+            pass
+
+
+@dataclass(frozen=True, slots=True)
 class Running:
-    """A started proxy: its app and its listeners (the API one first)."""
+    """A started proxy: its app, its runners and listeners (the API ones first)."""
 
     app: web.Application
     runners: tuple[web.AppRunner, ...]
+    listeners: tuple[tuple[_Listener, ...], ...]
+    drain: Drain
+    shutdown_timeout: float
 
     @property
     def urls(self) -> list[str]:
         """Where the API listener listens, as URLs (unix:/path for a Unix socket)."""
-        return [_url(address) for address in self.runners[0].addresses]
+        return _addresses(self.listeners[0])
 
     @property
     def admin_urls(self) -> list[str]:
-        return [_url(address) for runner in self.runners[1:] for address in runner.addresses]
+        return [url for listeners in self.listeners[1:] for url in _addresses(listeners)]
 
-    async def stop(self) -> None:
-        """Stop accepting, let in-flight requests finish (up to shutdown_timeout), close."""
+    async def stop(self) -> int:
+        """Stop accepting and let in-flight requests finish, all within shutdown_timeout;
+        cancel those still running then, and close. Returns how many were cut."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(0.0, self.shutdown_timeout - CUT_GRACE)
+        self.drain.draining = True
+        for listeners in self.listeners:
+            for listener in listeners:
+                listener.close()
+        server = self.runners[0].server
+        cut = 0
+        if server is not None:
+            # Idle keep-alive connections end now; busy ones after their answer.
+            server.pre_shutdown()
+            while _busy(server) and loop.time() < deadline:
+                await asyncio.sleep(0.02)
+            cut = _busy(server)
         for runner in reversed(self.runners):
             await runner.cleanup()
+        return cut
+
+
+def _busy(server: web.Server) -> int:
+    """Requests being handled now. aiohttp has no public count; its request handlers
+    keep this flag (read at shutdown only; the drain test fails if it goes away)."""
+    return sum(1 for handler in server.connections if handler._request_in_progress)
+
+
+def _addresses(listeners: tuple[_Listener, ...]) -> list[str]:
+    return [
+        _url(sock.getsockname()) for listener in listeners for sock in listener.server.sockets
+    ]
 
 
 def _url(address: object) -> str:
@@ -104,6 +174,9 @@ async def start(
     `reuse_port`, several processes can listen on the same TCP port (SO_REUSEPORT)."""
     server = settings.server
     app = create_app(settings, clock)
+    drain = Drain()
+    app[DRAIN] = drain
+    app.on_response_prepare.append(drain.on_response_prepare)
     runner = web.AppRunner(
         app,
         # A client that hangs up cancels its handler, and so its upstream request, at once.
@@ -111,32 +184,58 @@ async def start(
         # aiohttp closes a connection that has not sent a whole request head within this
         # time (slowloris), as well as an idle keep-alive connection.
         keepalive_timeout=server.header_timeout,
-        # The parser's own limits sit above the guard's, so that the guard can answer
-        # 414/431 with a reason; beyond them the parser answers 400.
+        # The parser's own limits, enforced as the head is read, sit above the guard's, so
+        # that the guard can answer 414/431 with a reason; beyond them the parser answers
+        # 400. The head as a whole is bounded by `inbound.Connections`.
         max_line_size=server.max_url_length + 64,
         max_field_size=server.max_header_bytes,
         max_headers=server.max_header_count * 2 + 32,
-        shutdown_timeout=server.shutdown_timeout,
+        # Stop() drains within shutdown_timeout itself; what remains is cut.
+        shutdown_timeout=CUT_GRACE,
         access_log_class=access_logger(
             settings.log.query_strings, app[METRICS].count_response_bytes
         ),
     )
     aiohttp_server_log.addFilter(_QUIET_PARSER_ERRORS)
+    connections = Connections(
+        limit=server.max_client_connections,
+        head_limit=head_limit(server.max_url_length, server.max_header_bytes),
+    )
     runners = [runner]
+    listeners: list[tuple[_Listener, ...]] = []
     try:
         await runner.setup()
-        await _listen(runner, server.endpoint, server.socket_mode, reuse_port)
+        listeners.append(
+            await _listen(runner, connections, server.endpoint, server.socket_mode, reuse_port)
+        )
         if server.admin_endpoint is not None:
             admin_runner = web.AppRunner(
                 admin.create_admin_app(lambda: app.get(UPSTREAM), app[METRICS]),
                 access_log=None,
+                shutdown_timeout=CUT_GRACE,
             )
             runners.append(admin_runner)
             await admin_runner.setup()
-            await _listen(admin_runner, server.admin_endpoint, server.socket_mode, reuse_port)
-    except OSError as err:
+            # Probes and scrapers keep their own budget: a flood on the API listener must
+            # not make the proxy look dead.
+            admin_connections = Connections(limit=64, head_limit=connections.head_limit)
+            listeners.append(
+                await _listen(
+                    admin_runner,
+                    admin_connections,
+                    server.admin_endpoint,
+                    server.socket_mode,
+                    reuse_port,
+                )
+            )
+    except (OSError, SystemExit) as err:
+        for group in listeners:
+            for listener in group:
+                listener.close()
         for started in reversed(runners):
             await started.cleanup()
+        if isinstance(err, SystemExit):
+            raise
         raise SystemExit(
             f"appcircle-proxy: cannot listen ({err.strerror or err}); choose other addresses "
             "with --listen, server.listen or server.admin_listen"
@@ -151,22 +250,75 @@ async def start(
                 "listen on 127.0.0.1 unless this is a container's own network namespace.",
                 endpoint,
             )
-    return Running(app, tuple(runners))
+    return Running(app, tuple(runners), tuple(listeners), drain, server.shutdown_timeout)
 
 
 async def _listen(
-    runner: web.AppRunner, endpoint: Endpoint | UnixSocket, mode: int, reuse_port: bool
-) -> None:
+    runner: web.AppRunner,
+    connections: Connections,
+    endpoint: Endpoint | UnixSocket,
+    mode: int,
+    reuse_port: bool,
+) -> tuple[_Listener, ...]:
+    assert runner.server is not None
+    factory = connections.factory(runner.server)
+    loop = asyncio.get_running_loop()
     if isinstance(endpoint, Endpoint):
-        await web.TCPSite(runner, endpoint.host, endpoint.port, reuse_port=reuse_port).start()
-        return
+        server = await loop.create_server(
+            factory, endpoint.host, endpoint.port, reuse_address=True, reuse_port=reuse_port
+        )
+        return (_Listener(server),)
+    path = endpoint.path
+    _claim_socket_path(path)
+    if mode & 0o002:
+        log.warning(
+            "THE UNIX SOCKET %s IS WORLD-WRITABLE (server.socket_mode %04o): every local user "
+            "can use the Appcircle key(s) through it. Use 0600, or 0660 and a group.",
+            path,
+            mode,
+        )
     # Created under a restrictive umask, so there is no moment when others could connect.
     previous = os.umask(0o777 & ~mode)
     try:
-        await web.UnixSite(runner, str(endpoint.path)).start()
+        server = await loop.create_unix_server(factory, str(path))
     finally:
         os.umask(previous)
-    os.chmod(endpoint.path, mode)
+    os.chmod(path, mode)
+    created = path.lstat()
+    return (_Listener(server, (path, created.st_dev, created.st_ino)),)
+
+
+def _claim_socket_path(path: Path) -> None:
+    """Refuse a socket path another process is listening on (binding would silently take
+    it over); remove a stale socket file left by a process that died."""
+    try:
+        found = path.lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(found.st_mode):
+        raise SystemExit(
+            f"appcircle-proxy: {path} exists and is not a socket; remove it or choose "
+            "another path in server.listen"
+        )
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(str(path))
+    except ConnectionRefusedError:
+        log.info("replacing the stale socket file %s (no process listens on it)", path)
+        path.unlink()
+        return
+    except OSError as err:
+        raise SystemExit(
+            f"appcircle-proxy: cannot check whether another process listens on {path} "
+            f"({err.strerror or type(err).__name__}); choose another path in server.listen"
+        ) from None
+    finally:
+        probe.close()
+    raise SystemExit(
+        f"appcircle-proxy: another process is listening on unix:{path}; stop it, or choose "
+        "another path in server.listen"
+    )
 
 
 def _is_loopback(host: str) -> bool:
@@ -188,17 +340,36 @@ def _reload(running: Running, load: Callable[[], Settings]) -> None:
     running.app[UPSTREAM].reload(settings)
 
 
+@dataclass(frozen=True, slots=True)
+class _WorkerRole:
+    """Which of several processes this is: its slot, how often the slot was re-forked,
+    and the event that tells the parent it is serving."""
+
+    index: int
+    restarts: int
+    ready: Event
+
+
 async def _serve(
-    settings: Settings, load: Callable[[], Settings], *, worker: int | None = None
+    settings: Settings, load: Callable[[], Settings], role: _WorkerRole | None = None
 ) -> None:
-    running = await start(settings, reuse_port=worker is not None)
+    running = await start(settings, reuse_port=role is not None)
     try:
-        if not worker:  # the only process, or the first of several
+        if role is None or (role.index == 0 and role.restarts == 0):
             for url in running.urls:
                 print(f"appcircle-proxy {__version__} listening on {url}", flush=True)
             for url in running.admin_urls:
                 print(f"health, readiness and metrics on {url}/_proxy/", flush=True)
             print("\n".join(["routes:", *_describe_routes(settings)]), flush=True)
+        if role is not None:
+            if role.restarts:
+                log.warning(
+                    "worker %d serving again (pid %d), restart %d of this worker",
+                    role.index,
+                    os.getpid(),
+                    role.restarts,
+                )
+            role.ready.set()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -210,8 +381,16 @@ async def _serve(
             settings.server.shutdown_timeout,
         )
     finally:
-        await running.stop()
-    if not worker:
+        cut = await running.stop()
+    if cut:
+        log.warning(
+            "shutdown_timeout (%.0f s) reached: cut %d request(s) still in flight",
+            settings.server.shutdown_timeout,
+            cut,
+        )
+    else:
+        log.info("drained: every in-flight request finished")
+    if role is None or role.index == 0:
         print("appcircle-proxy: stopped", file=sys.stderr, flush=True)
 
 
@@ -221,10 +400,14 @@ def _run(main: Coroutine[None, None, None]) -> None:
         runner.run(main)
 
 
-def _worker(settings: Settings, load: Callable[[], Settings], index: int) -> None:
+def _worker(settings: Settings, load: Callable[[], Settings], role: _WorkerRole) -> None:
     # The parent relays SIGINT/SIGTERM; a terminal's Ctrl-C must not hit workers directly.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _run(_serve(settings, load, worker=index))
+    # The parent's handlers were inherited; until the worker's event loop installs its own,
+    # SIGTERM ends it and SIGHUP (nothing to reload yet) is ignored.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    _run(_serve(settings, load, role))
 
 
 def serve(settings: Settings, load: Callable[[], Settings], workers: int = 1) -> int:
@@ -240,26 +423,110 @@ def serve(settings: Settings, load: Callable[[], Settings], workers: int = 1) ->
             file=sys.stderr,
         )
         return 2
-    # fork, not spawn: the workers inherit the validated settings and the loader as they are.
-    context = multiprocessing.get_context("fork")
-    processes = [
-        context.Process(target=_worker, args=(settings, load, index), name=f"worker-{index}")
-        for index in range(workers)
-    ]
-    for process in processes:
+    return _Supervisor(settings, load, workers).run()
+
+
+@dataclass(slots=True)
+class _Slot:
+    """One of the N places on the port, and the process that holds it now."""
+
+    index: int
+    process: BaseProcess
+    ready: Event
+    started: float
+    restarts: int = 0
+    delay: float = RESTART_INITIAL
+    restart_at: float | None = None
+
+
+class _Supervisor:
+    """The parent of --workers: forks them, relays signals, and re-forks one that dies
+    (after a backoff) so the port keeps all N. A worker that fails before it ever served
+    is a start-up error (a port in use, say): all stop, exit 1."""
+
+    def __init__(self, settings: Settings, load: Callable[[], Settings], workers: int) -> None:
+        # fork, not spawn: workers inherit the validated settings and the loader as they are.
+        self._context = multiprocessing.get_context("fork")
+        self._settings = settings
+        self._load = load
+        self._workers = workers
+        self._stopping = False
+        self._failed = False
+        self._slots: list[_Slot] = []
+
+    def _fork(self, index: int, restarts: int) -> _Slot:
+        ready = self._context.Event()
+        role = _WorkerRole(index, restarts, ready)
+        process = self._context.Process(
+            target=_worker, args=(self._settings, self._load, role), name=f"worker-{index}"
+        )
         process.start()
+        return _Slot(index, process, ready, time.monotonic(), restarts)
 
-    def relay(signum: int, _frame: object) -> None:
-        for process in processes:
-            if process.pid is not None and process.is_alive():
-                os.kill(process.pid, signal.SIGTERM if signum == signal.SIGINT else signum)
+    def _relay(self, signum: int, _frame: object) -> None:
+        if signum in (signal.SIGINT, signal.SIGTERM):
+            self._stopping = True
+            signum = signal.SIGTERM
+        for slot in self._slots:
+            if slot.process.pid is not None and slot.process.exitcode is None:
+                os.kill(slot.process.pid, signum)
 
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, relay)
-    for process in processes:
-        process.join()
-    failed = [p.name for p in processes if p.exitcode != 0]
-    if failed:
-        print(f"appcircle-proxy: {', '.join(failed)} exited with an error", file=sys.stderr)
-        return 1
-    return 0
+    def run(self) -> int:
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, self._relay)
+        for index in range(self._workers):
+            self._slots.append(self._fork(index, 0))
+        if self._stopping:  # a signal arrived while forking
+            self._relay(signal.SIGTERM, None)
+        while True:
+            alive = [slot for slot in self._slots if slot.process.exitcode is None]
+            if self._stopping and not alive:
+                break
+            due = [slot.restart_at for slot in self._slots if slot.restart_at is not None]
+            timeout = None if self._stopping or not due else max(0.0, min(due) - time.monotonic())
+            multiprocessing.connection.wait([slot.process.sentinel for slot in alive], timeout)
+            for slot in self._slots:
+                self._tend(slot)
+        if self._failed:
+            print("appcircle-proxy: a worker could not start; see above", file=sys.stderr)
+            return 1
+        return 0
+
+    def _tend(self, slot: _Slot) -> None:
+        process = slot.process
+        if process.exitcode is None or self._stopping:
+            return
+        if slot.restart_at is None:
+            if not slot.ready.is_set() and slot.restarts == 0:
+                log.error("worker %d exited (%s) before serving", slot.index, _how(process))
+                self._failed = True
+                self._relay(signal.SIGTERM, None)
+                return
+            now = time.monotonic()
+            if now - slot.started >= STABLE_SECONDS:
+                slot.delay = RESTART_INITIAL
+            slot.restart_at = now + slot.delay
+            log.error(
+                "worker %d (pid %s) %s; re-forking it in %.1f s (restart %d)",
+                slot.index,
+                process.pid,
+                _how(process),
+                slot.delay,
+                slot.restarts + 1,
+            )
+            return
+        if time.monotonic() < slot.restart_at:
+            return
+        replacement = self._fork(slot.index, slot.restarts + 1)
+        replacement.delay = min(slot.delay * 2, RESTART_MAX)
+        self._slots[self._slots.index(slot)] = replacement
+        if self._stopping:  # a signal arrived while forking: the new worker missed it
+            self._relay(signal.SIGTERM, None)
+
+
+def _how(process: BaseProcess) -> str:
+    code = process.exitcode
+    assert code is not None
+    if code < 0:
+        return f"was killed by {signal.Signals(-code).name}"
+    return f"exited with status {code}"
