@@ -52,7 +52,11 @@ async def relay(
     target: URL,
     headers: CIMultiDict[str],
 ) -> web.StreamResponse:
-    if not web.WebSocketResponse().can_prepare(request).ok:
+    # aiohttp also takes the draft versions 7 and 8; the upstream handshake is 13.
+    if (
+        request.headers.get("Sec-WebSocket-Version") != "13"
+        or not web.WebSocketResponse().can_prepare(request).ok
+    ):
         return errors.refused(
             400,
             "bad_websocket_upgrade",
