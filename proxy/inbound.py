@@ -135,8 +135,7 @@ class _Bounded(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._connections.open -= 1
-        if self._transport is not None:  # not already handed over by _refuse_head
-            self._handler.connection_lost(exc)
+        self._handler.connection_lost(exc)
 
     def pause_writing(self) -> None:
         self._handler.pause_writing()
@@ -149,7 +148,7 @@ class _Bounded(asyncio.Protocol):
         self._handler.eof_received()
 
     def data_received(self, data: bytes) -> None:
-        if self._transport is None:  # refused; reading on only to linger
+        if self._transport is None:  # refused: read on and drop, until the linger ends
             return
         if self._done:
             self._handler.data_received(data)
@@ -174,10 +173,8 @@ class _Bounded(asyncio.Protocol):
     def _refuse_head(self) -> None:
         transport, self._transport = self._transport, None
         assert transport is not None
-        # Drop aiohttp's half-parsed head now, not when the client gives up.
-        self._handler.connection_lost(None)
-        if self._payload is None:  # the connection's first request: nothing else is sending
+        # On the connection's first request nothing else is answering: say why. After
+        # that, an answer may be under way, and the connection is just closed.
+        if self._payload is None:
             transport.write(self._connections.head_too_large)
-            _linger(transport)
-        else:
-            transport.close()
+        _linger(transport)
