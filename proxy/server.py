@@ -17,8 +17,8 @@ import sys
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
-from multiprocessing.synchronize import Event
 from pathlib import Path
 from typing import Final
 
@@ -154,9 +154,7 @@ def _busy(server: web.Server) -> int:
 
 
 def _addresses(listeners: tuple[_Listener, ...]) -> list[str]:
-    return [
-        _url(sock.getsockname()) for listener in listeners for sock in listener.server.sockets
-    ]
+    return [_url(sock.getsockname()) for listener in listeners for sock in listener.server.sockets]
 
 
 def _url(address: object) -> str:
@@ -343,11 +341,12 @@ def _reload(running: Running, load: Callable[[], Settings]) -> None:
 @dataclass(frozen=True, slots=True)
 class _WorkerRole:
     """Which of several processes this is: its slot, how often the slot was re-forked,
-    and the event that tells the parent it is serving."""
+    and the pipe on which it tells the parent it is serving. (A pipe, not a lock-based
+    multiprocessing.Event: a worker killed while holding that lock would hang the parent.)"""
 
     index: int
     restarts: int
-    ready: Event
+    ready: Connection
 
 
 async def _serve(
@@ -369,7 +368,8 @@ async def _serve(
                     os.getpid(),
                     role.restarts,
                 )
-            role.ready.set()
+            role.ready.send_bytes(b"serving")
+            role.ready.close()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -432,17 +432,20 @@ class _Slot:
 
     index: int
     process: BaseProcess
-    ready: Event
+    ready: Connection  # the read end of the worker's pipe
     started: float
     restarts: int = 0
     delay: float = RESTART_INITIAL
-    restart_at: float | None = None
+    # Set once the supervisor has seen the process exit; then, unless stopping, when to
+    # fork its replacement.
+    exited: bool = False
+    restart_at: float = 0.0
 
 
 class _Supervisor:
     """The parent of --workers: forks them, relays signals, and re-forks one that dies
-    (after a backoff) so the port keeps all N. A worker that fails before it ever served
-    is a start-up error (a port in use, say): all stop, exit 1."""
+    (after a backoff) so the port keeps all N. A first worker that exits with an error
+    before it ever served is a start-up error (a port in use, say): all stop, exit 1."""
 
     def __init__(self, settings: Settings, load: Callable[[], Settings], workers: int) -> None:
         # fork, not spawn: workers inherit the validated settings and the loader as they are.
@@ -455,12 +458,13 @@ class _Supervisor:
         self._slots: list[_Slot] = []
 
     def _fork(self, index: int, restarts: int) -> _Slot:
-        ready = self._context.Event()
-        role = _WorkerRole(index, restarts, ready)
+        ready, told = self._context.Pipe(duplex=False)
+        role = _WorkerRole(index, restarts, told)
         process = self._context.Process(
             target=_worker, args=(self._settings, self._load, role), name=f"worker-{index}"
         )
         process.start()
+        told.close()  # the worker's end; later workers must not inherit it
         return _Slot(index, process, ready, time.monotonic(), restarts)
 
     def _relay(self, signum: int, _frame: object) -> None:
@@ -479,14 +483,15 @@ class _Supervisor:
         if self._stopping:  # a signal arrived while forking
             self._relay(signal.SIGTERM, None)
         while True:
-            alive = [slot for slot in self._slots if slot.process.exitcode is None]
-            if self._stopping and not alive:
-                break
-            due = [slot.restart_at for slot in self._slots if slot.restart_at is not None]
-            timeout = None if self._stopping or not due else max(0.0, min(due) - time.monotonic())
-            multiprocessing.connection.wait([slot.process.sentinel for slot in alive], timeout)
             for slot in self._slots:
                 self._tend(slot)
+            # Every process not yet seen to exit is watched, so no exit goes unnoticed.
+            watched = [slot.process.sentinel for slot in self._slots if not slot.exited]
+            if self._stopping and not watched:
+                break
+            due = [slot.restart_at for slot in self._slots if slot.exited]
+            timeout = None if self._stopping or not due else max(0.0, min(due) - time.monotonic())
+            multiprocessing.connection.wait(watched, timeout)
         if self._failed:
             print("appcircle-proxy: a worker could not start; see above", file=sys.stderr)
             return 1
@@ -494,11 +499,16 @@ class _Supervisor:
 
     def _tend(self, slot: _Slot) -> None:
         process = slot.process
-        if process.exitcode is None or self._stopping:
-            return
-        if slot.restart_at is None:
-            if not slot.ready.is_set() and slot.restarts == 0:
-                log.error("worker %d exited (%s) before serving", slot.index, _how(process))
+        if not slot.exited:
+            code = process.exitcode
+            if code is None:
+                return
+            slot.exited = True
+            if self._stopping:
+                return
+            # An error exit before serving is a start-up error; a signal is not.
+            if code > 0 and slot.restarts == 0 and not _served(slot.ready):
+                log.error("worker %d %s before serving", slot.index, _how(process))
                 self._failed = True
                 self._relay(signal.SIGTERM, None)
                 return
@@ -515,13 +525,22 @@ class _Supervisor:
                 slot.restarts + 1,
             )
             return
-        if time.monotonic() < slot.restart_at:
+        if self._stopping or time.monotonic() < slot.restart_at:
             return
+        slot.ready.close()
         replacement = self._fork(slot.index, slot.restarts + 1)
         replacement.delay = min(slot.delay * 2, RESTART_MAX)
         self._slots[self._slots.index(slot)] = replacement
         if self._stopping:  # a signal arrived while forking: the new worker missed it
             self._relay(signal.SIGTERM, None)
+
+
+def _served(ready: Connection) -> bool:
+    """Whether a worker that has exited said it was serving (so reading cannot block)."""
+    try:
+        return ready.poll() and ready.recv_bytes() == b"serving"
+    except EOFError:
+        return False
 
 
 def _how(process: BaseProcess) -> str:

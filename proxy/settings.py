@@ -340,9 +340,7 @@ class CredentialSettings(_Section):
                     f"the environment variable {self.secret_env} (secret_env) is not set or "
                     "empty; export it or point secret_env at the variable that holds the key"
                 )
-            _check_utf8(
-                os.environ[self.secret_env], f"the environment variable {self.secret_env}"
-            )
+            _check_utf8(os.environ[self.secret_env], f"the environment variable {self.secret_env}")
         if self.secret_file is not None:
             read_secret_file(self.secret_file, "secret file")
         if self.kind == "api-key" and not self.name:

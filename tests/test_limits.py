@@ -155,9 +155,7 @@ async def test_25_endless_heads_of_32k_lines_cost_little_memory(
     async with serving(config) as (proxy, process):
         before = rss_mib(process.pid)
         line = b"v" * (32 * 1024 - 32)
-        answers = await asyncio.gather(
-            *(endless_head(proxy, line, lines=300) for _ in range(25))
-        )
+        answers = await asyncio.gather(*(endless_head(proxy, line, lines=300) for _ in range(25)))
         grown = rss_mib(process.pid) - before
         assert {status_of(answer) for answer in answers} == {431}
         # 25 heads of 300 such lines are 240 MiB; each may cost about the 41 KiB bound.
