@@ -1,7 +1,8 @@
 """The proxy's own endpoints under /_proxy/: liveness, readiness, Prometheus metrics.
 
-They are served on the API port, or on their own `server.admin_listen` so that probes and
-scrapers never share the port that can use the key. Never forwarded upstream.
+They are served on the API port (dispatched by the request handler, behind its guard), or
+on their own `server.admin_listen` so that probes and scrapers never share the port that
+can use the key. Never forwarded upstream.
 """
 
 from __future__ import annotations
@@ -10,32 +11,32 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from . import errors
+from .paths import HEALTH_PATH, METRICS_PATH, READY_PATH
 
 if TYPE_CHECKING:
-    from .app import Upstream
-    from .observe import Metrics
+    from .handler import AdminHandler
+    from .runtime import Runtime
 
-__all__ = ["HEALTH_PATH", "ON_ADMIN_LISTENER", "add_routes", "create_admin_app"]
-
-HEALTH_PATH = "/_proxy/health"
-ON_ADMIN_LISTENER = web.AppKey("admin_elsewhere", bool)
+__all__ = ["admin_handlers", "create_admin_server"]
 
 
-def add_routes(
-    router: web.UrlDispatcher, upstream_now: Callable[[], Upstream | None], metrics: Metrics
-) -> None:
-    """Add /_proxy/health, /ready and /metrics; `upstream_now` gives the running Upstream."""
+def admin_handlers(
+    runtime_now: Callable[[], Runtime | None], registry: CollectorRegistry
+) -> dict[str, AdminHandler]:
+    """/_proxy/health, /ready and /metrics by path; `runtime_now` gives the running state."""
 
-    async def health(request: web.Request) -> web.Response:
+    async def health(request: web.BaseRequest) -> web.Response:
         return web.json_response({"status": "ok"})
 
-    async def ready(request: web.Request) -> web.Response:
-        upstream = upstream_now()
-        if upstream is None:
+    async def ready(request: web.BaseRequest) -> web.Response:
+        runtime = runtime_now()
+        if runtime is None:
             return web.json_response({"error": "starting", "detail": "starting up"}, status=503)
         waiting: dict[str, str] = {}
-        for route in upstream.routes:
+        for route in runtime.routes:
             if route.tokens.current() is None:
                 failure = route.tokens.failure
                 waiting[route.name] = failure.detail if failure else "no session token yet"
@@ -49,23 +50,29 @@ def add_routes(
                 status=503,
             )
         return web.json_response(
-            {"status": "ready", "routes": sorted(r.name for r in upstream.routes)}
+            {"status": "ready", "routes": sorted(r.name for r in runtime.routes)}
         )
 
-    async def metrics_page(request: web.Request) -> web.Response:
-        response = web.Response(body=generate_latest(metrics.registry))
+    async def metrics(request: web.BaseRequest) -> web.Response:
+        response = web.Response(body=generate_latest(registry))
         response.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return response
 
-    router.add_get(HEALTH_PATH, health)
-    router.add_get("/_proxy/ready", ready)
-    router.add_get("/_proxy/metrics", metrics_page)
+    return {HEALTH_PATH: health, READY_PATH: ready, METRICS_PATH: metrics}
 
 
-def create_admin_app(
-    upstream_now: Callable[[], Upstream | None], metrics: Metrics
-) -> web.Application:
-    """The application for `server.admin_listen`: /_proxy/ and nothing else."""
-    app = web.Application()
-    add_routes(app.router, upstream_now, metrics)
-    return app
+def create_admin_server(handlers: dict[str, AdminHandler]) -> web.Server:
+    """The server for `server.admin_listen`: /_proxy/ and nothing else."""
+
+    async def handle(request: web.BaseRequest) -> web.StreamResponse:
+        handler = handlers.get(request.path)
+        if handler is None or request.method not in ("GET", "HEAD"):
+            return errors.refused(
+                404,
+                "not_found",
+                "this is the proxy's admin listener: /_proxy/health, /_proxy/ready and "
+                "/_proxy/metrics only",
+            )
+        return await handler(request)
+
+    return web.Server(handle, access_log=None)

@@ -1,114 +1,80 @@
-"""Builds the running proxy from settings: client sessions, token sources, routes, and the
-aiohttp Application that hands every request to the forwarder."""
+"""The composition root: builds the running proxy from settings. `connect` opens what talks
+to Appcircle (the auth session, the upstream pool, the token sources, the routes); `build`
+puts the request handler, statistics, access log and admin endpoints around it."""
 
 from __future__ import annotations
 
 import logging
 import ssl
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import TextIO
 
 import aiohttp
-from aiohttp import web
+from prometheus_client import CollectorRegistry
+from yarl import URL
 
-from . import admin, errors
-from .credentials import Credential, SecretUnavailable, credential_from_settings
+from . import stats as stats_module
+from .access_log import AccessLog, enabled_by_level
+from .admin import admin_handlers
+from .credentials import Credential, credential_from_settings
 from .exchange import Exchanger
 from .forward import Forwarder
 from .guard import Guard
-from .observe import Metrics
+from .handler import AdminHandler, Handler
+from .pool import Limits, Pool
 from .routes import Route, RouteTable
+from .runtime import Runtime
 from .settings import Settings
+from .stats import Stats
 from .tokens import Clock, RetryPolicy, TokenKey, TokenSources
 
-__all__ = [
-    "FORWARDER",
-    "METRICS",
-    "UPSTREAM",
-    "Upstream",
-    "connect",
-    "create_app",
-]
+__all__ = ["Proxy", "build", "connect"]
 
 log = logging.getLogger("appcircle_proxy.app")
 
 
-class Upstream:
-    """Everything that talks to Appcircle, open for the lifetime of one process."""
-
-    def __init__(
-        self,
-        settings: Settings,
-        routes: RouteTable,
-        tokens: TokenSources,
-        api_session: aiohttp.ClientSession,
-        make_exchanger: Callable[[Mapping[str, Credential], TokenKey], Exchanger],
-    ) -> None:
-        self.settings = settings
-        self.routes = routes
-        self.tokens = tokens
-        self.api_session = api_session
-        self._make_exchanger = make_exchanger
-
-    def reload(self, new: Settings) -> None:
-        """Take up changed credentials (and rotated secret files) without a restart: a
-        token whose key has changed is dropped and renewed; all else keeps serving."""
-        credentials = {
-            name: credential_from_settings(name, credential)
-            for name, credential in new.credentials.items()
-        }
-        for source in self.tokens:
-            name = source.key[0]
-            if name not in credentials:
-                log.warning("reload: credential '%s' is gone; restart to remove its routes", name)
-                continue
-            exchanger = self._make_exchanger(credentials, source.key)
-            try:
-                fingerprint = exchanger.key_fingerprint()
-            except SecretUnavailable as err:
-                log.warning("reload: credential '%s': %s; keeping its current token", name, err)
-                continue
-            token = source.current()
-            changed = token is None or token.key_fingerprint != fingerprint
-            source.replace_exchanger(exchanger, drop_token=changed)
-            if changed:
-                log.info("reload: credential '%s' changed; renewing its token", name)
-            else:
-                log.info("reload: credential '%s' unchanged", name)
-        untouched = ("server", "appcircle", "tokens", "log", "routes")
-        if any(getattr(new, part) != getattr(self.settings, part) for part in untouched):
-            log.warning(
-                "reload: only credentials and secret files are reloaded; restart the proxy "
-                "to apply changes to %s",
-                ", ".join(p for p in untouched if getattr(new, p) != getattr(self.settings, p)),
-            )
-        self.settings = self.settings.model_copy(update={"credentials": new.credentials})
-
-
-UPSTREAM = web.AppKey("upstream", Upstream)
-FORWARDER = web.AppKey("forwarder", Forwarder)
-METRICS = web.AppKey("metrics", Metrics)
-
-
-def _tls(settings: Settings) -> ssl.SSLContext | bool:
+def _tls(settings: Settings) -> ssl.SSLContext:
+    context = ssl.create_default_context()
     if settings.appcircle.insecure_skip_verify:
         log.warning(
             "TLS VERIFICATION IS OFF (appcircle.insecure_skip_verify): anyone on the network "
             "path can impersonate the Appcircle hosts and steal the key. Use appcircle.ca_file."
         )
-        return False
-    if settings.appcircle.ca_file is None:
-        return True
-    # Self-hosted Appcircle often sits behind a private CA; trust it in addition to the system's.
-    context = ssl.create_default_context()
-    context.load_verify_locations(cafile=settings.appcircle.ca_file)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    elif settings.appcircle.ca_file is not None:
+        # Self-hosted Appcircle often sits behind a private CA; trust it in addition to the
+        # system's.
+        context.load_verify_locations(cafile=settings.appcircle.ca_file)
     return context
 
 
+def _pool(settings: Settings, tls: ssl.SSLContext) -> Pool:
+    api = URL(settings.appcircle.api_url)
+    appcircle = settings.appcircle
+    assert api.host is not None and api.port is not None  # checked by the settings
+    return Pool(
+        api.host,
+        api.port,
+        tls if api.scheme == "https" else None,
+        Limits(
+            max_connections=appcircle.max_connections,
+            max_streams=appcircle.max_streams,
+            max_pending=settings.server.max_pending,
+            pool_timeout=appcircle.pool_timeout,
+            connect_timeout=appcircle.connect_timeout,
+            read_timeout=appcircle.read_timeout,
+        ),
+    )
+
+
 @asynccontextmanager
-async def connect(settings: Settings, clock: Clock = time.time) -> AsyncIterator[Upstream]:
-    """Open the client sessions and token sources; close them all on exit."""
+async def connect(settings: Settings, clock: Clock = time.time) -> AsyncIterator[Runtime]:
+    """Open the client sessions, the pool and the token sources; close them all on exit."""
     tls = _tls(settings)
     appcircle = settings.appcircle
     auth_session = aiohttp.ClientSession(
@@ -118,16 +84,14 @@ async def connect(settings: Settings, clock: Clock = time.time) -> AsyncIterator
         ),
         cookie_jar=aiohttp.DummyCookieJar(),
     )
-    api_session = aiohttp.ClientSession(
-        # A full pool makes requests wait for a connection; they are not refused.
-        connector=aiohttp.TCPConnector(ssl=tls, limit=appcircle.max_connections),
-        # No total: a healthy 3 GB download may take long; only silence is a timeout.
-        timeout=aiohttp.ClientTimeout(
-            total=None, sock_connect=appcircle.connect_timeout, sock_read=appcircle.read_timeout
-        ),
+    websocket_session = aiohttp.ClientSession(
+        # Admission is the stream budget's job (appcircle.max_streams), not the connector's.
+        connector=aiohttp.TCPConnector(ssl=tls, limit=0),
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=appcircle.connect_timeout),
         auto_decompress=False,
         cookie_jar=aiohttp.DummyCookieJar(),
     )
+    pool = _pool(settings, tls)
 
     def make_exchanger(credentials: Mapping[str, Credential], key: TokenKey) -> Exchanger:
         credential, sub_organization = key
@@ -164,57 +128,59 @@ async def connect(settings: Settings, clock: Clock = time.time) -> AsyncIterator
     for route in routes:
         route.tokens.routes.append(route.name)
     try:
-        yield Upstream(settings, routes, tokens, api_session, make_exchanger)
+        yield Runtime(settings, routes, tokens, pool, websocket_session, make_exchanger)
     finally:
         await tokens.close()
-        await api_session.close()
+        pool.close()
+        await websocket_session.close()
         await auth_session.close()
 
 
-async def _forward(request: web.Request) -> web.StreamResponse:
-    return await request.app[FORWARDER].handle(request)
+@dataclass(frozen=True, slots=True)
+class Proxy:
+    """The request handler and what it reports to, around one Runtime."""
+
+    runtime: Runtime
+    handler: Handler
+    stats: Stats
+    registry: CollectorRegistry
+    access_log: AccessLog
+    admin: dict[str, AdminHandler] = field(repr=False)
 
 
-async def _not_forwarded(request: web.Request) -> web.Response:
-    return errors.refused(
-        404,
-        "not_found",
-        "/_proxy/ is the proxy's own: health, ready and metrics"
-        + (" (served on server.admin_listen)" if admin.ON_ADMIN_LISTENER in request.app else ""),
+def build(
+    settings: Settings,
+    runtime: Runtime,
+    clock: Clock = time.time,
+    *,
+    worker: int | None = None,
+    log_stream: Callable[[], TextIO] | None = None,
+) -> Proxy:
+    stats = Stats()
+    registry = stats_module.registry(stats, lambda: runtime, clock)
+    admin = admin_handlers(lambda: runtime, registry)
+    access_log = AccessLog(
+        log_stream or (lambda: sys.stderr),
+        settings.log.format,
+        query_strings=settings.log.query_strings,
+        worker=worker,
+        enabled=enabled_by_level(),
     )
-
-
-def create_app(settings: Settings, clock: Clock = time.time) -> web.Application:
-    """The proxy's application; its startup opens the Upstream, its cleanup closes it."""
-
-    async def lifetime(app: web.Application) -> AsyncIterator[None]:
-        async with connect(settings, clock) as upstream:
-            app[UPSTREAM] = upstream
-            app[FORWARDER] = Forwarder(
-                session=upstream.api_session,
-                api_url=settings.appcircle.api_url,
-                routes=upstream.routes,
-                replay_limit=settings.tokens.replay_limit,
-            )
-            if settings.server.eager:
-                for source in upstream.tokens:
-                    source.start()
-            yield
-
-    def upstream_now() -> Upstream | None:
-        return app.get(UPSTREAM)
-
-    guard = Guard.from_settings(settings.server)
-    metrics = Metrics(upstream_now, clock)
-    # Metrics outermost, so refused requests are counted too.
-    app = web.Application(middlewares=[metrics.middleware, guard.middleware])
-    app[METRICS] = metrics
-    app.on_response_prepare.append(guard.cors_headers)
-    app.cleanup_ctx.append(lifetime)
-    if settings.server.admin_listen is None:
-        admin.add_routes(app.router, upstream_now, metrics)
-    else:
-        app[admin.ON_ADMIN_LISTENER] = True
-    app.router.add_route("*", "/_proxy/{path:.*}", _not_forwarded)
-    app.router.add_route("*", "/{path:.*}", _forward)
-    return app
+    forwarder = Forwarder(
+        settings.appcircle.api_url,
+        runtime.pool,
+        stats,
+        replay_limit=settings.tokens.replay_limit,
+        body_timeout=settings.server.body_timeout,
+        clock=clock,
+    )
+    handler = Handler(
+        Guard.from_settings(settings.server),
+        runtime.routes,
+        forwarder,
+        runtime.pool,
+        stats,
+        runtime.session,
+        admin if settings.server.admin_listen is None else None,
+    )
+    return Proxy(runtime, handler, stats, registry, access_log, admin)

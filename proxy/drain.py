@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from aiohttp import hdrs, web
+from aiohttp import hdrs
+from multidict import CIMultiDict
 
-__all__ = ["DRAIN", "Drain"]
+__all__ = ["Drain"]
 
 
 @dataclass(slots=True)
@@ -16,15 +17,8 @@ class Drain:
 
     draining: bool = False
 
-    def mark(self, response: web.StreamResponse) -> None:
-        """Call before `response.prepare()`: while draining, the answer closes its connection."""
+    def mark(self, headers: CIMultiDict[str]) -> None:
+        """For every answer's headers before they are sent. The server has already told
+        aiohttp to close each connection after its current answer; this says so."""
         if self.draining:
-            response.force_close()
-            # aiohttp has computed the headers by the time on_response_prepare runs.
-            response.headers[hdrs.CONNECTION] = "close"
-
-    async def on_response_prepare(self, request: web.Request, response: web.StreamResponse) -> None:
-        self.mark(response)
-
-
-DRAIN = web.AppKey("drain", Drain)
+            headers[hdrs.CONNECTION] = "close"

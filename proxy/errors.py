@@ -8,10 +8,13 @@ from typing import Any
 
 from aiohttp import web
 
+from .facts import ERROR_CODE
 from .routes import Route
 from .tokens import TokenUnavailable
 
 __all__ = [
+    "admission_refused",
+    "bad_request_body",
     "no_route",
     "refused",
     "token_unavailable",
@@ -24,6 +27,7 @@ __all__ = [
 def _answer(status: int, error: str, detail: str, **extra: Any) -> web.Response:
     response = web.json_response({"error": error, "detail": detail, **extra}, status=status)
     response.headers["Cache-Control"] = "no-store"
+    response[ERROR_CODE] = error
     return response
 
 
@@ -82,3 +86,19 @@ def upstream_timeout(api_url: str) -> web.Response:
         f"the Appcircle API at {api_url} did not answer in time; retry, or raise "
         "appcircle.connect_timeout / appcircle.read_timeout if it is merely slow",
     )
+
+
+def admission_refused(kind: str, detail: str, retry_after: int) -> web.Response:
+    """No connection to the API for this request now (pool_full, pool_timeout,
+    streams_full): the proxy is at a configured limit."""
+    response = _answer(503, kind, detail, retry_after=retry_after)
+    response.headers["Retry-After"] = str(retry_after)
+    return response
+
+
+def bad_request_body(status: int, error: str, detail: str) -> web.Response:
+    """The client's request body could not be read whole: too slow (408) or cut short (400)."""
+    response = _answer(status, error, detail)
+    # The rest of the body may still be arriving; the connection cannot carry another request.
+    response.force_close()
+    return response

@@ -1,176 +1,408 @@
-"""One request upstream and its response back: route, token, headers, streaming, errors.
+"""One request to the API and its response back, over the pooled client.
 
-The flow, top to bottom in `Forwarder.handle`: match a route; decide whether the body can be
-replayed; take the route's token; send; on a 401, renew and replay once if possible; stream
-the answer back. Bodies are streamed both ways except a small one kept for a replay.
+Top to bottom in `Forwarder.forward`: read a small body whole (it can be replayed) or plan
+to stream it; take the route's token (waiting at most tokens.wait_timeout); get a
+connection (upstream admission: at most pool_timeout, or refused at once); check the token
+again, since the wait may have outlasted it; send; on a 401, renew and replay once if the
+body was kept; relay the answer, a small one in one write, a large one streamed with
+backpressure both ways.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Final
 
-import aiohttp
-from aiohttp import web
+from aiohttp import hdrs, web
 from multidict import CIMultiDict
 from yarl import URL
 
-from . import errors, websocket
+from . import errors
 from .exchange import SessionToken
-from .headers import request_headers, response_headers
-from .routes import Route, RouteTable
-from .tokens import TokenUnavailable
+from .facts import Facts
+from .headers import raw_request_headers, raw_response_headers
+from .pool import Lease, Pool, Refused
+from .routes import Route
+from .stats import Stats
+from .tokens import TokenSource, TokenUnavailable
+from .upstream import Connection, Response, UpstreamError, UpstreamTimeout
 
-__all__ = ["ROUTE", "UPSTREAM_SECONDS", "UPSTREAM_STATUS", "Forwarder"]
-
-# What the forwarder learnt about a request, for the access log and the metrics.
-ROUTE = web.RequestKey("route", str)
-UPSTREAM_STATUS = web.RequestKey("upstream_status", int)
-UPSTREAM_SECONDS = web.RequestKey("upstream_seconds", float)
+__all__ = ["SMALL_BODY", "Forwarder", "rewrite_location"]
 
 log = logging.getLogger("appcircle_proxy.forward")
 
-# The client's own headers must reach the API as sent; aiohttp would add these otherwise.
-SKIP_AUTO_HEADERS: Final = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
+# Responses up to this size (by Content-Length) are read whole and sent in one write;
+# larger and unknown-length ones stream, and count as long streams.
+SMALL_BODY: Final = 64 * 1024
+# Safe to send again when a kept-alive connection turns out to have been closed by the API.
+IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+NO_BODY_STATUSES: Final = frozenset({204, 304})
+CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+Decorate = Callable[[web.BaseRequest, CIMultiDict[str], Facts], None]
 
 
-class _UpstreamFailed(Exception):
+class _BodyFailed(Exception):
     def __init__(self, response: web.Response) -> None:
         self.response = response
 
 
-@dataclass(frozen=True, slots=True)
 class Forwarder:
-    session: aiohttp.ClientSession = field(repr=False)
-    api_url: str
-    routes: RouteTable
-    replay_limit: int
+    """Sends requests to the API host through `pool`; built once per process."""
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        path, has_query, query = request.raw_path.partition("?")
-        matched = self.routes.match(path)
-        if matched is None:
-            return errors.no_route(path, self.routes.prefixes)
-        route, rest = matched
-        request[ROUTE] = route.name
-        target = URL(self.api_url + rest + has_query + query, encoded=True)
-        if websocket.is_upgrade(request):
-            return await websocket.relay(
-                request, self.session, route, target, request_headers(request.headers)
-            )
-        replayable = await self._replayable_body(request)
-        headers = request_headers(request.headers)
+    def __init__(
+        self,
+        api_url: str,
+        pool: Pool,
+        stats: Stats,
+        *,
+        replay_limit: int,
+        body_timeout: float,
+        clock: Callable[[], float],
+    ) -> None:
+        api = URL(api_url)
+        self.api_url = api_url
+        self._host_line = f"Host: {api.raw_authority}\r\n".encode()
+        self._base_path = api.raw_path.rstrip("/")
+        self._pool = pool
+        self._stats = stats
+        self._replay_limit = replay_limit
+        self._body_timeout = body_timeout
+        self._clock = clock
+
+    async def forward(
+        self,
+        request: web.BaseRequest,
+        facts: Facts,
+        route: Route,
+        target: str,
+        decorate: Decorate,
+    ) -> web.StreamResponse:
+        """`target` is the path below the route's prefix, with the query."""
         try:
-            token = await route.tokens.get()
-            upstream = await self._send(request, target, headers, token, replayable)
-            if upstream.status == 401:
-                route.tokens.invalidate(token)
-                if replayable is not None:
-                    upstream.release()
-                    token = await route.tokens.get()
-                    upstream = await self._send(request, target, headers, token, replayable)
+            body, framing = await self._body(request)
+        except _BodyFailed as failed:
+            return failed.response
+        lines = raw_request_headers(request.raw_headers)
+        request_line = f"{request.method} {self._base_path}{target} HTTP/1.1\r\n".encode(
+            "utf-8", "surrogateescape"
+        )
+        head_only = request.method == hdrs.METH_HEAD
+        tokens = route.tokens
+        lease: Lease | None = None
+
+        def head(token: SessionToken) -> bytes:
+            return b"".join(
+                (
+                    request_line,
+                    self._host_line,
+                    *lines,
+                    b"Authorization: Bearer ",
+                    token.value.encode(),
+                    b"\r\nX-Request-Id: ",
+                    facts.request_id.encode(),
+                    b"\r\n",
+                    framing,
+                    b"\r\n",
+                )
+            )
+
+        try:
+            token = await tokens.get()
+            lease = await self._pool.acquire(stream=body is None)
+            token = await self._fresh(tokens, token)
+            started = time.monotonic()
+            idempotent = request.method in IDEMPOTENT
+            response = await self._exchange(
+                request, lease, head(token), body, head_only, retry=idempotent
+            )
+            if response.status == 401:
+                tokens.invalidate(token)
+                if body is not None:
+                    # Kept whole, so it can go again with a new token.
+                    await self._discard(lease, response)
+                    token = await tokens.get()
+                    started = time.monotonic()
+                    response = await self._exchange(
+                        request, lease, head(token), body, head_only, retry=True
+                    )
+            facts.upstream_seconds = time.monotonic() - started
+            facts.upstream_status = response.status
+            return await self._relay(request, facts, route, lease, response, head_only, decorate)
         except TokenUnavailable as problem:
             return errors.token_unavailable(route, problem)
-        except _UpstreamFailed as failure:
-            return failure.response
-        try:
-            return await self._relay(request, route, upstream)
+        except Refused as refused:
+            self._stats.refusal(refused.kind)
+            return errors.admission_refused(refused.kind, refused.detail, refused.retry_after)
+        except UpstreamError as failure:
+            return self._failed(failure)
+        except _BodyFailed as failed:
+            return failed.response
         finally:
-            # Back to the pool if the body was read to the end; otherwise aiohttp closes it.
-            upstream.release()
+            if lease is not None:
+                self._pool.release(lease)
 
-    async def _replayable_body(self, request: web.Request) -> bytes | None:
-        """The whole body when it is small enough to send twice, else None (stream it)."""
-        if not request.body_exists:
-            return b""
-        length = request.content_length
-        if length is not None and length <= self.replay_limit:
-            return await request.content.read()
-        return None
-
-    async def _send(
-        self,
-        request: web.Request,
-        target: URL,
-        headers: CIMultiDict[str],
-        token: SessionToken,
-        replayable: bytes | None,
-    ) -> aiohttp.ClientResponse:
-        headers["Authorization"] = f"Bearer {token.value}"
-        started = time.monotonic()
-        try:
-            upstream = await self.session.request(
-                request.method,
-                target,
-                headers=headers,
-                data=request.content if replayable is None else (replayable or None),
-                allow_redirects=False,
-                skip_auto_headers=SKIP_AUTO_HEADERS,
-                compress=None,
+    async def _body(self, request: web.BaseRequest) -> tuple[bytes | None, bytes]:
+        """The body, whole when it is small enough to replay (None: stream it), and the
+        framing header that goes with it."""
+        expect = request.headers.get(hdrs.EXPECT)
+        if expect is not None and expect.lower() != "100-continue":
+            raise _BodyFailed(
+                errors.refused(
+                    417, "expectation_failed", "only 'Expect: 100-continue' is understood"
+                )
             )
-        except (TimeoutError, aiohttp.ServerTimeoutError):
-            raise _UpstreamFailed(errors.upstream_timeout(self.api_url)) from None
-        except aiohttp.ClientError as err:
-            raise _UpstreamFailed(errors.upstream_unreachable(self.api_url, str(err))) from None
-        request[UPSTREAM_SECONDS] = time.monotonic() - started
-        request[UPSTREAM_STATUS] = upstream.status
-        return upstream
+        length = request.content_length
+        chunked = "chunked" in request.headers.get(hdrs.TRANSFER_ENCODING, "").lower()
+        if length is None and not chunked:
+            return b"", b""
+        if length == 0:
+            return b"", b"Content-Length: 0\r\n"
+        if expect is not None:
+            # Answered here, not upstream: the client may send the body now.
+            await request.writer.write(CONTINUE)
+        if length is not None and length <= self._replay_limit:
+            try:
+                async with asyncio.timeout(self._body_timeout):
+                    body = await request.content.readexactly(length)
+            except TimeoutError:
+                raise _BodyFailed(self._too_slow()) from None
+            except asyncio.IncompleteReadError:
+                raise _BodyFailed(
+                    errors.bad_request_body(
+                        400, "body_incomplete", "the request body ended before its Content-Length"
+                    )
+                ) from None
+            return body, b"Content-Length: %d\r\n" % length
+        if length is not None:
+            return None, b"Content-Length: %d\r\n" % length
+        return None, b"Transfer-Encoding: chunked\r\n"
 
-    async def _relay(
-        self, request: web.Request, route: Route, upstream: aiohttp.ClientResponse
-    ) -> web.StreamResponse:
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-        response.headers.extend(response_headers(upstream.headers))
-        if location := upstream.headers.get("Location"):
-            response.headers["Location"] = self._rewrite_location(location, request, route)
+    def _too_slow(self) -> web.Response:
+        return errors.bad_request_body(
+            408,
+            "body_timeout",
+            f"the request body made no progress for {self._body_timeout:g} s "
+            "(server.body_timeout); send it faster, or raise the limit",
+        )
+
+    async def _fresh(self, tokens: TokenSource, token: SessionToken) -> SessionToken:
+        """The token to send now. Waiting for a connection may have taken long: a token
+        due for renewal is swapped for the renewed one, and one no longer usable is never
+        sent."""
+        now = self._clock()
+        if now < token.refresh_at:
+            return token
+        newer = tokens.current()
+        if newer is not None and newer is not token:
+            return newer
+        if now < token.usable_until:
+            return token
+        return await tokens.get()
+
+    async def _exchange(
+        self,
+        request: web.BaseRequest,
+        lease: Lease,
+        head: bytes,
+        body: bytes | None,
+        head_only: bool,
+        *,
+        retry: bool,
+    ) -> Response:
+        """Send the request and wait for the response head. A kept-alive connection that
+        the API had closed is replaced once, when the request can be sent again."""
+        while True:
+            if lease.connection.closed:
+                # The API closed it while it sat idle (or while we waited for a token).
+                lease.connection = await self._pool.reconnect(lease)
+            connection = lease.connection
+            try:
+                if body is not None:
+                    connection.send(head, body, head_only=head_only)
+                    connection.body_sent()
+                    return await connection.response()
+                return await self._stream_up(request, connection, head, head_only)
+            except UpstreamError as failure:
+                if not (failure.replayable and retry and body is not None):
+                    raise
+                retry = False
+                lease.connection = await self._pool.reconnect(lease)
+
+    async def _stream_up(
+        self, request: web.BaseRequest, connection: Connection, head: bytes, head_only: bool
+    ) -> Response:
+        """Send a streamed body while waiting for the answer, which may come first."""
+        connection.send(head, head_only=head_only)
+        chunked = request.content_length is None
+        upload = asyncio.ensure_future(self._upload(request, connection, chunked))
+        upload.add_done_callback(_retrieve)
         try:
-            await response.prepare(request)
+            response = await connection.response()
+        except UpstreamError:
+            if upload.done() and not upload.cancelled():
+                failure = upload.exception()
+                if isinstance(failure, _BodyFailed):
+                    raise failure from None
+                if failure is not None and not isinstance(failure, UpstreamError):
+                    raise _BodyFailed(
+                        errors.bad_request_body(
+                            400, "body_incomplete", "the request body ended before it was complete"
+                        )
+                    ) from None
+            raise
+        finally:
+            if not upload.done():
+                upload.cancel()
+                connection.forbid_reuse()
+        return response
+
+    async def _upload(
+        self, request: web.BaseRequest, connection: Connection, chunked: bool
+    ) -> None:
+        content = request.content
+        try:
             while True:
                 try:
-                    chunk = await upstream.content.readany()
-                except (TimeoutError, aiohttp.ClientError) as err:
-                    # The body is cut short. Closing the client's connection is the only way
-                    # to tell it so; ending the body cleanly would pass off a truncated file
-                    # as whole.
+                    async with asyncio.timeout(self._body_timeout):
+                        chunk = await content.readany()
+                except TimeoutError:
+                    raise _BodyFailed(self._too_slow()) from None
+                if not chunk:
+                    break
+                if chunked:
+                    await connection.send_body(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                else:
+                    await connection.send_body(chunk)
+            if chunked:
+                await connection.send_body(b"0\r\n\r\n")
+            connection.body_sent()
+        except (asyncio.CancelledError, UpstreamError):
+            raise  # cancelled by the handler, or the connection failed: the handler knows
+        except BaseException:
+            # Too slow, or the client's connection broke mid-body: the API must not wait on.
+            connection.abort(UpstreamError("the client's request body failed"))
+            raise
+
+    async def _discard(self, lease: Lease, response: Response) -> None:
+        """Drop a refused answer's body, keeping the connection when that is cheap."""
+        connection = lease.connection
+        length = response.content_length
+        if length is not None and length <= SMALL_BODY:
+            await connection.read_all()
+        if not connection.reusable:
+            lease.connection = await self._pool.reconnect(lease)
+        else:
+            connection.finish()
+
+    async def _relay(
+        self,
+        request: web.BaseRequest,
+        facts: Facts,
+        route: Route,
+        lease: Lease,
+        response: Response,
+        head_only: bool,
+        decorate: Decorate,
+    ) -> web.StreamResponse:
+        headers = raw_response_headers(response.headers)
+        location = headers.get(hdrs.LOCATION)
+        if location is not None:
+            headers[hdrs.LOCATION] = rewrite_location(
+                location, self.api_url, route.prefix, request.scheme, request.host
+            )
+        decorate(request, headers, facts)
+        connection = lease.connection
+        length = response.content_length
+        if head_only or response.status in NO_BODY_STATUSES:
+            empty = web.StreamResponse(status=response.status, reason=response.reason)
+            empty.headers.extend(headers)
+            await empty.prepare(request)
+            await empty.write_eof()
+            return empty
+        if length is not None and length <= SMALL_BODY:
+            try:
+                body = await connection.read_all()
+            except UpstreamError as failure:
+                return self._failed(failure)
+            return web.Response(
+                status=response.status, reason=response.reason, headers=headers, body=body
+            )
+        if not self._pool.promote(lease):
+            self._stats.refusal("streams_full")
+            streams = self._pool.streams.limit
+            return errors.admission_refused(
+                "streams_full",
+                f"all {streams} long streams to the API are in use (appcircle.max_streams); "
+                "retry shortly, or raise the limit",
+                1,
+            )
+        streamed = web.StreamResponse(status=response.status, reason=response.reason)
+        streamed.headers.extend(headers)
+        try:
+            await streamed.prepare(request)
+            while True:
+                try:
+                    chunk = await connection.read()
+                except UpstreamError as failure:
+                    # The body is cut short. Closing the client's connection is the only
+                    # way to tell it so; ending the body cleanly would pass off a truncated
+                    # file as whole.
                     log.warning(
-                        "upstream failed mid-response for %s %s (%s); closing the client "
-                        "connection",
+                        "upstream failed mid-response for %s on route %s (%s); closing the "
+                        "client connection",
                         request.method,
                         route.name,
-                        type(err).__name__,
+                        failure.reason,
                     )
                     if request.transport is not None:
                         request.transport.close()
-                    return response
+                    return streamed
                 if not chunk:
                     break
-                await response.write(chunk)
-            await response.write_eof()
+                facts.bytes_out += len(chunk)
+                await streamed.write(chunk)
+            await streamed.write_eof()
         except ConnectionResetError:
-            # The client hung up; the upstream response is dropped with it (see `handle`).
-            log.debug("client went away during %s %s", request.method, route.name)
-        return response
+            log.debug("client went away during %s on route %s", request.method, route.name)
+        return streamed
 
-    def _rewrite_location(self, location: str, request: web.Request, route: Route) -> str:
-        """Point a redirect at the API host back through the proxy and the route's prefix."""
-        api = URL(self.api_url)
-        target = URL(location, encoded=True)
-        if target.is_absolute():
-            if target.origin() != api.origin():
-                return location
-        elif not location.startswith("/") or location.startswith("//"):
-            return location
-        base = api.raw_path.rstrip("/")
-        path = target.raw_path
-        if base and not (path == base or path.startswith(base + "/")):
-            return location
-        below = path[len(base) :] or "/"
-        prefix = "" if route.prefix == "/" else route.prefix
-        rewritten = f"{request.scheme}://{request.host}{prefix}{below}"
-        if target.raw_query_string:
-            rewritten += "?" + target.raw_query_string
-        if target.raw_fragment:
-            rewritten += "#" + target.raw_fragment
-        return rewritten
+    def _failed(self, failure: UpstreamError) -> web.Response:
+        if isinstance(failure, UpstreamTimeout):
+            return errors.upstream_timeout(self.api_url)
+        return errors.upstream_unreachable(self.api_url, failure.reason)
+
+
+def rewrite_location(location: str, api_url: str, prefix: str, scheme: str, host: str) -> str:
+    """Point a redirect at the API (under `api_url`'s path) back through the proxy, at
+    `scheme://host` and the route's `prefix`; any other Location is returned as it is."""
+    api = URL(api_url)
+    # A scheme-relative reference ('//host/path') is resolved against the API it came from.
+    absolute = f"{api.scheme}:{location}" if location.startswith("//") else location
+    try:
+        target = URL(absolute, encoded=True)
+        elsewhere = target.is_absolute() and target.origin() != api.origin()
+    except ValueError:
+        return location  # not a URL we can read: the client gets it as the API sent it
+    if elsewhere or not (target.is_absolute() or location.startswith("/")):
+        return location
+    base = api.raw_path.rstrip("/")
+    path = target.raw_path
+    if base and not (path == base or path.startswith(base + "/")):
+        return location
+    below = path[len(base) :] or "/"
+    rewritten = f"{scheme}://{host}{'' if prefix == '/' else prefix}{below}"
+    if target.raw_query_string:
+        rewritten += "?" + target.raw_query_string
+    if target.raw_fragment:
+        rewritten += "#" + target.raw_fragment
+    return rewritten
+
+
+def _retrieve(task: asyncio.Future[None]) -> None:
+    """Mark an upload's failure as seen: the handler reports it, or no longer cares."""
+    if not task.cancelled():
+        task.exception()

@@ -13,16 +13,16 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import re
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Final
 from urllib.parse import unquote
 
 from aiohttp import hdrs, web
+from multidict import CIMultiDict
 from pydantic import SecretStr
 
 from . import errors
-from .admin import HEALTH_PATH
+from .paths import HEALTH_PATH
 from .settings import ServerSettings
 
 __all__ = ["Guard"]
@@ -42,8 +42,6 @@ ENCODED_SEPARATORS: Final = re.compile(r"%(2f|5c|00)", re.IGNORECASE)
 # '%25' is an encoded '%': a server that decodes twice would see '%2e%2e' become '..'.
 DOUBLE_ENCODED: Final = re.compile(r"%25")
 PREFLIGHT_MAX_AGE: Final = "600"
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def _host_name(host_header: str) -> str | None:
@@ -111,16 +109,7 @@ class Guard:
             max_header_count=server.max_header_count,
         )
 
-    @web.middleware
-    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        refusal = self.refusal(request)
-        if refusal is not None:
-            return refusal
-        if self._is_preflight(request):
-            return self._preflight(request)
-        return await handler(request)
-
-    def refusal(self, request: web.Request) -> web.Response | None:
+    def refusal(self, request: web.BaseRequest) -> web.Response | None:
         """The answer that refuses `request`, or None when it may be forwarded."""
         if request.method in REFUSED_METHODS:
             return errors.refused(
@@ -192,13 +181,13 @@ class Guard:
             return errors.refused(400, "bad_path", problem)
         return None
 
-    def _from_foreign_page(self, request: web.Request) -> bool:
+    def _from_foreign_page(self, request: web.BaseRequest) -> bool:
         origin = request.headers.get(hdrs.ORIGIN)
         if origin is not None:
             return origin.rstrip("/").lower() not in self.allowed_origins
         return request.headers.get("Sec-Fetch-Site", "").lower() in CROSS_SITE
 
-    def _client_token_matches(self, request: web.Request) -> bool:
+    def _client_token_matches(self, request: web.BaseRequest) -> bool:
         assert self.client_token is not None
         scheme, _, presented = request.headers.get(hdrs.PROXY_AUTHORIZATION, "").partition(" ")
         expected = self.client_token.get_secret_value().encode()
@@ -207,34 +196,32 @@ class Guard:
         )
 
     @staticmethod
-    def _is_preflight(request: web.Request) -> bool:
+    def _is_preflight(request: web.BaseRequest) -> bool:
         return (
             request.method == hdrs.METH_OPTIONS
             and hdrs.ORIGIN in request.headers
             and hdrs.ACCESS_CONTROL_REQUEST_METHOD in request.headers
         )
 
-    @staticmethod
-    def _preflight(request: web.Request) -> web.Response:
-        """A CORS preflight from an allowed origin is answered here (headers: see below)."""
-        return web.Response(status=204)
+    def preflight_answer(self, request: web.BaseRequest) -> web.Response | None:
+        """A CORS preflight (already past `refusal`, so from an allowed origin) is answered
+        here, never forwarded; its CORS headers come from `apply_cors`."""
+        if self._is_preflight(request):
+            return web.Response(status=204)
+        return None
 
-    async def cors_headers(self, request: web.Request, response: web.StreamResponse) -> None:
-        """on_response_prepare hook: CORS headers for an allowed origin and never otherwise,
-        whatever the API itself sent."""
-        for name in [
-            name for name in response.headers if name.lower().startswith("access-control-")
-        ]:
-            response.headers.popall(name)
+    def apply_cors(self, request: web.BaseRequest, headers: CIMultiDict[str]) -> None:
+        """CORS headers for an allowed origin and never otherwise (the API's own were
+        dropped with the other response headers)."""
         origin = request.headers.get(hdrs.ORIGIN)
         if origin is None or origin.rstrip("/").lower() not in self.allowed_origins:
             return
-        response.headers[hdrs.ACCESS_CONTROL_ALLOW_ORIGIN] = origin
-        response.headers.add(hdrs.VARY, "Origin")
+        headers[hdrs.ACCESS_CONTROL_ALLOW_ORIGIN] = origin
+        headers.add(hdrs.VARY, "Origin")
         if self._is_preflight(request):
-            response.headers[hdrs.ACCESS_CONTROL_ALLOW_METHODS] = request.headers[
+            headers[hdrs.ACCESS_CONTROL_ALLOW_METHODS] = request.headers[
                 hdrs.ACCESS_CONTROL_REQUEST_METHOD
             ]
             if requested := request.headers.get(hdrs.ACCESS_CONTROL_REQUEST_HEADERS):
-                response.headers[hdrs.ACCESS_CONTROL_ALLOW_HEADERS] = requested
-            response.headers[hdrs.ACCESS_CONTROL_MAX_AGE] = PREFLIGHT_MAX_AGE
+                headers[hdrs.ACCESS_CONTROL_ALLOW_HEADERS] = requested
+            headers[hdrs.ACCESS_CONTROL_MAX_AGE] = PREFLIGHT_MAX_AGE

@@ -3,11 +3,17 @@ client's credentials never go upstream, everything else passes through untouched
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Final
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-__all__ = ["request_headers", "response_headers"]
+__all__ = [
+    "raw_request_headers",
+    "raw_response_headers",
+    "request_headers",
+    "response_headers",
+]
 
 # RFC 9110 section 7.6.1, plus the Proxy-* family and the pre-standard Proxy-Connection.
 HOP_BY_HOP: Final = frozenset(
@@ -43,3 +49,56 @@ def request_headers(incoming: CIMultiDictProxy[str]) -> CIMultiDict[str]:
 def response_headers(incoming: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     """The upstream's headers as they go back to the client (Location not yet rewritten)."""
     return _filtered(incoming, frozenset())
+
+
+# The same rules on raw bytes, for the forwarding client. The proxy sets the framing
+# (Content-Length / Transfer-Encoding) and the request id itself.
+_RAW_REQUEST_DROPPED: Final = frozenset(
+    name.encode() for name in HOP_BY_HOP | REQUEST_ONLY_DROPPED | {"content-length", "x-request-id"}
+)
+_RAW_RESPONSE_DROPPED: Final = frozenset(name.encode() for name in HOP_BY_HOP)
+
+
+def _raw_connection_listed(raw: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    listed: set[bytes] = set()
+    for name, value in raw:
+        if name.lower() == b"connection":
+            listed.update(token.strip().lower() for token in value.split(b","))
+    return frozenset(listed)
+
+
+def raw_request_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[bytes]:
+    """The client's header lines (b"Name: value\\r\\n") as they go upstream."""
+    raw = tuple(raw)
+    listed = _raw_connection_listed(raw)
+    lines = []
+    for name, value in raw:
+        lowered = name.lower()
+        if lowered in _RAW_REQUEST_DROPPED or lowered in listed or lowered.startswith(b"proxy-"):
+            continue
+        lines.append(b"%s: %s\r\n" % (name, value))
+    return lines
+
+
+def raw_response_headers(raw: list[tuple[bytes, bytes]]) -> CIMultiDict[str]:
+    """The API's headers as they go back to the client: hop-by-hop headers and the API's own
+    CORS headers dropped (only the proxy's CORS policy applies)."""
+    listed = _raw_connection_listed(raw)
+    headers: CIMultiDict[str] = CIMultiDict()
+    for name, value in raw:
+        lowered = name.lower()
+        if (
+            lowered in _RAW_RESPONSE_DROPPED
+            or lowered in listed
+            or lowered.startswith((b"proxy-", b"access-control-"))
+        ):
+            continue
+        headers.add(name.decode("latin-1"), _text(value))
+    return headers
+
+
+def _text(value: bytes) -> str:
+    try:
+        return value.decode()
+    except UnicodeDecodeError:
+        return value.decode("latin-1")

@@ -5,6 +5,7 @@ processes on the port, re-forking any that dies."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import ipaddress
 import logging
 import multiprocessing
@@ -16,21 +17,22 @@ import stat
 import sys
 import time
 from collections.abc import Callable, Coroutine
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import Final
+from typing import Final, TextIO
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.log import server_logger as aiohttp_server_log
 
-from . import __version__, admin
-from .app import METRICS, UPSTREAM, create_app
-from .drain import DRAIN, Drain
+from . import __version__
+from .access_log import LOGGER_NAME, access_logger
+from .admin import create_admin_server
+from .app import Proxy, build, connect
 from .inbound import Connections, head_limit
-from .observe import access_logger
 from .settings import ConfigError, Endpoint, Settings, UnixSocket
 from .tokens import Clock
 
@@ -108,12 +110,12 @@ class _Listener:
 
 @dataclass(frozen=True, slots=True)
 class Running:
-    """A started proxy: its app, its runners and listeners (the API ones first)."""
+    """A started proxy: its parts, its runners and listeners (the API ones first)."""
 
-    app: web.Application
-    runners: tuple[web.AppRunner, ...]
+    proxy: Proxy
+    runners: tuple[web.BaseRunner, ...]
+    resources: AsyncExitStack
     listeners: tuple[tuple[_Listener, ...], ...]
-    drain: Drain
     shutdown_timeout: float
 
     @property
@@ -130,20 +132,24 @@ class Running:
         cancel those still running then, and close. Returns how many were cut."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(0.0, self.shutdown_timeout - CUT_GRACE)
-        self.drain.draining = True
+        self.proxy.handler.drain.draining = True
         for listeners in self.listeners:
             for listener in listeners:
                 listener.close()
         server = self.runners[0].server
         cut = 0
-        if server is not None:
-            # Idle keep-alive connections end now; busy ones after their answer.
-            server.pre_shutdown()
-            while _busy(server) and loop.time() < deadline:
-                await asyncio.sleep(0.02)
-            cut = _busy(server)
-        for runner in reversed(self.runners):
-            await runner.cleanup()
+        try:
+            if server is not None:
+                # Idle keep-alive connections end now; busy ones after their answer.
+                server.pre_shutdown()
+                while _busy(server) and loop.time() < deadline:
+                    await asyncio.sleep(0.02)
+                cut = _busy(server)
+            for runner in reversed(self.runners):
+                await runner.cleanup()
+        finally:
+            self.proxy.access_log.flush()
+            await self.resources.aclose()
         return cut
 
 
@@ -166,17 +172,24 @@ def _url(address: object) -> str:
 
 
 async def start(
-    settings: Settings, clock: Clock = time.time, *, reuse_port: bool = False
+    settings: Settings,
+    clock: Clock = time.time,
+    *,
+    reuse_port: bool = False,
+    worker: int | None = None,
+    log_stream: Callable[[], TextIO] | None = None,
 ) -> Running:
-    """Build the app and start its listeners; the caller must `stop()` it. With
+    """Build the proxy and start its listeners; the caller must `stop()` it. With
     `reuse_port`, several processes can listen on the same TCP port (SO_REUSEPORT)."""
     server = settings.server
-    app = create_app(settings, clock)
-    drain = Drain()
-    app[DRAIN] = drain
-    app.on_response_prepare.append(drain.on_response_prepare)
-    runner = web.AppRunner(
-        app,
+    resources = AsyncExitStack()
+    runtime = await resources.enter_async_context(connect(settings, clock))
+    proxy = build(settings, runtime, clock, worker=worker, log_stream=log_stream)
+    if server.eager:
+        for source in runtime.tokens:
+            source.start()
+    web_server = web.Server(
+        proxy.handler,
         # A client that hangs up cancels its handler, and so its upstream request, at once.
         handler_cancellation=True,
         # aiohttp closes a connection that has not sent a whole request head within this
@@ -188,18 +201,17 @@ async def start(
         max_line_size=server.max_url_length + 64,
         max_field_size=server.max_header_bytes,
         max_headers=server.max_header_count * 2 + 32,
-        # Stop() drains within shutdown_timeout itself; what remains is cut.
-        shutdown_timeout=CUT_GRACE,
-        access_log_class=access_logger(
-            settings.log.query_strings, app[METRICS].count_response_bytes
-        ),
+        access_log_class=access_logger(proxy.access_log, proxy.stats),
+        access_log=logging.getLogger(LOGGER_NAME),
     )
+    # Stop() drains within shutdown_timeout itself; what remains then is cut.
+    runner = web.ServerRunner(web_server, shutdown_timeout=CUT_GRACE)
     aiohttp_server_log.addFilter(_QUIET_PARSER_ERRORS)
     connections = Connections(
         limit=server.max_client_connections,
         head_limit=head_limit(server.max_url_length, server.max_header_bytes),
     )
-    runners = [runner]
+    runners: list[web.BaseRunner] = [runner]
     listeners: list[tuple[_Listener, ...]] = []
     try:
         await runner.setup()
@@ -207,10 +219,8 @@ async def start(
             await _listen(runner, connections, server.endpoint, server.socket_mode, reuse_port)
         )
         if server.admin_endpoint is not None:
-            admin_runner = web.AppRunner(
-                admin.create_admin_app(lambda: app.get(UPSTREAM), app[METRICS]),
-                access_log=None,
-                shutdown_timeout=CUT_GRACE,
+            admin_runner = web.ServerRunner(
+                create_admin_server(proxy.admin), shutdown_timeout=CUT_GRACE
             )
             runners.append(admin_runner)
             await admin_runner.setup()
@@ -232,6 +242,7 @@ async def start(
                 listener.close()
         for started in reversed(runners):
             await started.cleanup()
+        await resources.aclose()
         if isinstance(err, SystemExit):
             raise
         raise SystemExit(
@@ -248,11 +259,11 @@ async def start(
                 "listen on 127.0.0.1 unless this is a container's own network namespace.",
                 endpoint,
             )
-    return Running(app, tuple(runners), tuple(listeners), drain, server.shutdown_timeout)
+    return Running(proxy, tuple(runners), resources, tuple(listeners), server.shutdown_timeout)
 
 
 async def _listen(
-    runner: web.AppRunner,
+    runner: web.BaseRunner,
     connections: Connections,
     endpoint: Endpoint | UnixSocket,
     mode: int,
@@ -335,7 +346,7 @@ def _reload(running: Running, load: Callable[[], Settings]) -> None:
     except ConfigError as err:
         log.error("reload failed, keeping the running configuration: %s", err)
         return
-    running.app[UPSTREAM].reload(settings)
+    running.proxy.runtime.reload(settings)
 
 
 @dataclass(frozen=True, slots=True)
@@ -352,7 +363,12 @@ class _WorkerRole:
 async def _serve(
     settings: Settings, load: Callable[[], Settings], role: _WorkerRole | None = None
 ) -> None:
-    running = await start(settings, reuse_port=role is not None)
+    running = await start(
+        settings, reuse_port=role is not None, worker=None if role is None else role.index
+    )
+    # Everything allocated so far lives as long as the process: keep the collector off it.
+    gc.collect()
+    gc.freeze()
     try:
         if role is None or (role.index == 0 and role.restarts == 0):
             for url in running.urls:

@@ -62,6 +62,11 @@ class StandIn:
         "subOrganization"
     )
     send_expires_in: bool = False
+    # False: tokens carry no organization claim (currentOrganizationId) at all.
+    organization_claim: bool = True
+    # The API host served under this path (an API behind a path-routing gateway): its
+    # API URL is then `api_url + api_base_path`, and nothing outside that path exists.
+    api_base_path: str = ""
     # Misbehaviours for the next exchanges, consumed one per exchange; `always` repeats.
     script: list[Misbehaviour] = field(default_factory=list)
     always: Misbehaviour | None = None
@@ -195,6 +200,8 @@ class StandIn:
             claims["exp"] = now - 10
         if misbehaviour == "no-exp":
             del claims["exp"]
+        if not self.organization_claim:
+            del claims["currentOrganizationId"]
         self._issued.add(token_id)
         token = jwt.encode(claims, self._signing_key, algorithm=SIGNING_ALGORITHM)
         self.issued_tokens.append(token)
@@ -217,12 +224,17 @@ class StandIn:
         app.router.add_get("/_test/slow", self._slow)
         app.router.add_get("/_test/cut", self._cut)
         app.router.add_get("/_test/hop-by-hop", self._hop_by_hop)
+        app.router.add_get("/_test/cors", self._cors)
         app.router.add_get("/_test/status/{status:\\d+}", self._status)
         app.router.add_get("/_test/download", self._download)
         app.router.add_get("/_test/events", self._events)
         app.router.add_get("/_test/ws", self._websocket)
         app.router.add_route("*", "/{path:.*}", self._echo)
-        return app
+        if not self.api_base_path:
+            return app
+        gateway = web.Application()
+        gateway.add_subapp(self.api_base_path, app)
+        return gateway
 
     @web.middleware
     async def _require_token(
@@ -280,7 +292,8 @@ class StandIn:
         )
 
     async def _redirect(self, request: web.Request) -> web.Response:
-        target = request.query.get("to", f"{self.api_url}/build/v2/profiles?page=1")
+        default = f"{self.api_url}{self.api_base_path}/build/v2/profiles?page=1"
+        target = request.query.get("to", default)
         return web.Response(status=302, headers={"Location": target})
 
     async def _gzip(self, request: web.Request) -> web.Response:
@@ -310,6 +323,18 @@ class StandIn:
                 "X-Private-Hop": "must not pass",
                 "Keep-Alive": "timeout=5",
                 "Proxy-Authenticate": "Basic",
+                "X-Kept": "passes",
+            },
+        )
+
+    async def _cors(self, request: web.Request) -> web.Response:
+        """An API that answers with CORS headers of its own (too permissive ones)."""
+        return web.json_response(
+            {"cors": "from the API"},
+            headers={
+                "Access-Control-Allow-Origin": "*",
+                "Access-Control-Allow-Credentials": "true",
+                "Access-Control-Expose-Headers": "X-Internal",
                 "X-Kept": "passes",
             },
         )

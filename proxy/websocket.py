@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import Final
 
 import aiohttp
@@ -21,7 +22,7 @@ from . import errors
 from .routes import Route
 from .tokens import TokenUnavailable
 
-__all__ = ["is_upgrade", "relay"]
+__all__ = ["Session", "is_upgrade", "relay"]
 
 log = logging.getLogger("appcircle_proxy.websocket")
 
@@ -36,9 +37,11 @@ INTERNAL_ERROR: Final = 1011
 REDIRECTS: Final = frozenset({301, 302, 303, 307, 308})
 
 WebSocket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
+# aiohttp's client carries WebSockets (the pooled client is for plain HTTP).
+Session = aiohttp.ClientSession
 
 
-def is_upgrade(request: web.Request) -> bool:
+def is_upgrade(request: web.BaseRequest) -> bool:
     return (
         request.headers.get("Upgrade", "").lower() == "websocket"
         and "upgrade" in request.headers.get("Connection", "").lower()
@@ -46,11 +49,12 @@ def is_upgrade(request: web.Request) -> bool:
 
 
 async def relay(
-    request: web.Request,
-    session: aiohttp.ClientSession,
+    request: web.BaseRequest,
+    session: Session,
     route: Route,
     target: URL,
     headers: CIMultiDict[str],
+    decorate: Callable[[CIMultiDict[str]], None],
 ) -> web.StreamResponse:
     # aiohttp also takes the draft versions 7 and 8; the upstream handshake is 13.
     if (
@@ -75,6 +79,7 @@ async def relay(
     client = web.WebSocketResponse(
         protocols=(upstream.protocol,) if upstream.protocol else (), autoclose=False
     )
+    decorate(client.headers)
     try:
         await client.prepare(request)
         pumps = [

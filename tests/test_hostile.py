@@ -237,7 +237,6 @@ def test_any_request_is_forwarded_faithfully_or_refused_cleanly(
             "transfer-encoding",
             "origin",
             "sec-fetch-site",
-            "expect",
             "upgrade",
         )
     ]

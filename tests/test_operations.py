@@ -4,6 +4,8 @@ log, and eager token start."""
 from __future__ import annotations
 
 import asyncio
+import json
+from typing import Any
 
 import aiohttp
 import pytest
@@ -157,18 +159,32 @@ async def test_health_needs_no_client_token_but_everything_else_does(
 
 
 async def test_access_log_has_one_line_per_request_without_query_string(
-    start_proxy: StartProxy, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+    start_proxy: StartProxy, http: aiohttp.ClientSession, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    proxy = await start_proxy()
-    reply = await request(http, "POST", f"{proxy}/build/v2/profiles?secret-ish=1", data=b"12345")
+    proxy = await start_proxy(log={"format": "json"})
+    reply = await request(
+        http,
+        "POST",
+        f"{proxy}/build/v2/profiles?secret-ish=1",
+        data=b"12345",
+        headers={"X-Request-Id": "r-42"},
+    )
     assert reply.status == 200
-    lines = [r for r in caplog.records if r.name == "aiohttp.access"]
-    assert len(lines) == 1
-    fields = lines[0].fields  # type: ignore[attr-defined]
-    assert fields["route"] == "default"
-    assert fields["method"] == "POST"
-    assert fields["path"] == "/build/v2/profiles"
-    assert (fields["status"], fields["upstream_status"]) == (200, 200)
-    assert fields["bytes_in"] == 5 and fields["bytes_out"] > 0
-    assert fields["duration_ms"] >= 0
-    assert "secret-ish" not in caplog.text
+    assert reply.headers["X-Request-Id"] == "r-42"
+    written: list[str] = []
+
+    def access_lines() -> list[dict[str, Any]]:
+        written.append(capsys.readouterr().err)
+        lines = "".join(written).splitlines()
+        return [json.loads(line) for line in lines if '"appcircle_proxy.access"' in line]
+
+    await eventually(lambda: len(access_lines()) > 0)
+    (entry,) = access_lines()
+    assert entry["route"] == "default"
+    assert entry["method"] == "POST"
+    assert entry["path"] == "/build/v2/profiles"
+    assert (entry["status"], entry["upstream_status"]) == (200, 200)
+    assert entry["bytes_in"] == 5 and entry["bytes_out"] == len(reply.body)
+    assert entry["request_id"] == "r-42" and entry["client"] == "127.0.0.1"
+    assert entry["duration_ms"] >= 0 and entry["error"] is None
+    assert "secret-ish" not in "".join(written)

@@ -89,7 +89,7 @@ async def test_json_logs_are_one_object_per_line(
         await process.wait()
         lines = [line for line in (await stderr_of(process)).splitlines() if line.startswith("{")]
     entries = [json.loads(line) for line in lines]
-    access = [e for e in entries if e["logger"] == "aiohttp.access"]
+    access = [e for e in entries if e["logger"] == "appcircle_proxy.access"]
     assert len(access) == 1
     assert access[0]["path"] == "/build/v2/profiles"
     assert access[0]["status"] == 200 and access[0]["route"] == "default"

@@ -1,0 +1,164 @@
+"""The access log: one line per request, pre-formatted and written in batches.
+
+A `logging` call per request cost about 14% of the proxy's CPU; here a line is one string
+appended to a list, and the list is written every 50 ms and at exit. Text and JSON lines
+carry the same fields. aiohttp calls `AccessLogger.log` once a response has been sent,
+which is also where the request's traffic statistics are recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Final, Literal, TextIO
+
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+
+from .facts import ERROR_CODE, FACTS, Facts
+from .paths import HEALTH_PATH, READY_PATH
+from .stats import NO_ROUTE, Stats
+
+__all__ = ["LOGGER_NAME", "AccessLog", "access_logger"]
+
+LOGGER_NAME: Final = "appcircle_proxy.access"
+FLUSH_EVERY: Final = 0.05
+# Probes every few seconds would drown the log; their failures are still logged.
+QUIET_PATHS: Final = frozenset({HEALTH_PATH, READY_PATH})
+
+
+class AccessLog:
+    """Lines waiting to be written, and the writer."""
+
+    def __init__(
+        self,
+        stream: Callable[[], TextIO],
+        fmt: Literal["text", "json"],
+        *,
+        query_strings: bool,
+        worker: int | None,
+        enabled: bool,
+    ) -> None:
+        self._stream = stream
+        self._json = fmt == "json"
+        self.query_strings = query_strings
+        self._worker = worker
+        self.enabled = enabled
+        self._lines: list[str] = []
+        self._flush_handle: asyncio.TimerHandle | None = None
+        self._second = -1
+        self._second_text = ""
+
+    def add(
+        self,
+        request: web.BaseRequest,
+        facts: Facts | None,
+        status: int,
+        error: str | None,
+        bytes_in: int,
+        bytes_out: int,
+        seconds: float,
+    ) -> None:
+        now = time.time()
+        path = request.raw_path if self.query_strings else request.raw_path.partition("?")[0]
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        client = peer[0] if isinstance(peer, tuple) else "local"
+        route = facts.route if facts is not None else NO_ROUTE
+        upstream_status = facts.upstream_status if facts is not None else None
+        request_id = facts.request_id if facts is not None else None
+        duration_ms = round(seconds * 1000, 1)
+        if self._json:
+            entry = {
+                "time": self._timestamp(now),
+                "level": "info",
+                "logger": LOGGER_NAME,
+                "message": f"{request.method} {path} {status}",
+                "method": request.method,
+                "path": path,
+                "status": status,
+                "route": route,
+                "upstream_status": upstream_status,
+                "error": error,
+                "duration_ms": duration_ms,
+                "bytes_in": bytes_in,
+                "bytes_out": bytes_out,
+                "client": client,
+                "request_id": request_id,
+            }
+            if self._worker is not None:
+                entry["worker"] = self._worker
+            line = json.dumps(entry)
+        else:
+            line = (
+                f"{self._timestamp(now)} INFO {LOGGER_NAME}: {request.method} {path} {status} "
+                f"route={route} upstream_status={upstream_status or '-'} "
+                f"error={error or '-'} duration_ms={duration_ms} bytes_in={bytes_in} "
+                f"bytes_out={bytes_out} client={client} request_id={request_id or '-'}"
+            )
+            if self._worker is not None:
+                line += f" worker={self._worker}"
+        self._lines.append(line)
+        if self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_later(FLUSH_EVERY, self.flush)
+
+    def flush(self) -> None:
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        if not self._lines:
+            return
+        lines, self._lines = self._lines, []
+        stream = self._stream()
+        try:
+            stream.write("\n".join(lines) + "\n")
+            stream.flush()
+        except (OSError, ValueError):
+            pass  # stderr closed under us (a pipe whose reader left): nothing to tell
+
+    def _timestamp(self, now: float) -> str:
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._second_text}.{int((now - second) * 1000):03d}+00:00"
+
+
+def access_logger(log: AccessLog, stats: Stats) -> type[AbstractAccessLogger]:
+    """The class aiohttp instantiates to report each answered request."""
+
+    class AccessLogger(AbstractAccessLogger):
+        def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+            facts = request.get(FACTS)
+            route = facts.route if facts is not None else NO_ROUTE
+            bytes_in = request.content.total_bytes
+            if isinstance(response, web.Response):
+                body = response.body
+                bytes_out = len(body) if isinstance(body, bytes) else 0
+            else:
+                bytes_out = facts.bytes_out if facts is not None else 0
+            status = response.status
+            stats.record(
+                route,
+                request.method,
+                status,
+                bytes_in,
+                bytes_out,
+                facts.upstream_seconds if facts is not None else None,
+            )
+            if not log.enabled or (status < 300 and request.path in QUIET_PATHS):
+                return
+            error = response.get(ERROR_CODE)
+            log.add(request, facts, status, error, bytes_in, bytes_out, time)
+
+        @property
+        def enabled(self) -> bool:
+            return True
+
+    return AccessLogger
+
+
+def enabled_by_level() -> bool:
+    return logging.getLogger(LOGGER_NAME).isEnabledFor(logging.INFO)

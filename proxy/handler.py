@@ -1,0 +1,144 @@
+"""The one request handler, from the listening socket's parsed request to its answer.
+
+Read top to bottom in `Handler.__call__`: the guard's checks; a CORS preflight; the
+proxy's own /_proxy/ paths; the route; then a WebSocket relay or the forwarder. There are
+no middlewares or response signals: every answer passes `_decorate` (request id, CORS)
+once, before its headers are sent.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import secrets
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Final
+
+from aiohttp import hdrs, web
+from multidict import CIMultiDict
+from yarl import URL
+
+from . import errors, websocket
+from .drain import Drain
+from .facts import FACTS, Facts
+from .forward import Forwarder
+from .guard import Guard
+from .headers import request_headers
+from .paths import ADMIN_PREFIX
+from .pool import Pool, Refused
+from .routes import Route, RouteTable
+from .stats import Stats
+
+__all__ = ["AdminHandler", "Handler"]
+
+AdminHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+
+REQUEST_ID: Final = "X-Request-Id"
+# A client's own request id is kept when it is short and printable; otherwise one is made.
+GOOD_REQUEST_ID: Final = re.compile(r"[!-~]{1,128}")
+
+
+class Handler:
+    """Built once per process; aiohttp calls it for every request on the API listener."""
+
+    def __init__(
+        self,
+        guard: Guard,
+        routes: RouteTable,
+        forwarder: Forwarder,
+        pool: Pool,
+        stats: Stats,
+        websocket_session: websocket.Session,
+        admin: Mapping[str, AdminHandler] | None,
+    ) -> None:
+        self._guard = guard
+        self._routes = routes
+        self._forwarder = forwarder
+        self._pool = pool
+        self._stats = stats
+        self._websocket_session = websocket_session
+        # None: /_proxy/ is served on server.admin_listen instead.
+        self._admin = admin
+        # Unique within the process; the random part tells processes (and restarts) apart.
+        self._id_prefix = secrets.token_hex(4)
+        self._ids = itertools.count(1)
+        # Set by the server at shutdown (branch guard: bounded drain).
+        self.drain = Drain()
+
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        facts = Facts(self._request_id(request))
+        request[FACTS] = facts
+        self._stats.in_flight += 1
+        try:
+            response = await self._answer(request, facts)
+        finally:
+            self._stats.in_flight -= 1
+        if not response.prepared:
+            self._decorate(request, response.headers, facts)
+        return response
+
+    async def _answer(self, request: web.BaseRequest, facts: Facts) -> web.StreamResponse:
+        refusal = self._guard.refusal(request)
+        if refusal is not None:
+            return refusal
+        preflight = self._guard.preflight_answer(request)
+        if preflight is not None:
+            return preflight
+        path, has_query, query = request.raw_path.partition("?")
+        if path.startswith(ADMIN_PREFIX):
+            return await self._own(request, path)
+        matched = self._routes.match(path)
+        if matched is None:
+            return errors.no_route(path, self._routes.prefixes)
+        route, rest = matched
+        facts.route = route.name
+        target = rest + has_query + query
+        if websocket.is_upgrade(request):
+            return await self._websocket(request, facts, route, target)
+        return await self._forwarder.forward(request, facts, route, target, self._decorate)
+
+    async def _own(self, request: web.BaseRequest, path: str) -> web.StreamResponse:
+        if self._admin is None:
+            return errors.refused(
+                404,
+                "not_found",
+                "/_proxy/ is the proxy's own: health, ready and metrics (served on "
+                "server.admin_listen)",
+            )
+        handler = self._admin.get(path)
+        if handler is None or request.method not in (hdrs.METH_GET, hdrs.METH_HEAD):
+            return errors.refused(
+                404, "not_found", "/_proxy/ is the proxy's own: health, ready and metrics"
+            )
+        return await handler(request)
+
+    async def _websocket(
+        self, request: web.BaseRequest, facts: Facts, route: Route, target: str
+    ) -> web.StreamResponse:
+        try:
+            await self._pool.admit(self._pool.streams)
+        except Refused as refused:
+            self._stats.refusal(refused.kind)
+            return errors.admission_refused(refused.kind, refused.detail, refused.retry_after)
+        try:
+            return await websocket.relay(
+                request,
+                self._websocket_session,
+                route,
+                URL(self._forwarder.api_url + target, encoded=True),
+                request_headers(request.headers),
+                lambda headers: self._decorate(request, headers, facts),
+            )
+        finally:
+            self._pool.streams.give_back()
+
+    def _decorate(self, request: web.BaseRequest, headers: CIMultiDict[str], facts: Facts) -> None:
+        headers[REQUEST_ID] = facts.request_id
+        self._guard.apply_cors(request, headers)
+        self.drain.mark(headers)
+
+    def _request_id(self, request: web.BaseRequest) -> str:
+        given = request.headers.get(REQUEST_ID)
+        if given is not None and GOOD_REQUEST_ID.fullmatch(given):
+            return given
+        return f"{self._id_prefix}-{next(self._ids):x}"
