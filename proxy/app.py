@@ -31,6 +31,7 @@ from .runtime import Runtime
 from .settings import Settings
 from .stats import Stats
 from .tokens import Clock, RetryPolicy, TokenKey, TokenSources
+from .tracing import debug_traces
 
 __all__ = ["Proxy", "build", "connect"]
 
@@ -83,6 +84,7 @@ async def connect(settings: Settings, clock: Clock = time.time) -> AsyncIterator
             total=settings.tokens.exchange_timeout, sock_connect=appcircle.connect_timeout
         ),
         cookie_jar=aiohttp.DummyCookieJar(),
+        trace_configs=debug_traces("auth"),  # ops: exchange timings at --log-level debug
     )
     websocket_session = aiohttp.ClientSession(
         # Admission is the stream budget's job (appcircle.max_streams), not the connector's.
@@ -90,6 +92,7 @@ async def connect(settings: Settings, clock: Clock = time.time) -> AsyncIterator
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=appcircle.connect_timeout),
         auto_decompress=False,
         cookie_jar=aiohttp.DummyCookieJar(),
+        trace_configs=debug_traces("websocket"),  # ops: connection timings at debug level
     )
     pool = _pool(settings, tls)
 

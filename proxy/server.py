@@ -28,7 +28,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.log import server_logger as aiohttp_server_log
 
-from . import __version__
+from . import __version__, logs
 from .access_log import LOGGER_NAME, access_logger
 from .admin import create_admin_server
 from .app import Proxy, build, connect
@@ -58,16 +58,56 @@ except ImportError:  # no uvloop on Windows: the standard loop serves as well, a
     _LOOP_FACTORY = None
 
 
-def _describe_routes(settings: Settings) -> list[str]:
-    lines = []
-    for name, route in sorted(settings.routes.items(), key=lambda item: item[1].prefix):
-        credential = settings.credentials[route.credential]
-        organization = route.sub_organization or "the key's own organization"
+def _describe_routes(settings: Settings) -> list[dict[str, str | None]]:
+    return [
+        {
+            "route": name,
+            "prefix": route.prefix,
+            "credential": route.credential,
+            "kind": settings.credentials[route.credential].kind,
+            "sub_organization": route.sub_organization,
+        }
+        for name, route in sorted(settings.routes.items(), key=lambda item: item[1].prefix)
+    ]
+
+
+def _announce(running: Running, settings: Settings, *, banner: bool) -> None:
+    """The `listening` event: where, and which routes; in text, with `banner`, the lines
+    people read (once, not once per worker)."""
+    routes = _describe_routes(settings)
+    lines = [f"appcircle-proxy {__version__} listening on {url}" for url in running.urls]
+    lines += [f"health, readiness and metrics on {url}/_proxy/" for url in running.admin_urls]
+    lines.append("routes:")
+    for route in routes:
+        organization = route["sub_organization"] or "the key's own organization"
         lines.append(
-            f"  {route.prefix:<12} -> {settings.appcircle.api_url}  (route '{name}', "
-            f"credential '{route.credential}' [{credential.kind}], {organization})"
+            f"  {route['prefix']:<12} -> {settings.appcircle.api_url}  (route '{route['route']}', "
+            f"credential '{route['credential']}' [{route['kind']}], {organization})"
         )
-    return lines
+    logs.event(
+        "listening",
+        # The address is followed by a space, for scripts that take the word after "on".
+        f"listening on {' '.join(running.urls)} (appcircle-proxy {__version__})",
+        {
+            "version": __version__,
+            "address": running.urls[0],
+            "admin_address": running.admin_urls[0] if running.admin_urls else None,
+            "api_url": settings.appcircle.api_url,
+            "routes": routes,
+        },
+        "\n".join(lines) if banner else None,
+    )
+
+
+def _final_counts(running: Running) -> dict[str, int]:
+    """What this process did, for the `stopped` event."""
+    sources = list(running.proxy.runtime.tokens)
+    exchanges = sum(sum(source.outcomes.values()) for source in sources)
+    return {
+        "requests": sum(running.proxy.stats.requests.values()),
+        "token_exchanges": exchanges,
+        "token_exchange_failures": exchanges - sum(source.outcomes["ok"] for source in sources),
+    }
 
 
 class _ParserErrorsInOneLine(logging.Filter):
@@ -213,12 +253,14 @@ async def start(
     )
     runners: list[web.BaseRunner] = [runner]
     listeners: list[tuple[_Listener, ...]] = []
+    address, setting = server.endpoint, "--listen or server.listen"
     try:
         await runner.setup()
         listeners.append(
             await _listen(runner, connections, server.endpoint, server.socket_mode, reuse_port)
         )
         if server.admin_endpoint is not None:
+            address, setting = server.admin_endpoint, "--admin-listen or server.admin_listen"
             admin_runner = web.ServerRunner(
                 create_admin_server(proxy.admin), shutdown_timeout=CUT_GRACE
             )
@@ -243,12 +285,10 @@ async def start(
         for started in reversed(runners):
             await started.cleanup()
         await resources.aclose()
-        if isinstance(err, SystemExit):
+        if isinstance(err, SystemExit):  # a Unix socket path refused, already said why
             raise
-        raise SystemExit(
-            f"appcircle-proxy: cannot listen ({err.strerror or err}); choose other addresses "
-            "with --listen, server.listen or server.admin_listen"
-        ) from None
+        log.error("cannot listen on %s: %s; choose another with %s", address, _why(err), setting)
+        raise SystemExit(2) from None
     endpoint = server.endpoint
     if isinstance(endpoint, Endpoint) and not _is_loopback(endpoint.host):
         if server.client_secret() is None:
@@ -330,6 +370,14 @@ def _claim_socket_path(path: Path) -> None:
     )
 
 
+def _why(err: OSError) -> str:
+    if isinstance(err, socket.gaierror):
+        return f"the host name does not resolve ({err.strerror})"
+    if isinstance(err, FileNotFoundError):
+        return f"its directory does not exist ({err.strerror})"
+    return err.strerror or str(err)
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -366,16 +414,15 @@ async def _serve(
     running = await start(
         settings, reuse_port=role is not None, worker=None if role is None else role.index
     )
+    started = time.monotonic()
     # Everything allocated so far lives as long as the process: keep the collector off it.
     gc.collect()
     gc.freeze()
     try:
-        if role is None or (role.index == 0 and role.restarts == 0):
-            for url in running.urls:
-                print(f"appcircle-proxy {__version__} listening on {url}", flush=True)
-            for url in running.admin_urls:
-                print(f"health, readiness and metrics on {url}/_proxy/", flush=True)
-            print("\n".join(["routes:", *_describe_routes(settings)]), flush=True)
+        # The banner once: from the only process, or the first worker's first start.
+        _announce(
+            running, settings, banner=role is None or (role.index == 0 and role.restarts == 0)
+        )
         if role is not None:
             if role.restarts:
                 log.warning(
@@ -406,8 +453,15 @@ async def _serve(
         )
     else:
         log.info("drained: every in-flight request finished")
-    if role is None or role.index == 0:
-        print("appcircle-proxy: stopped", file=sys.stderr, flush=True)
+    counts = _final_counts(running)
+    uptime = time.monotonic() - started
+    logs.event(
+        "stopped",
+        f"appcircle-proxy: stopped after {counts['requests']} requests and "
+        f"{counts['token_exchanges']} token exchanges "
+        f"({counts['token_exchange_failures']} failed), up {uptime:.0f} s",
+        {**counts, "uptime_s": round(uptime, 1)},
+    )
 
 
 def _run(main: Coroutine[None, None, None]) -> None:
