@@ -111,13 +111,15 @@ def _linger(transport: asyncio.Transport) -> None:
 class _Bounded(asyncio.Protocol):
     """aiohttp's RequestHandler, with the bytes of each request head counted as they come.
 
-    A head is in progress whenever the connection is not carrying a body (or a WebSocket):
+    A head is in progress whenever the connection is not carrying a body or a WebSocket:
     counting starts after the last parsed request's body has ended and stops when the next
     request is parsed. Chunks that straddle that boundary may be counted short, by at most
-    one read (256 KiB), never long.
+    one read (256 KiB), never long. aiohttp has no public view of this, so three of its
+    RequestHandler's attributes are read here; the tests of test_limits.py fail if they
+    change.
     """
 
-    __slots__ = ("_connections", "_handler", "_transport", "_head", "_payload", "_done")
+    __slots__ = ("_connections", "_handler", "_transport", "_head", "_payload")
 
     def __init__(self, connections: Connections, handler: web.RequestHandler) -> None:
         self._connections = connections
@@ -125,8 +127,6 @@ class _Bounded(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._head = 0
         self._payload: StreamReader | None = None  # the last request's body
-        # After an upgrade, or once refused: nothing more is counted.
-        self._done = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._connections.open += 1
@@ -150,19 +150,21 @@ class _Bounded(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._transport is None:  # refused: read on and drop, until the linger ends
             return
-        if self._done:
-            self._handler.data_received(data)
+        handler = self._handler
+        # A WebSocket, or an upgrade not yet accepted or declined (aiohttp holds at most a
+        # read buffer of it): frames, not heads. A declined upgrade counts heads again.
+        if handler._upgraded or handler._payload_parser is not None:
+            handler.data_received(data)
             return
         in_body = self._payload is not None and not self._payload.is_eof()
         # aiohttp queues parsed requests here until its task takes them; the task cannot
         # run during this call, so new entries are this chunk's.
-        queued = self._handler._messages
+        queued = handler._messages
         before = len(queued)
-        self._handler.data_received(data)
+        handler.data_received(data)
         if len(queued) > before:
-            message, self._payload = queued[-1]
+            self._payload = queued[-1][1]
             self._head = 0
-            self._done = bool(getattr(message, "upgrade", False))
             return
         if in_body:
             return

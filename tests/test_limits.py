@@ -82,6 +82,30 @@ async def test_an_endless_head_after_a_kept_alive_request_is_cut(
         writer.close()
 
 
+async def test_an_endless_head_after_a_declined_websocket_upgrade_is_cut(
+    start_proxy: StartProxy,
+) -> None:
+    proxy = await start_proxy(server=SMALL)
+    reader, writer = await asyncio.open_connection(*endpoint(proxy))
+    try:
+        writer.write(
+            b"GET /ws HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\n"
+            b"Upgrade: websocket\r\n\r\n"  # no key: refused, and the connection kept
+        )
+        assert status_of(await reader.readuntil(b"\r\n\r\n")) == 400
+        writer.write(b"GET /x HTTP/1.1\r\nHost: localhost\r\n")
+        for index in range(40):
+            writer.write(b"X-Filler-%d: " % index + b"v" * 2000 + b"\r\n")
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+        rest = b""
+        with contextlib.suppress(ConnectionError):
+            rest = await asyncio.wait_for(reader.read(), 3)
+        assert b"HTTP/1.1" not in rest
+    finally:
+        writer.close()
+
+
 async def test_bodies_and_websocket_messages_larger_than_a_head_pass(
     start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
