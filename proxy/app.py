@@ -30,7 +30,7 @@ from .routes import Route, RouteTable
 from .runtime import Runtime
 from .settings import Settings
 from .stats import Stats
-from .tokens import Clock, RetryPolicy, TokenKey, TokenSources
+from .tokens import Clock, TokenKey, TokenPolicy, TokenSources
 from .tracing import debug_traces
 
 __all__ = ["Proxy", "build", "connect"]
@@ -113,7 +113,7 @@ async def connect(settings: Settings, clock: Clock = time.time) -> AsyncIterator
     }
     tokens = TokenSources(
         lambda key: make_exchanger(credentials, key),
-        RetryPolicy(settings.tokens.retry_initial, settings.tokens.retry_max),
+        TokenPolicy.from_settings(settings.tokens),
         clock,
     )
     routes = RouteTable(
@@ -175,7 +175,6 @@ def build(
         stats,
         replay_limit=settings.tokens.replay_limit,
         body_timeout=settings.server.body_timeout,
-        clock=clock,
     )
     handler = Handler(
         Guard.from_settings(settings.server),

@@ -357,7 +357,15 @@ class TokenSettings(_Section):
     refresh_margin: PositiveFloat | None = None
     retry_initial: PositiveFloat = 1.0
     retry_max: PositiveFloat = 60.0
+    # The backoff's ceiling while a route holds no valid token (its requests are failing),
+    # so it recovers within seconds of the auth host's return. Never above retry_max.
+    retry_max_without_token: PositiveFloat = 2.0
     exchange_timeout: PositiveFloat = 30.0
+    # The longest a request waits for a token exchange before it gets 503.
+    wait_timeout: PositiveFloat = 5.0
+    # A 401 from the API renews a route's token at most this often (seconds), so an
+    # endpoint that refuses every token cannot turn each request into an exchange.
+    min_renew_interval: float = Field(default=5.0, ge=0)
     replay_limit: int = Field(default=64 * 1024, ge=0)
 
     @model_validator(mode="after")
