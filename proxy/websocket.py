@@ -151,10 +151,9 @@ async def _handshake(
                 target, headers=headers, protocols=protocols, autoclose=False
             )
         except aiohttp.WSServerHandshakeError as err:
-            if err.status == 401:
-                route.tokens.invalidate(token)
-                if attempt == 1:
-                    continue
+            # Again only with another token: renewals after a 401 are rate-limited.
+            if err.status == 401 and route.tokens.invalidate(token) and attempt == 1:
+                continue
             return errors.upstream_refused_websocket(err.status)
         except (aiohttp.ServerTimeoutError, TimeoutError):
             return errors.upstream_timeout(str(target.origin()))
