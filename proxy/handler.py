@@ -19,6 +19,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from . import errors, userinfo, websocket
+from .drain import Drain
 from .facts import FACTS, Facts
 from .forward import Forwarder
 from .guard import Guard
@@ -63,6 +64,8 @@ class Handler:
         # Unique within the process; the random part tells processes (and restarts) apart.
         self._id_prefix = secrets.token_hex(4)
         self._ids = itertools.count(1)
+        # Set by the server at shutdown (branch guard: bounded drain).
+        self.drain = Drain()
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         facts = Facts(self._request_id(request))
@@ -140,6 +143,7 @@ class Handler:
     def _decorate(self, request: web.BaseRequest, headers: CIMultiDict[str], facts: Facts) -> None:
         headers[REQUEST_ID] = facts.request_id
         self._guard.apply_cors(request, headers)
+        self.drain.mark(headers)
 
     def _request_id(self, request: web.BaseRequest) -> str:
         given = request.headers.get(REQUEST_ID)

@@ -193,6 +193,8 @@ class ServerSettings(_Section):
     max_url_length: int = Field(default=8192, ge=256)
     max_header_bytes: int = Field(default=32768, ge=1024)
     max_header_count: int = Field(default=100, ge=8)
+    # Client connections open at once; beyond, a new connection gets 503 and is closed.
+    max_client_connections: int = Field(default=1024, ge=1)
     # Seconds a request body may make no progress before the request is cut (408), so a
     # trickling upload cannot hold an upstream connection.
     body_timeout: PositiveFloat = 30.0
@@ -250,11 +252,18 @@ class ServerSettings(_Section):
             raise ValueError(f"set at most one of {', '.join(given)}")
         if not _reads_secrets():
             return self
-        if self.client_token_env is not None and not os.environ.get(self.client_token_env):
-            raise ValueError(
-                f"the environment variable {self.client_token_env} (client_token_env) is not "
-                "set or empty"
+        if self.client_token_env is not None:
+            if not os.environ.get(self.client_token_env):
+                raise ValueError(
+                    f"the environment variable {self.client_token_env} (client_token_env) is "
+                    "not set or empty"
+                )
+            _check_utf8(
+                os.environ[self.client_token_env],
+                f"the environment variable {self.client_token_env} (client_token_env)",
             )
+        if self.client_token is not None:
+            _check_utf8(self.client_token.get_secret_value(), "client_token")
         if self.client_token_file is not None:
             read_secret_file(self.client_token_file, "client_token_file")
         return self
@@ -268,6 +277,18 @@ class ServerSettings(_Section):
         if self.client_token is not None:
             return SecretStr(self.client_token.get_secret_value().strip())
         return None
+
+
+def _check_utf8(value: str, where: str) -> None:
+    """The environment hands undecodable bytes over as surrogates, which no HTTP request can
+    carry; refuse them here, naming where the value came from and never the value."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(
+            f"{where} is not valid UTF-8 (an invalid byte at position {err.start}); "
+            "set it to the key exactly as it was given to you"
+        ) from None
 
 
 def _same_address(listen: str, admin_listen: str | None) -> bool:
@@ -288,10 +309,15 @@ def read_secret_file(path: Path, setting: str = "secret file") -> str:
     when it cannot be read or is empty."""
     try:
         content = path.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as err:
-        reason = getattr(err, "strerror", None) or type(err).__name__
+    except UnicodeDecodeError as err:
         raise ValueError(
-            f"the {setting} '{path}' cannot be read ({reason}); check the path and its permissions"
+            f"the {setting} '{path}' is not UTF-8 text (an invalid byte at offset {err.start}); "
+            "write the key as it was given to you, as plain text"
+        ) from None
+    except OSError as err:
+        raise ValueError(
+            f"the {setting} '{path}' cannot be read ({err.strerror or type(err).__name__}); "
+            "check the path and its permissions"
         ) from None
     if not content:
         raise ValueError(f"the {setting} '{path}' is empty")
@@ -375,19 +401,23 @@ class CredentialSettings(_Section):
                 "set exactly one of secret, secret_env (a variable's name) or secret_file "
                 f"(a path); found {len(given)}" + (f": {', '.join(given)}" if given else "")
             )
-        if self.secret is not None and not self.secret.get_secret_value().strip():
-            raise ValueError("secret is empty")
+        if self.secret is not None:
+            if not self.secret.get_secret_value().strip():
+                raise ValueError("secret is empty")
+            _check_utf8(self.secret.get_secret_value(), "secret")
         if self.kind == "api-key" and not self.name:
             raise ValueError("an api-key credential needs name (the API key's name)")
         if self.kind != "api-key" and self.name is not None:
             raise ValueError(f"name is only for api-key credentials, not {self.kind}")
         if not _reads_secrets():
             return self
-        if self.secret_env is not None and not os.environ.get(self.secret_env, "").strip():
-            raise ValueError(
-                f"the environment variable {self.secret_env} (secret_env) is not set or empty; "
-                "export it or point secret_env at the variable that holds the key"
-            )
+        if self.secret_env is not None:
+            if not os.environ.get(self.secret_env, "").strip():
+                raise ValueError(
+                    f"the environment variable {self.secret_env} (secret_env) is not set or "
+                    "empty; export it or point secret_env at the variable that holds the key"
+                )
+            _check_utf8(os.environ[self.secret_env], f"the environment variable {self.secret_env}")
         if self.secret_file is not None:
             read_secret_file(self.secret_file, "secret file")
         return self
@@ -688,6 +718,11 @@ def load_settings(
             ) from None
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"config file '{config_file}' is not valid TOML: {err}") from None
+        except UnicodeDecodeError as err:
+            raise ConfigError(
+                f"config file '{config_file}' is not UTF-8 text (an invalid byte at offset "
+                f"{err.start}); save it as UTF-8"
+            ) from None
     with _offline(offline):
         try:
             settings = _settings_class(config_file, environment)(**(overrides or {}))
