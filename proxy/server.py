@@ -424,6 +424,7 @@ async def _serve(
             running, settings, banner=role is None or (role.index == 0 and role.restarts == 0)
         )
         if role is not None:
+            running.proxy.stats.worker_restarts = role.restarts
             if role.restarts:
                 log.warning(
                     "worker %d serving again (pid %d), restart %d of this worker",

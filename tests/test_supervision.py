@@ -70,6 +70,13 @@ async def test_a_killed_worker_is_re_forked_and_the_port_keeps_all_of_them(
             async with aiohttp.ClientSession() as fresh:  # a new connection each time
                 assert (await request(fresh, "GET", f"{proxy}/x")).status == 200
         assert (await request(http, "GET", f"{proxy}/x")).status == 200
+
+        async def the_new_worker_counts_its_restart() -> bool:
+            async with aiohttp.ClientSession() as fresh:
+                metrics = (await request(fresh, "GET", f"{proxy}/_proxy/metrics")).body
+            return b"appcircle_proxy_worker_restarts 1.0" in metrics
+
+        await eventually(the_new_worker_counts_its_restart, within=5)
         process.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(process.wait(), 20) == 0
         logs = await stderr_of(process)
