@@ -36,21 +36,27 @@ def admin_handlers(
         if runtime is None:
             return web.json_response({"error": "starting", "detail": "starting up"}, status=503)
         waiting: dict[str, str] = {}
+        # A reloaded key that failed: still ready while the previous token serves, but said.
+        reload_failed: dict[str, str] = {}
         for route in runtime.routes:
             if route.tokens.current() is None:
                 failure = route.tokens.failure
                 waiting[route.name] = failure.detail if failure else "no session token yet"
+            if (reload_failure := route.tokens.reload_failure) is not None:
+                reload_failed[route.name] = reload_failure.detail
+        extra = {"reload_failed": reload_failed} if reload_failed else {}
         if waiting:
             return web.json_response(
                 {
                     "error": "not_ready",
                     "detail": f"{len(waiting)} route(s) hold no valid session token",
                     "routes": waiting,
+                    **extra,
                 },
                 status=503,
             )
         return web.json_response(
-            {"status": "ready", "routes": sorted(r.name for r in runtime.routes)}
+            {"status": "ready", "routes": sorted(r.name for r in runtime.routes), **extra}
         )
 
     async def metrics(request: web.BaseRequest) -> web.Response:

@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 from yarl import URL
 
 from . import stats as stats_module
+from . import userinfo
 from .access_log import AccessLog, enabled_by_level
 from .admin import admin_handlers
 from .credentials import Credential, credential_from_settings
@@ -30,7 +31,8 @@ from .routes import Route, RouteTable
 from .runtime import Runtime
 from .settings import Settings
 from .stats import Stats
-from .tokens import Clock, RetryPolicy, TokenKey, TokenSources
+from .tokens import Clock, TokenKey, TokenPolicy, TokenSources
+from .tracing import debug_traces
 
 __all__ = ["Proxy", "build", "connect"]
 
@@ -83,6 +85,7 @@ async def connect(settings: Settings, clock: Clock = time.time) -> AsyncIterator
             total=settings.tokens.exchange_timeout, sock_connect=appcircle.connect_timeout
         ),
         cookie_jar=aiohttp.DummyCookieJar(),
+        trace_configs=debug_traces("auth"),  # ops: exchange timings at --log-level debug
     )
     websocket_session = aiohttp.ClientSession(
         # Admission is the stream budget's job (appcircle.max_streams), not the connector's.
@@ -90,6 +93,7 @@ async def connect(settings: Settings, clock: Clock = time.time) -> AsyncIterator
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=appcircle.connect_timeout),
         auto_decompress=False,
         cookie_jar=aiohttp.DummyCookieJar(),
+        trace_configs=debug_traces("websocket"),  # ops: connection timings at debug level
     )
     pool = _pool(settings, tls)
 
@@ -110,7 +114,7 @@ async def connect(settings: Settings, clock: Clock = time.time) -> AsyncIterator
     }
     tokens = TokenSources(
         lambda key: make_exchanger(credentials, key),
-        RetryPolicy(settings.tokens.retry_initial, settings.tokens.retry_max),
+        TokenPolicy.from_settings(settings.tokens),
         clock,
     )
     routes = RouteTable(
@@ -121,6 +125,7 @@ async def connect(settings: Settings, clock: Clock = time.time) -> AsyncIterator
                 credential=credentials[route.credential],
                 sub_organization=route.sub_organization,
                 tokens=tokens.for_key((route.credential, route.sub_organization)),
+                policy=route.policy,  # issue 10: allow rules / read_only
             )
             for name, route in settings.routes.items()
         ]
@@ -172,7 +177,6 @@ def build(
         stats,
         replay_limit=settings.tokens.replay_limit,
         body_timeout=settings.server.body_timeout,
-        clock=clock,
     )
     handler = Handler(
         Guard.from_settings(settings.server),
@@ -182,5 +186,9 @@ def build(
         stats,
         runtime.session,
         admin if settings.server.admin_listen is None else None,
+        # Issue 10: aiohttp's client (not the pool, which carries the API only) to the auth host.
+        userinfo.Relay(
+            runtime.session, settings.appcircle.auth_url, settings.tokens.exchange_timeout
+        ),
     )
     return Proxy(runtime, handler, stats, registry, access_log, admin)

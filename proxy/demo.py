@@ -1,6 +1,7 @@
 """`appcircle-proxy demo`: the whole mechanism on one machine, with no account and no
 network. A stand-in Appcircle (the one the tests use) and the proxy in front of it, with one
-route per kind of key, and curl commands to try."""
+route per kind of key, and curl commands to try. It reads no file and no environment, so a
+real key exported in the shell is never used, nor can it confuse the demo."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import asyncio
 import secrets
 import signal
 import uuid
+from typing import Any
 
+from . import logs
 from .server import start
 from .settings import load_settings
 from .standin import StandIn
@@ -19,16 +22,26 @@ ROOT_ORGANIZATION = str(uuid.UUID(int=0x1D1))
 SUB_ORGANIZATION = str(uuid.UUID(int=0x5B0))
 
 
-async def _demo(listen: str) -> None:
+async def _demo(listen: str, log: dict[str, Any]) -> None:
     personal_key = "demo_pak_" + secrets.token_hex(8)
     api_key_secret = "demo_aks_" + secrets.token_hex(8)
     appcircle = StandIn(token_lifetime=300)
     appcircle.add_personal_key(personal_key, ROOT_ORGANIZATION, SUB_ORGANIZATION)
     appcircle.add_api_key("demo-bot", api_key_secret, ROOT_ORGANIZATION)
     await appcircle.start()
+    try:
+        await _serve_demo(appcircle, personal_key, api_key_secret, listen, log)
+    finally:
+        await appcircle.close()
+
+
+async def _serve_demo(
+    appcircle: StandIn, personal_key: str, api_key_secret: str, listen: str, log: dict[str, Any]
+) -> None:
     settings = load_settings(
         None,
         {
+            "log": log,
             "server": {"listen": listen},
             "appcircle": {"api_url": appcircle.api_url, "auth_url": appcircle.auth_url},
             "credentials": {
@@ -46,7 +59,9 @@ async def _demo(listen: str) -> None:
                 "bot": {"prefix": "/bot", "credential": "bot"},
             },
         },
+        environment=False,
     )
+    logs.configure(settings.log)
     running = await start(settings)
     try:
         url = running.urls[0]
@@ -75,9 +90,9 @@ Ctrl-C stops it.""",
         await stop.wait()
     finally:
         await running.stop()
-        await appcircle.close()
 
 
-def demo(listen: str) -> int:
-    asyncio.run(_demo(listen))
+def demo(listen: str, log: dict[str, Any]) -> int:
+    """Run the demo until SIGINT/SIGTERM; `log` holds the log settings from the flags."""
+    asyncio.run(_demo(listen, log))
     return 0

@@ -14,8 +14,11 @@ from .tokens import TokenUnavailable
 
 __all__ = [
     "admission_refused",
+    "auth_path_not_forwarded",
+    "auth_unreachable",
     "bad_request_body",
     "no_route",
+    "not_allowed_by_route",
     "refused",
     "token_unavailable",
     "upstream_refused_websocket",
@@ -102,3 +105,34 @@ def bad_request_body(status: int, error: str, detail: str) -> web.Response:
     # The rest of the body may still be arriving; the connection cannot carry another request.
     response.force_close()
     return response
+
+
+def not_allowed_by_route(route: Route, method: str, path: str) -> web.Response:
+    return _answer(
+        403,
+        "not_allowed_by_route",
+        f"route '{route.name}' ({route.prefix}) does not allow {method} {path} (its rules: "
+        f"{route.policy.describe()}); use a route that allows it, or add a rule to "
+        f"routes.{route.name}.allow",
+        route=route.name,
+    )
+
+
+def auth_path_not_forwarded(path: str) -> web.Response:
+    return _answer(
+        404,
+        "not_forwarded_to_auth_host",
+        f"'{path}' is on the auth host, which the proxy does not expose: it holds the key "
+        "and exchanges it itself. Only GET /auth/realms/appcircle/protocol/openid-connect/"
+        "userinfo is relayed (with the route's session token); call the API without a token "
+        "instead of logging in",
+    )
+
+
+def auth_unreachable(auth_url: str, reason: str) -> web.Response:
+    return _answer(
+        502,
+        "auth_unreachable",
+        f"the Appcircle auth host at {auth_url} cannot be reached ({reason}); check "
+        "appcircle.auth_url and this machine's network",
+    )

@@ -145,6 +145,15 @@ def _http_failure(status: int, credential: Credential, auth_url: str) -> Exchang
     return ExchangeError("auth_error", f"{what}; the service may be unwell, retrying")
 
 
+def _reason(err: Exception) -> str:
+    """Why a connection failed, without the exception's own text (which may quote a URL or
+    a request, and so a secret): its type, and the system's error message if it has one."""
+    cause = err.os_error if isinstance(err, aiohttp.ClientConnectorError) else None
+    if cause is not None and cause.strerror:
+        return f"{type(err).__name__}: {cause.strerror}"
+    return type(err).__name__
+
+
 @dataclass(frozen=True, slots=True)
 class Exchanger:
     """Exchanges one credential, for one organization, for session tokens."""
@@ -169,9 +178,9 @@ class Exchanger:
                 body = await reply.read()
                 status = reply.status
         except (TimeoutError, aiohttp.ClientError) as err:
-            reason = type(err).__name__ if isinstance(err, TimeoutError) else str(err)
             raise ExchangeError(
-                "auth_unreachable", f"the auth host {self.auth_url} cannot be reached ({reason})"
+                "auth_unreachable",
+                f"the auth host {self.auth_url} cannot be reached ({_reason(err)})",
             ) from None
         if status != 200:
             raise _http_failure(status, self.credential, self.auth_url)

@@ -27,7 +27,7 @@ from .headers import raw_request_headers, raw_response_headers
 from .pool import Lease, Pool, Refused
 from .routes import Route
 from .stats import Stats
-from .tokens import TokenSource, TokenUnavailable
+from .tokens import TokenUnavailable
 from .upstream import Connection, Response, UpstreamError, UpstreamTimeout
 
 __all__ = ["SMALL_BODY", "Forwarder", "rewrite_location"]
@@ -61,7 +61,6 @@ class Forwarder:
         *,
         replay_limit: int,
         body_timeout: float,
-        clock: Callable[[], float],
     ) -> None:
         api = URL(api_url)
         self.api_url = api_url
@@ -71,7 +70,6 @@ class Forwarder:
         self._stats = stats
         self._replay_limit = replay_limit
         self._body_timeout = body_timeout
-        self._clock = clock
 
     async def forward(
         self,
@@ -113,14 +111,16 @@ class Forwarder:
         try:
             token = await tokens.get()
             lease = await self._pool.acquire(stream=body is None)
-            token = await self._fresh(tokens, token)
+            # Waiting for a connection may have taken long: never send a token past usable.
+            token = await tokens.fresh(token)
             started = time.monotonic()
             idempotent = request.method in IDEMPOTENT
             response = await self._exchange(
                 request, lease, head(token), body, head_only, retry=idempotent
             )
-            if response.status == 401:
-                tokens.invalidate(token)
+            # A replay only with another token: a 401 renews at most once per
+            # tokens.min_renew_interval; within it, the 401 is the API's answer.
+            if response.status == 401 and tokens.invalidate(token):
                 if body is not None:
                     # Kept whole, so it can go again with a new token.
                     await self._discard(lease, response)
@@ -188,20 +188,6 @@ class Forwarder:
             f"the request body made no progress for {self._body_timeout:g} s "
             "(server.body_timeout); send it faster, or raise the limit",
         )
-
-    async def _fresh(self, tokens: TokenSource, token: SessionToken) -> SessionToken:
-        """The token to send now. Waiting for a connection may have taken long: a token
-        due for renewal is swapped for the renewed one, and one no longer usable is never
-        sent."""
-        now = self._clock()
-        if now < token.refresh_at:
-            return token
-        newer = tokens.current()
-        if newer is not None and newer is not token:
-            return newer
-        if now < token.usable_until:
-            return token
-        return await tokens.get()
 
     async def _exchange(
         self,

@@ -2,14 +2,18 @@
 is forwarded. Anyone whose request gets through acts with the key's full rights, so this
 is deliberately strict (as kubectl proxy's --accept-hosts and Vault Proxy's listener are).
 
-In order: no CONNECT, no absolute-form targets (never an open proxy); size limits; the Host
-allowlist (DNS-rebinding defence); browsers only from allowed origins; the client token;
-and a raw path with nothing that could mean one thing here and another upstream.
+In order: no CONNECT, TRACE or TRACK, no absolute-form targets (never an open proxy); size
+limits; header values that are UTF-8; the Host allowlist, parsed strictly (DNS-rebinding
+defence); browsers only from allowed origins; the client token; and a raw path with nothing
+that could mean one thing here and another upstream.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
+import ipaddress
 import re
 from dataclasses import dataclass, field
 from typing import Final
@@ -26,19 +30,44 @@ from .settings import ServerSettings
 __all__ = ["Guard"]
 
 LOOPBACK_NAMES: Final = frozenset({"localhost", "127.0.0.1", "::1"})
+# TRACE echoes the request, credentials included (RFC 9110 9.3.8: never send them with it);
+# TRACK is Microsoft's TRACE.
+REFUSED_METHODS: Final = frozenset({hdrs.METH_CONNECT, hdrs.METH_TRACE, "TRACK"})
+# name[:port] or [ipv6][:port] and nothing else: no userinfo, no trailing text after ']'.
+HOST_HEADER: Final = re.compile(
+    r"(?:\[(?P<ipv6>[0-9a-f:.]+)\]|(?P<name>[a-z0-9_.-]+))(?::[0-9]{1,5})?", re.ASCII
+)
 # Fetch metadata: a browser marks requests a web page makes on its own behalf.
 CROSS_SITE: Final = frozenset({"cross-site", "same-site"})
 # Encoded forms of '/', '\' and NUL, which some servers decode before routing.
 ENCODED_SEPARATORS: Final = re.compile(r"%(2f|5c|00)", re.IGNORECASE)
+# '%25' is an encoded '%': a server that decodes twice would see '%2e%2e' become '..'.
+DOUBLE_ENCODED: Final = re.compile(r"%25")
 PREFLIGHT_MAX_AGE: Final = "600"
 
 
-def _host_name(host_header: str) -> str:
-    """'Example.com:8787' -> 'example.com'; '[::1]:8787' -> '::1'."""
-    host = host_header.strip().lower()
-    if host.startswith("["):
-        return host[1 : host.find("]")] if "]" in host else host
-    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+def _host_name(host_header: str) -> str | None:
+    """'Example.com:8787' -> 'example.com'; '[::1]:8787' -> '::1'; None for anything that
+    is not strictly name[:port] or [ipv6][:port] ('[::1].evil.com', 'localhost:x@evil.com')."""
+    match = HOST_HEADER.fullmatch(host_header.strip().lower())
+    if match is None:
+        return None
+    if match["ipv6"] is None:
+        return match["name"]
+    try:
+        return str(ipaddress.IPv6Address(match["ipv6"]))
+    except ValueError:
+        return None
+
+
+def _undecodable(value: str) -> bool:
+    """aiohttp decodes header bytes as UTF-8 with surrogateescape: a surrogate left in the
+    text is a byte that was not UTF-8."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _path_problem(raw_path: str) -> str | None:
@@ -48,12 +77,57 @@ def _path_problem(raw_path: str) -> str | None:
         return "backslashes, spaces and control characters are not allowed in the path"
     if ENCODED_SEPARATORS.search(raw_path):
         return "encoded '/', '\\' or NUL (%2F, %5C, %00) are not allowed in the path"
+    if DOUBLE_ENCODED.search(raw_path):
+        return "double percent-encoding (%25) is not allowed in the path"
     segments = raw_path.split("/")[1:]
     if any(segment == "" for segment in segments[:-1]):
         return "empty path segments ('//') are not allowed"
-    if any(unquote(segment) in (".", "..") for segment in segments):
-        return "'.' and '..' path segments (plain or percent-encoded) are not allowed"
+    # Some servers (Tomcat, Spring) drop ';parameters' before resolving dot segments.
+    if any(unquote(segment).partition(";")[0] in (".", "..") for segment in segments):
+        return (
+            "'.' and '..' path segments (plain, percent-encoded or with ';parameters') "
+            "are not allowed"
+        )
     return None
+
+
+def _presented_token(credentials: str) -> bytes | None:
+    """The token in an Authorization-style header value: `Bearer <t>`, or `Basic` with <t>
+    as the password (any user name); None when there is none."""
+    scheme, _, value = credentials.strip().partition(" ")
+    if scheme.lower() == "bearer":
+        return value.strip().encode()
+    if scheme.lower() == "basic":
+        try:
+            decoded = base64.b64decode(value.strip(), validate=True)
+        except binascii.Error:
+            return None
+        _user, colon, password = decoded.partition(b":")
+        return password if colon else None
+    return None
+
+
+def _client_token_refusal(request: web.BaseRequest) -> web.Response:
+    """401 for a client that sent Authorization only (ordinary clients understand that);
+    407 otherwise, as a proxy answers."""
+    setting = "the client token set in server.client_token, client_token_env or client_token_file"
+    if hdrs.AUTHORIZATION in request.headers and hdrs.PROXY_AUTHORIZATION not in request.headers:
+        response = errors.refused(
+            401,
+            "client_token_required",
+            f"this proxy wants its client token, and the Authorization header does not hold "
+            f"it: send Authorization: Bearer <{setting}> (for the appcircle CLI: appcircle "
+            "config set AC_ACCESS_TOKEN <client token>)",
+        )
+        response.headers[hdrs.WWW_AUTHENTICATE] = 'Bearer realm="appcircle-proxy"'
+        return response
+    response = errors.refused(
+        407,
+        "proxy_authentication_required",
+        f"send Proxy-Authorization: Bearer <{setting}>, or the same in Authorization",
+    )
+    response.headers[hdrs.PROXY_AUTHENTICATE] = 'Bearer realm="appcircle-proxy"'
+    return response
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,9 +152,12 @@ class Guard:
 
     def refusal(self, request: web.BaseRequest) -> web.Response | None:
         """The answer that refuses `request`, or None when it may be forwarded."""
-        if request.method == hdrs.METH_CONNECT:
+        if request.method in REFUSED_METHODS:
             return errors.refused(
-                405, "method_not_allowed", "CONNECT is not supported: this is not an open proxy"
+                405,
+                "method_not_allowed",
+                f"{request.method} is not supported: CONNECT would make this an open proxy, "
+                "and TRACE and TRACK would echo the session token back",
             )
         if not request.raw_path.startswith("/"):
             return errors.refused(
@@ -104,6 +181,13 @@ class Guard:
                 f"more than {self.max_header_count} headers or {self.max_header_bytes} bytes "
                 "of them",
             )
+        if any(not v.isascii() and _undecodable(v) for v in request.headers.values()):
+            return errors.refused(
+                400,
+                "header_not_utf8",
+                "a header value holds bytes that are not UTF-8; send header values as ASCII "
+                "(percent- or base64-encode anything else)",
+            )
         if _host_name(request.headers.get(hdrs.HOST, "")) not in self.allowed_hosts:
             return errors.refused(
                 403,
@@ -118,21 +202,15 @@ class Guard:
                 "requests from web pages are refused, so a site you visit cannot use your "
                 "key; to allow a page, add its origin to server.allowed_origins",
             )
-        # Liveness says nothing but "up", and container health checks cannot send a token.
-        needs_token = request.path != HEALTH_PATH
+        # Liveness says nothing but "up", and container health checks cannot send a token;
+        # nor can a browser's CORS preflight (an allowed origin's, as refused ones are above).
+        needs_token = request.path != HEALTH_PATH and not self._is_preflight(request)
         if (
             needs_token
             and self.client_token is not None
             and not self._client_token_matches(request)
         ):
-            response = errors.refused(
-                407,
-                "proxy_authentication_required",
-                "send Proxy-Authorization: Bearer <the client token set in "
-                "server.client_token, client_token_env or client_token_file>",
-            )
-            response.headers[hdrs.PROXY_AUTHENTICATE] = 'Bearer realm="appcircle-proxy"'
-            return response
+            return _client_token_refusal(request)
         problem = _path_problem(request.raw_path.partition("?")[0])
         if problem is not None:
             return errors.refused(400, "bad_path", problem)
@@ -145,12 +223,16 @@ class Guard:
         return request.headers.get("Sec-Fetch-Site", "").lower() in CROSS_SITE
 
     def _client_token_matches(self, request: web.BaseRequest) -> bool:
+        """The client token in either header, as Bearer or as HTTP Basic's password: most
+        tools (the appcircle CLI, Postman, SDKs) can only set Authorization."""
         assert self.client_token is not None
-        scheme, _, presented = request.headers.get(hdrs.PROXY_AUTHORIZATION, "").partition(" ")
         expected = self.client_token.get_secret_value().encode()
-        return scheme.lower() == "bearer" and hmac.compare_digest(
-            presented.strip().encode(), expected
-        )
+        matched = False
+        # Both headers are always compared, so the timing does not tell which one held it.
+        for name in (hdrs.PROXY_AUTHORIZATION, hdrs.AUTHORIZATION):
+            presented = _presented_token(request.headers.get(name, ""))
+            matched |= presented is not None and hmac.compare_digest(presented, expected)
+        return matched
 
     @staticmethod
     def _is_preflight(request: web.BaseRequest) -> bool:

@@ -18,7 +18,8 @@ from aiohttp import hdrs, web
 from multidict import CIMultiDict
 from yarl import URL
 
-from . import errors, websocket
+from . import errors, userinfo, websocket
+from .drain import Drain
 from .facts import FACTS, Facts
 from .forward import Forwarder
 from .guard import Guard
@@ -49,6 +50,7 @@ class Handler:
         stats: Stats,
         websocket_session: websocket.Session,
         admin: Mapping[str, AdminHandler] | None,
+        auth_host: userinfo.Relay,  # issue 10: the userinfo relay
     ) -> None:
         self._guard = guard
         self._routes = routes
@@ -58,9 +60,12 @@ class Handler:
         self._websocket_session = websocket_session
         # None: /_proxy/ is served on server.admin_listen instead.
         self._admin = admin
+        self._auth_host = auth_host
         # Unique within the process; the random part tells processes (and restarts) apart.
         self._id_prefix = secrets.token_hex(4)
         self._ids = itertools.count(1)
+        # Set by the server at shutdown (branch guard: bounded drain).
+        self.drain = Drain()
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         facts = Facts(self._request_id(request))
@@ -89,6 +94,12 @@ class Handler:
             return errors.no_route(path, self._routes.prefixes)
         route, rest = matched
         facts.route = route.name
+        # Issue 10: the route's allow rules / read_only, before any token is taken; then
+        # /auth/... belongs to the auth host: userinfo relayed, the rest refused.
+        if not route.allows(request.method, rest):
+            return errors.not_allowed_by_route(route, request.method, rest)
+        if userinfo.on_auth_host(rest):
+            return await self._auth_host.answer(request, route, rest)
         target = rest + has_query + query
         if websocket.is_upgrade(request):
             return await self._websocket(request, facts, route, target)
@@ -132,6 +143,7 @@ class Handler:
     def _decorate(self, request: web.BaseRequest, headers: CIMultiDict[str], facts: Facts) -> None:
         headers[REQUEST_ID] = facts.request_id
         self._guard.apply_cors(request, headers)
+        self.drain.mark(headers)
 
     def _request_id(self, request: web.BaseRequest) -> str:
         given = request.headers.get(REQUEST_ID)

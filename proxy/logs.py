@@ -1,27 +1,38 @@
 """Logging: one line per event, as text for people or JSON for Loki, CloudWatch or Datadog.
 
 Every record may carry structured fields in `extra={"fields": {...}}`; the text format
-appends them as key=value, the JSON format merges them into the object.
+appends them as key=value, the JSON format merges them into the object. Lifecycle events
+(`listening`, `stopped`) go to stdout through `event()`: in text a readable banner, in JSON
+one object like every other line. A line written by a worker process (`--workers`) says which.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from datetime import UTC, datetime
 from typing import Any, Final
 
 from .settings import LogSettings
 
-__all__ = ["configure"]
+__all__ = ["configure", "event"]
 
 TEXT_FORMAT: Final = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LIFECYCLE: Final = logging.getLogger("appcircle_proxy.lifecycle")
+# server.serve names its worker processes worker-0, worker-1, ...
+_WORKER_NAME: Final = re.compile(r"worker-(\d+)")
 
 
 def _fields(record: logging.LogRecord) -> dict[str, Any]:
     fields = getattr(record, "fields", None)
     return fields if isinstance(fields, dict) else {}
+
+
+def _worker(record: logging.LogRecord) -> int | None:
+    match = _WORKER_NAME.fullmatch(record.processName or "")
+    return int(match[1]) if match else None
 
 
 class TextFormatter(logging.Formatter):
@@ -31,9 +42,24 @@ class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
         fields = _fields(record)
+        worker = _worker(record)
+        if worker is not None:  # last, as on the access log's lines
+            fields = {**fields, "worker": worker}
         if not fields:
             return line
         return line + " " + " ".join(f"{key}={value}" for key, value in fields.items())
+
+
+class BannerFormatter(logging.Formatter):
+    """Lifecycle events in text mode: the text for people, as it is."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = str(getattr(record, "text", None) or record.getMessage())
+        worker = _worker(record)
+        if worker is None:
+            return text
+        first, newline, rest = text.partition("\n")
+        return f"{first} worker={worker}{newline}{rest}"
 
 
 class JsonFormatter(logging.Formatter):
@@ -43,17 +69,34 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
-            **_fields(record),
         }
+        worker = _worker(record)
+        if worker is not None:
+            entry["worker"] = worker
+        entry.update(_fields(record))
         if record.exc_info:
             entry["error"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)
 
 
 def configure(settings: LogSettings) -> None:
-    """Replace the root logger's handlers with one on stderr in the configured format."""
+    """Replace the root logger's handlers with one on stderr in the configured format, and
+    send lifecycle events to stdout in the same format."""
+    json_lines = settings.format == "json"
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if settings.format == "json" else TextFormatter())
+    handler.setFormatter(JsonFormatter() if json_lines else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.level.upper())
+    out = logging.StreamHandler(sys.stdout)
+    out.setFormatter(JsonFormatter() if json_lines else BannerFormatter())
+    LIFECYCLE.handlers[:] = [out]
+    LIFECYCLE.propagate = False
+    # Where the proxy listens is said whatever the log level.
+    LIFECYCLE.setLevel(logging.INFO)
+
+
+def event(name: str, summary: str, fields: dict[str, Any], text: str | None = None) -> None:
+    """Tell the operator about the process's life: `summary` (or the longer `text`, in text
+    mode) for people, `name` and `fields` for a log pipeline."""
+    LIFECYCLE.info(summary, extra={"fields": {"event": name, **fields}, "text": text})

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import ssl
 from dataclasses import dataclass
 from typing import Final, Literal
@@ -18,6 +19,9 @@ from typing import Final, Literal
 from .upstream import Connection, UpstreamError, UpstreamTimeout
 
 __all__ = ["Budget", "Lease", "Limits", "Pool", "Refused"]
+
+# ops: --log-level debug lines for the rare pool events (never one per request).
+log = logging.getLogger("appcircle_proxy.upstream")
 
 RefusalKind = Literal["pool_full", "pool_timeout", "streams_full"]
 RETRY_AFTER: Final = 1
@@ -124,9 +128,15 @@ class Pool:
         waiter = asyncio.get_running_loop().create_future()
         budget.waiters.append(waiter)
         self.pending += 1
+        waited = asyncio.get_running_loop().time()
         try:
             async with asyncio.timeout(limits.pool_timeout):
                 await waiter
+            log.debug(  # ops
+                "api %s budget full: waited %.1f ms for a connection",
+                budget.name,
+                (asyncio.get_running_loop().time() - waited) * 1000,
+            )
         except BaseException as err:
             if waiter.done() and not waiter.cancelled():
                 budget.give_back()  # handed a slot just as we gave up: pass it on
@@ -191,6 +201,7 @@ class Pool:
     async def _open(self) -> Connection:
         loop = asyncio.get_running_loop()
         limits = self.limits
+        started = loop.time()
         try:
             async with asyncio.timeout(limits.connect_timeout):
                 _, protocol = await loop.create_connection(
@@ -206,4 +217,7 @@ class Pool:
             ) from None
         except (OSError, ssl.SSLError) as err:
             raise UpstreamError(f"cannot connect: {err.strerror or err}") from None
+        log.debug(  # ops
+            "api new connection in %.1f ms (%d idle)", (loop.time() - started) * 1000, self.idle
+        )
         return protocol

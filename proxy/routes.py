@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from .allow import ALLOW_EVERYTHING, RoutePolicy
 from .credentials import Credential
 from .tokens import TokenSource
 
@@ -18,6 +19,12 @@ class Route:
     credential: Credential
     sub_organization: str | None
     tokens: TokenSource = field(repr=False)
+    policy: RoutePolicy = ALLOW_EVERYTHING
+
+    def allows(self, method: str, path: str) -> bool:
+        """Whether this route's allow rules and read_only let `method` on `path` (below the
+        prefix, no query) through."""
+        return self.policy.allows(method, path)
 
     def strip(self, path: str) -> str | None:
         """The path below this route's prefix, or None if the path is not under it."""

@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping
 
 import aiohttp
 
-from .credentials import Credential, SecretUnavailable, credential_from_settings
+from .credentials import Credential, credential_from_settings
 from .exchange import Exchanger
 from .pool import Pool
 from .routes import RouteTable
@@ -42,7 +42,7 @@ class Runtime:
 
     def reload(self, new: Settings) -> None:
         """Take up changed credentials (and rotated secret files) without a restart: a
-        token whose key has changed is dropped and renewed; all else keeps serving."""
+        changed key is exchanged at once; its route's token serves until that succeeds."""
         credentials = {
             name: credential_from_settings(name, credential)
             for name, credential in new.credentials.items()
@@ -52,19 +52,8 @@ class Runtime:
             if name not in credentials:
                 log.warning("reload: credential '%s' is gone; restart to remove its routes", name)
                 continue
-            exchanger = self._make_exchanger(credentials, source.key)
-            try:
-                fingerprint = exchanger.key_fingerprint()
-            except SecretUnavailable as err:
-                log.warning("reload: credential '%s': %s; keeping its current token", name, err)
-                continue
-            token = source.current()
-            changed = token is None or token.key_fingerprint != fingerprint
-            source.replace_exchanger(exchanger, drop_token=changed)
-            if changed:
-                log.info("reload: credential '%s' changed; renewing its token", name)
-            else:
-                log.info("reload: credential '%s' unchanged", name)
+            # Reload semantics (keep the running token until the new key works) live in tokens.
+            source.stage(self._make_exchanger(credentials, source.key))
         untouched = ("server", "appcircle", "tokens", "log", "routes")
         if any(getattr(new, part) != getattr(self.settings, part) for part in untouched):
             log.warning(

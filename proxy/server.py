@@ -1,5 +1,6 @@
 """Serving: bind the listeners, say where, run until SIGINT or SIGTERM and drain in-flight
-requests; reload credentials on SIGHUP."""
+requests within shutdown_timeout; reload credentials on SIGHUP; with --workers, keep N
+processes on the port, re-forking any that dies."""
 
 from __future__ import annotations
 
@@ -8,29 +9,45 @@ import gc
 import ipaddress
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
+import socket
+import stat
 import sys
 import time
 from collections.abc import Callable, Coroutine
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
-from typing import TextIO
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import Final, TextIO
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.log import server_logger as aiohttp_server_log
 
-from . import __version__
+from . import __version__, logs
 from .access_log import LOGGER_NAME, access_logger
 from .admin import create_admin_server
 from .app import Proxy, build, connect
+from .inbound import Connections, head_limit
 from .settings import ConfigError, Endpoint, Settings, UnixSocket
 from .tokens import Clock
 
 __all__ = ["Running", "serve", "start"]
 
 log = logging.getLogger("appcircle_proxy.server")
+
+# Once shutdown_timeout is spent, requests still running are cancelled and given this long
+# to unwind (aiohttp waits twice: for the handler, then for its cancellation).
+CUT_GRACE: Final = 0.1
+# A worker that dies is re-forked after RESTART_INITIAL seconds, doubling up to RESTART_MAX
+# while it keeps dying within STABLE_SECONDS of its start.
+RESTART_INITIAL: Final = 0.5
+RESTART_MAX: Final = 30.0
+STABLE_SECONDS: Final = 10.0
 
 _LOOP_FACTORY: Callable[[], asyncio.AbstractEventLoop] | None
 try:
@@ -41,16 +58,56 @@ except ImportError:  # no uvloop on Windows: the standard loop serves as well, a
     _LOOP_FACTORY = None
 
 
-def _describe_routes(settings: Settings) -> list[str]:
-    lines = []
-    for name, route in sorted(settings.routes.items(), key=lambda item: item[1].prefix):
-        credential = settings.credentials[route.credential]
-        organization = route.sub_organization or "the key's own organization"
+def _describe_routes(settings: Settings) -> list[dict[str, str | None]]:
+    return [
+        {
+            "route": name,
+            "prefix": route.prefix,
+            "credential": route.credential,
+            "kind": settings.credentials[route.credential].kind,
+            "sub_organization": route.sub_organization,
+        }
+        for name, route in sorted(settings.routes.items(), key=lambda item: item[1].prefix)
+    ]
+
+
+def _announce(running: Running, settings: Settings, *, banner: bool) -> None:
+    """The `listening` event: where, and which routes; in text, with `banner`, the lines
+    people read (once, not once per worker)."""
+    routes = _describe_routes(settings)
+    lines = [f"appcircle-proxy {__version__} listening on {url}" for url in running.urls]
+    lines += [f"health, readiness and metrics on {url}/_proxy/" for url in running.admin_urls]
+    lines.append("routes:")
+    for route in routes:
+        organization = route["sub_organization"] or "the key's own organization"
         lines.append(
-            f"  {route.prefix:<12} -> {settings.appcircle.api_url}  (route '{name}', "
-            f"credential '{route.credential}' [{credential.kind}], {organization})"
+            f"  {route['prefix']:<12} -> {settings.appcircle.api_url}  (route '{route['route']}', "
+            f"credential '{route['credential']}' [{route['kind']}], {organization})"
         )
-    return lines
+    logs.event(
+        "listening",
+        # The address is followed by a space, for scripts that take the word after "on".
+        f"listening on {' '.join(running.urls)} (appcircle-proxy {__version__})",
+        {
+            "version": __version__,
+            "address": running.urls[0],
+            "admin_address": running.admin_urls[0] if running.admin_urls else None,
+            "api_url": settings.appcircle.api_url,
+            "routes": routes,
+        },
+        "\n".join(lines) if banner else None,
+    )
+
+
+def _final_counts(running: Running) -> dict[str, int]:
+    """What this process did, for the `stopped` event."""
+    sources = list(running.proxy.runtime.tokens)
+    exchanges = sum(sum(source.outcomes.values()) for source in sources)
+    return {
+        "requests": sum(running.proxy.stats.requests.values()),
+        "token_exchanges": exchanges,
+        "token_exchange_failures": exchanges - sum(source.outcomes["ok"] for source in sources),
+    }
 
 
 class _ParserErrorsInOneLine(logging.Filter):
@@ -72,30 +129,78 @@ _QUIET_PARSER_ERRORS = _ParserErrorsInOneLine()
 
 
 @dataclass(frozen=True, slots=True)
+class _Listener:
+    server: asyncio.Server
+    # A Unix socket file this process created, and its identity, to remove it on exit.
+    socket_file: tuple[Path, int, int] | None = None
+
+    def close(self) -> None:
+        self.server.close()
+        if self.socket_file is None:
+            return
+        path, device, inode = self.socket_file
+        try:
+            found = path.lstat()
+            # Only ours: a later process may have replaced the file meanwhile.
+            if (found.st_dev, found.st_ino) == (device, inode):
+                path.unlink()
+        except OSError:
+            pass
+
+
+@dataclass(frozen=True, slots=True)
 class Running:
-    """A started proxy: its parts and its listeners (the API one first)."""
+    """A started proxy: its parts, its runners and listeners (the API ones first)."""
 
     proxy: Proxy
     runners: tuple[web.BaseRunner, ...]
     resources: AsyncExitStack
+    listeners: tuple[tuple[_Listener, ...], ...]
+    shutdown_timeout: float
 
     @property
     def urls(self) -> list[str]:
         """Where the API listener listens, as URLs (unix:/path for a Unix socket)."""
-        return [_url(address) for address in self.runners[0].addresses]
+        return _addresses(self.listeners[0])
 
     @property
     def admin_urls(self) -> list[str]:
-        return [_url(address) for runner in self.runners[1:] for address in runner.addresses]
+        return [url for listeners in self.listeners[1:] for url in _addresses(listeners)]
 
-    async def stop(self) -> None:
-        """Stop accepting, let in-flight requests finish (up to shutdown_timeout), close."""
+    async def stop(self) -> int:
+        """Stop accepting and let in-flight requests finish, all within shutdown_timeout;
+        cancel those still running then, and close. Returns how many were cut."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(0.0, self.shutdown_timeout - CUT_GRACE)
+        self.proxy.handler.drain.draining = True
+        for listeners in self.listeners:
+            for listener in listeners:
+                listener.close()
+        server = self.runners[0].server
+        cut = 0
         try:
+            if server is not None:
+                # Idle keep-alive connections end now; busy ones after their answer.
+                server.pre_shutdown()
+                while _busy(server) and loop.time() < deadline:
+                    await asyncio.sleep(0.02)
+                cut = _busy(server)
             for runner in reversed(self.runners):
                 await runner.cleanup()
         finally:
             self.proxy.access_log.flush()
             await self.resources.aclose()
+        return cut
+
+
+def _busy(server: web.Server) -> int:
+    """Requests being handled now. aiohttp has no public count; its request handlers
+    keep this flag (read at shutdown only; the drain test fails if it goes away)."""
+    return sum(1 for handler in server.connections if handler._request_in_progress)
+
+
+def _addresses(listeners: tuple[_Listener, ...]) -> list[str]:
+    return [_url(sock.getsockname()) for listener in listeners for sock in listener.server.sockets]
 
 
 def _url(address: object) -> str:
@@ -130,33 +235,60 @@ async def start(
         # aiohttp closes a connection that has not sent a whole request head within this
         # time (slowloris), as well as an idle keep-alive connection.
         keepalive_timeout=server.header_timeout,
-        # The parser's own limits sit above the guard's, so that the guard can answer
-        # 414/431 with a reason; beyond them the parser answers 400.
+        # The parser's own limits, enforced as the head is read, sit above the guard's, so
+        # that the guard can answer 414/431 with a reason; beyond them the parser answers
+        # 400. The head as a whole is bounded by `inbound.Connections`.
         max_line_size=server.max_url_length + 64,
         max_field_size=server.max_header_bytes,
         max_headers=server.max_header_count * 2 + 32,
         access_log_class=access_logger(proxy.access_log, proxy.stats),
         access_log=logging.getLogger(LOGGER_NAME),
     )
-    runner = web.ServerRunner(web_server, shutdown_timeout=server.shutdown_timeout)
+    # Stop() drains within shutdown_timeout itself; what remains then is cut.
+    runner = web.ServerRunner(web_server, shutdown_timeout=CUT_GRACE)
     aiohttp_server_log.addFilter(_QUIET_PARSER_ERRORS)
+    connections = Connections(
+        limit=server.max_client_connections,
+        head_limit=head_limit(server.max_url_length, server.max_header_bytes),
+    )
     runners: list[web.BaseRunner] = [runner]
+    listeners: list[tuple[_Listener, ...]] = []
+    address, setting = server.endpoint, "--listen or server.listen"
     try:
         await runner.setup()
-        await _listen(runner, server.endpoint, server.socket_mode, reuse_port)
+        listeners.append(
+            await _listen(runner, connections, server.endpoint, server.socket_mode, reuse_port)
+        )
         if server.admin_endpoint is not None:
-            admin_runner = web.ServerRunner(create_admin_server(proxy.admin))
+            address, setting = server.admin_endpoint, "--admin-listen or server.admin_listen"
+            admin_runner = web.ServerRunner(
+                create_admin_server(proxy.admin), shutdown_timeout=CUT_GRACE
+            )
             runners.append(admin_runner)
             await admin_runner.setup()
-            await _listen(admin_runner, server.admin_endpoint, server.socket_mode, reuse_port)
-    except OSError as err:
+            # Probes and scrapers keep their own budget: a flood on the API listener must
+            # not make the proxy look dead.
+            admin_connections = Connections(limit=64, head_limit=connections.head_limit)
+            listeners.append(
+                await _listen(
+                    admin_runner,
+                    admin_connections,
+                    server.admin_endpoint,
+                    server.socket_mode,
+                    reuse_port,
+                )
+            )
+    except (OSError, SystemExit) as err:
+        for group in listeners:
+            for listener in group:
+                listener.close()
         for started in reversed(runners):
             await started.cleanup()
         await resources.aclose()
-        raise SystemExit(
-            f"appcircle-proxy: cannot listen ({err.strerror or err}); choose other addresses "
-            "with --listen, server.listen or server.admin_listen"
-        ) from None
+        if isinstance(err, SystemExit):  # a Unix socket path refused, already said why
+            raise
+        log.error("cannot listen on %s: %s; choose another with %s", address, _why(err), setting)
+        raise SystemExit(2) from None
     endpoint = server.endpoint
     if isinstance(endpoint, Endpoint) and not _is_loopback(endpoint.host):
         if server.client_secret() is None:
@@ -167,22 +299,83 @@ async def start(
                 "listen on 127.0.0.1 unless this is a container's own network namespace.",
                 endpoint,
             )
-    return Running(proxy, tuple(runners), resources)
+    return Running(proxy, tuple(runners), resources, tuple(listeners), server.shutdown_timeout)
 
 
 async def _listen(
-    runner: web.BaseRunner, endpoint: Endpoint | UnixSocket, mode: int, reuse_port: bool
-) -> None:
+    runner: web.BaseRunner,
+    connections: Connections,
+    endpoint: Endpoint | UnixSocket,
+    mode: int,
+    reuse_port: bool,
+) -> tuple[_Listener, ...]:
+    assert runner.server is not None
+    factory = connections.factory(runner.server)
+    loop = asyncio.get_running_loop()
     if isinstance(endpoint, Endpoint):
-        await web.TCPSite(runner, endpoint.host, endpoint.port, reuse_port=reuse_port).start()
-        return
+        server = await loop.create_server(
+            factory, endpoint.host, endpoint.port, reuse_address=True, reuse_port=reuse_port
+        )
+        return (_Listener(server),)
+    path = endpoint.path
+    _claim_socket_path(path)
+    if mode & 0o002:
+        log.warning(
+            "THE UNIX SOCKET %s IS WORLD-WRITABLE (server.socket_mode %04o): every local user "
+            "can use the Appcircle key(s) through it. Use 0600, or 0660 and a group.",
+            path,
+            mode,
+        )
     # Created under a restrictive umask, so there is no moment when others could connect.
     previous = os.umask(0o777 & ~mode)
     try:
-        await web.UnixSite(runner, str(endpoint.path)).start()
+        server = await loop.create_unix_server(factory, str(path))
     finally:
         os.umask(previous)
-    os.chmod(endpoint.path, mode)
+    os.chmod(path, mode)
+    created = path.lstat()
+    return (_Listener(server, (path, created.st_dev, created.st_ino)),)
+
+
+def _claim_socket_path(path: Path) -> None:
+    """Refuse a socket path another process is listening on (binding would silently take
+    it over); remove a stale socket file left by a process that died."""
+    try:
+        found = path.lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(found.st_mode):
+        raise SystemExit(
+            f"appcircle-proxy: {path} exists and is not a socket; remove it or choose "
+            "another path in server.listen"
+        )
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(str(path))
+    except ConnectionRefusedError:
+        log.info("replacing the stale socket file %s (no process listens on it)", path)
+        path.unlink()
+        return
+    except OSError as err:
+        raise SystemExit(
+            f"appcircle-proxy: cannot check whether another process listens on {path} "
+            f"({err.strerror or type(err).__name__}); choose another path in server.listen"
+        ) from None
+    finally:
+        probe.close()
+    raise SystemExit(
+        f"appcircle-proxy: another process is listening on unix:{path}; stop it, or choose "
+        "another path in server.listen"
+    )
+
+
+def _why(err: OSError) -> str:
+    if isinstance(err, socket.gaierror):
+        return f"the host name does not resolve ({err.strerror})"
+    if isinstance(err, FileNotFoundError):
+        return f"its directory does not exist ({err.strerror})"
+    return err.strerror or str(err)
 
 
 def _is_loopback(host: str) -> bool:
@@ -204,20 +397,43 @@ def _reload(running: Running, load: Callable[[], Settings]) -> None:
     running.proxy.runtime.reload(settings)
 
 
+@dataclass(frozen=True, slots=True)
+class _WorkerRole:
+    """Which of several processes this is: its slot, how often the slot was re-forked,
+    and the pipe on which it tells the parent it is serving. (A pipe, not a lock-based
+    multiprocessing.Event: a worker killed while holding that lock would hang the parent.)"""
+
+    index: int
+    restarts: int
+    ready: Connection
+
+
 async def _serve(
-    settings: Settings, load: Callable[[], Settings], *, worker: int | None = None
+    settings: Settings, load: Callable[[], Settings], role: _WorkerRole | None = None
 ) -> None:
-    running = await start(settings, reuse_port=worker is not None, worker=worker)
+    running = await start(
+        settings, reuse_port=role is not None, worker=None if role is None else role.index
+    )
+    started = time.monotonic()
     # Everything allocated so far lives as long as the process: keep the collector off it.
     gc.collect()
     gc.freeze()
     try:
-        if not worker:  # the only process, or the first of several
-            for url in running.urls:
-                print(f"appcircle-proxy {__version__} listening on {url}", flush=True)
-            for url in running.admin_urls:
-                print(f"health, readiness and metrics on {url}/_proxy/", flush=True)
-            print("\n".join(["routes:", *_describe_routes(settings)]), flush=True)
+        # The banner once: from the only process, or the first worker's first start.
+        _announce(
+            running, settings, banner=role is None or (role.index == 0 and role.restarts == 0)
+        )
+        if role is not None:
+            running.proxy.stats.worker_restarts = role.restarts
+            if role.restarts:
+                log.warning(
+                    "worker %d serving again (pid %d), restart %d of this worker",
+                    role.index,
+                    os.getpid(),
+                    role.restarts,
+                )
+            role.ready.send_bytes(b"serving")
+            role.ready.close()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -229,9 +445,24 @@ async def _serve(
             settings.server.shutdown_timeout,
         )
     finally:
-        await running.stop()
-    if not worker:
-        print("appcircle-proxy: stopped", file=sys.stderr, flush=True)
+        cut = await running.stop()
+    if cut:
+        log.warning(
+            "shutdown_timeout (%.0f s) reached: cut %d request(s) still in flight",
+            settings.server.shutdown_timeout,
+            cut,
+        )
+    else:
+        log.info("drained: every in-flight request finished")
+    counts = _final_counts(running)
+    uptime = time.monotonic() - started
+    logs.event(
+        "stopped",
+        f"appcircle-proxy: stopped after {counts['requests']} requests and "
+        f"{counts['token_exchanges']} token exchanges "
+        f"({counts['token_exchange_failures']} failed), up {uptime:.0f} s",
+        {**counts, "uptime_s": round(uptime, 1)},
+    )
 
 
 def _run(main: Coroutine[None, None, None]) -> None:
@@ -240,10 +471,14 @@ def _run(main: Coroutine[None, None, None]) -> None:
         runner.run(main)
 
 
-def _worker(settings: Settings, load: Callable[[], Settings], index: int) -> None:
+def _worker(settings: Settings, load: Callable[[], Settings], role: _WorkerRole) -> None:
     # The parent relays SIGINT/SIGTERM; a terminal's Ctrl-C must not hit workers directly.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _run(_serve(settings, load, worker=index))
+    # The parent's handlers were inherited; until the worker's event loop installs its own,
+    # SIGTERM ends it and SIGHUP (nothing to reload yet) is ignored.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    _run(_serve(settings, load, role))
 
 
 def serve(settings: Settings, load: Callable[[], Settings], workers: int = 1) -> int:
@@ -259,26 +494,129 @@ def serve(settings: Settings, load: Callable[[], Settings], workers: int = 1) ->
             file=sys.stderr,
         )
         return 2
-    # fork, not spawn: the workers inherit the validated settings and the loader as they are.
-    context = multiprocessing.get_context("fork")
-    processes = [
-        context.Process(target=_worker, args=(settings, load, index), name=f"worker-{index}")
-        for index in range(workers)
-    ]
-    for process in processes:
+    return _Supervisor(settings, load, workers).run()
+
+
+@dataclass(slots=True)
+class _Slot:
+    """One of the N places on the port, and the process that holds it now."""
+
+    index: int
+    process: BaseProcess
+    ready: Connection  # the read end of the worker's pipe
+    started: float
+    restarts: int = 0
+    delay: float = RESTART_INITIAL
+    # Set once the supervisor has seen the process exit; then, unless stopping, when to
+    # fork its replacement.
+    exited: bool = False
+    restart_at: float = 0.0
+
+
+class _Supervisor:
+    """The parent of --workers: forks them, relays signals, and re-forks one that dies
+    (after a backoff) so the port keeps all N. A first worker that exits with an error
+    before it ever served is a start-up error (a port in use, say): all stop, exit 1."""
+
+    def __init__(self, settings: Settings, load: Callable[[], Settings], workers: int) -> None:
+        # fork, not spawn: workers inherit the validated settings and the loader as they are.
+        self._context = multiprocessing.get_context("fork")
+        self._settings = settings
+        self._load = load
+        self._workers = workers
+        self._stopping = False
+        self._failed = False
+        self._slots: list[_Slot] = []
+
+    def _fork(self, index: int, restarts: int) -> _Slot:
+        ready, told = self._context.Pipe(duplex=False)
+        role = _WorkerRole(index, restarts, told)
+        process = self._context.Process(
+            target=_worker, args=(self._settings, self._load, role), name=f"worker-{index}"
+        )
         process.start()
+        told.close()  # the worker's end; later workers must not inherit it
+        return _Slot(index, process, ready, time.monotonic(), restarts)
 
-    def relay(signum: int, _frame: object) -> None:
-        for process in processes:
-            if process.pid is not None and process.is_alive():
-                os.kill(process.pid, signal.SIGTERM if signum == signal.SIGINT else signum)
+    def _relay(self, signum: int, _frame: object) -> None:
+        if signum in (signal.SIGINT, signal.SIGTERM):
+            self._stopping = True
+            signum = signal.SIGTERM
+        for slot in self._slots:
+            if slot.process.pid is not None and slot.process.exitcode is None:
+                os.kill(slot.process.pid, signum)
 
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, relay)
-    for process in processes:
-        process.join()
-    failed = [p.name for p in processes if p.exitcode != 0]
-    if failed:
-        print(f"appcircle-proxy: {', '.join(failed)} exited with an error", file=sys.stderr)
-        return 1
-    return 0
+    def run(self) -> int:
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, self._relay)
+        for index in range(self._workers):
+            self._slots.append(self._fork(index, 0))
+        if self._stopping:  # a signal arrived while forking
+            self._relay(signal.SIGTERM, None)
+        while True:
+            for slot in self._slots:
+                self._tend(slot)
+            # Every process not yet seen to exit is watched, so no exit goes unnoticed.
+            watched = [slot.process.sentinel for slot in self._slots if not slot.exited]
+            if self._stopping and not watched:
+                break
+            due = [slot.restart_at for slot in self._slots if slot.exited]
+            timeout = None if self._stopping or not due else max(0.0, min(due) - time.monotonic())
+            multiprocessing.connection.wait(watched, timeout)
+        if self._failed:
+            print("appcircle-proxy: a worker could not start; see above", file=sys.stderr)
+            return 1
+        return 0
+
+    def _tend(self, slot: _Slot) -> None:
+        process = slot.process
+        if not slot.exited:
+            code = process.exitcode
+            if code is None:
+                return
+            slot.exited = True
+            if self._stopping:
+                return
+            # An error exit before serving is a start-up error; a signal is not.
+            if code > 0 and slot.restarts == 0 and not _served(slot.ready):
+                log.error("worker %d %s before serving", slot.index, _how(process))
+                self._failed = True
+                self._relay(signal.SIGTERM, None)
+                return
+            now = time.monotonic()
+            if now - slot.started >= STABLE_SECONDS:
+                slot.delay = RESTART_INITIAL
+            slot.restart_at = now + slot.delay
+            log.error(
+                "worker %d (pid %s) %s; re-forking it in %.1f s (restart %d)",
+                slot.index,
+                process.pid,
+                _how(process),
+                slot.delay,
+                slot.restarts + 1,
+            )
+            return
+        if self._stopping or time.monotonic() < slot.restart_at:
+            return
+        slot.ready.close()
+        replacement = self._fork(slot.index, slot.restarts + 1)
+        replacement.delay = min(slot.delay * 2, RESTART_MAX)
+        self._slots[self._slots.index(slot)] = replacement
+        if self._stopping:  # a signal arrived while forking: the new worker missed it
+            self._relay(signal.SIGTERM, None)
+
+
+def _served(ready: Connection) -> bool:
+    """Whether a worker that has exited said it was serving (so reading cannot block)."""
+    try:
+        return ready.poll() and ready.recv_bytes() == b"serving"
+    except EOFError:
+        return False
+
+
+def _how(process: BaseProcess) -> str:
+    code = process.exitcode
+    assert code is not None
+    if code < 0:
+        return f"was killed by {signal.Signals(-code).name}"
+    return f"exited with status {code}"

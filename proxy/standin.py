@@ -4,6 +4,11 @@ Real aiohttp servers on loopback: the auth host issues signed JWTs from the cont
 token endpoints; the API host demands `Authorization: Bearer <valid JWT>`, answers 401 to a
 missing, forged, expired or revoked one, and echoes what it received. Attributes are knobs
 a test turns to make the auth host fail, stall or misbehave.
+
+Fault modes: the auth host answers errors (`always = 500`) or garbage (`always =
+"not-json"`), hangs (`gate = asyncio.Event()`; `gate.set()` lets the held exchanges answer);
+the API is slow (`api_delay`) or refuses every token on an endpoint (`/_test/status/401`);
+either host crashes and comes back on the same port (`kill`, `revive`).
 """
 
 from __future__ import annotations
@@ -21,11 +26,13 @@ from typing import Any, Literal
 
 import jwt
 from aiohttp import WSMsgType, web
+from yarl import URL
 
-__all__ = ["Exchange", "SeenRequest", "StandIn", "pattern"]
+__all__ = ["Exchange", "Host", "SeenRequest", "StandIn", "pattern"]
 
 # What the auth host does with the next exchange instead of answering normally.
 Misbehaviour = int | Literal["not-json", "no-token", "not-jwt", "expired", "no-exp"]
+Host = Literal["auth", "api"]
 
 SIGNING_ALGORITHM = "HS256"
 CLAIMS = web.RequestKey("claims", dict[str, Any])
@@ -72,12 +79,20 @@ class StandIn:
     always: Misbehaviour | None = None
     # While set and not yet released, exchanges wait on it (to hold one in flight).
     gate: asyncio.Event | None = None
+    # Seconds the API host takes before answering each request it accepted (a slow API).
+    api_delay: float = 0.0
+    # Keep `api_requests`; off for long runs, where the list would only grow.
+    record_requests: bool = True
     personal_keys: dict[str, str] = field(default_factory=dict, repr=False)
     api_keys: dict[tuple[str, str], str] = field(default_factory=dict, repr=False)
     sub_organizations: dict[str, set[str]] = field(default_factory=dict)
     exchanges: list[Exchange] = field(default_factory=list)
     exchanges_started: int = 0
     api_requests: list[SeenRequest] = field(default_factory=list)
+    # Requests the auth host's userinfo endpoint answered with a valid token.
+    userinfo_requests: list[SeenRequest] = field(default_factory=list)
+    # Extra bytes in each userinfo answer (to make one too large to be a userinfo answer).
+    userinfo_padding: int = 0
     rejected_tokens: list[str] = field(default_factory=list)
     revoked: set[str] = field(default_factory=set)
     # Requests being handled by the API host now, and the most at once.
@@ -91,8 +106,11 @@ class StandIn:
     issued_tokens: list[str] = field(default_factory=list, repr=False)
     auth_url: str = ""
     api_url: str = ""
-    _signing_key: str = field(default_factory=lambda: secrets.token_hex(32), repr=False)
-    _runners: list[web.AppRunner] = field(default_factory=list, repr=False)
+    # Shared by stand-ins in separate processes (auth and API apart) so each accepts the
+    # other's tokens, and a restarted one those issued before.
+    signing_key: str = field(default_factory=lambda: secrets.token_hex(32), repr=False)
+    _runners: dict[Host, web.AppRunner] = field(default_factory=dict, repr=False)
+    _tls: ssl.SSLContext | None = field(default=None, repr=False)
     _issued: set[str] = field(default_factory=set, repr=False)
 
     # -- accounts ---------------------------------------------------------------------
@@ -111,27 +129,52 @@ class StandIn:
     # -- servers ----------------------------------------------------------------------
     async def start(self, host: str = "127.0.0.1", tls: ssl.SSLContext | None = None) -> None:
         """Serve both hosts on free ports of `host`, over TLS when given a server context."""
-        self.auth_url = await self._serve(self._auth_app(), host, tls)
-        self.api_url = await self._serve(self._api_app(), host, tls)
+        await self.serve("auth", host, tls=tls)
+        await self.serve("api", host, tls=tls)
 
     async def close(self) -> None:
-        for runner in self._runners:
+        for runner in self._runners.values():
             await runner.cleanup()
         self._runners.clear()
 
-    async def _serve(self, app: web.Application, host: str, tls: ssl.SSLContext | None) -> str:
+    async def serve(
+        self, which: Host, host: str = "127.0.0.1", port: int = 0, tls: ssl.SSLContext | None = None
+    ) -> str:
+        """Serve one host on `port` (0: a free one); sets and returns its URL."""
+        app = self._auth_app() if which == "auth" else self._api_app()
         runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
         await runner.setup()
-        site = web.TCPSite(runner, host, 0, ssl_context=tls)
+        site = web.TCPSite(runner, host, port, ssl_context=tls)
         await site.start()
-        self._runners.append(runner)
-        port = runner.addresses[0][1]
-        return f"{'https' if tls else 'http'}://{host}:{port}"
+        self._runners[which] = runner
+        self._tls = tls
+        url = f"{'https' if tls else 'http'}://{host}:{runner.addresses[0][1]}"
+        if which == "auth":
+            self.auth_url = url
+        else:
+            self.api_url = url
+        return url
+
+    async def kill(self, which: Host) -> None:
+        """Stop serving one host as a crash would: connections reset, requests cut, the port
+        refusing connections until `revive`."""
+        runner = self._runners.pop(which)
+        if runner.server is not None:
+            for connection in runner.server.connections:
+                if connection.transport is not None:
+                    connection.transport.abort()
+        await runner.cleanup()
+
+    async def revive(self, which: Host) -> None:
+        """Serve a killed host again, on the port it had."""
+        url = URL(self.auth_url if which == "auth" else self.api_url)
+        assert url.host is not None and url.port is not None
+        await self.serve(which, url.host, url.port, tls=self._tls)
 
     @property
     def api_connections(self) -> int:
         """Connections open to the API host now."""
-        server = self._runners[1].server
+        server = self._runners["api"].server
         return len(server.connections) if server is not None else 0
 
     # -- auth host --------------------------------------------------------------------
@@ -140,7 +183,26 @@ class StandIn:
         for endpoint in ("/auth/v3/token", "/auth/v2/token", "/auth/v1/token"):
             app.router.add_post(endpoint, self._personal_exchange)
         app.router.add_post("/auth/v1/api-key/token", self._api_key_exchange)
+        app.router.add_get(
+            "/auth/realms/appcircle/protocol/openid-connect/userinfo", self._userinfo
+        )
         return app
+
+    async def _userinfo(self, request: web.Request) -> web.Response:
+        """OpenID Connect userinfo: the claims of a valid token, 401 for any other."""
+        claims = self._valid_claims(request)
+        if claims is None:
+            return web.json_response({"error": "invalid_token"}, status=401)
+        self.userinfo_requests.append(_seen(request, claims))
+        return web.json_response(
+            {
+                "sub": claims["sub"],
+                "email": claims["email"],
+                "email_verified": True,
+                "currentOrganizationId": claims["currentOrganizationId"],
+                **({"padding": "x" * self.userinfo_padding} if self.userinfo_padding else {}),
+            }
+        )
 
     async def _personal_exchange(self, request: web.Request) -> web.Response:
         form = await request.post()
@@ -203,7 +265,7 @@ class StandIn:
         if not self.organization_claim:
             del claims["currentOrganizationId"]
         self._issued.add(token_id)
-        token = jwt.encode(claims, self._signing_key, algorithm=SIGNING_ALGORITHM)
+        token = jwt.encode(claims, self.signing_key, algorithm=SIGNING_ALGORITHM)
         self.issued_tokens.append(token)
         if misbehaviour == "not-json":
             return web.Response(text="<html>Bad gateway</html>", content_type="text/html")
@@ -240,13 +302,32 @@ class StandIn:
     async def _require_token(
         self, request: web.Request, handler: Callable[[web.Request], Any]
     ) -> web.StreamResponse:
+        claims = self._valid_claims(request)
+        if claims is None:
+            return web.json_response({"message": "Unauthorized"}, status=401)
+        request[CLAIMS] = claims
+        if self.record_requests:
+            self.api_requests.append(_seen(request, claims))
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            if self.api_delay:
+                await asyncio.sleep(self.api_delay)
+            response: web.StreamResponse = await handler(request)
+        finally:
+            self.in_flight -= 1
+        return response
+
+    def _valid_claims(self, request: web.Request) -> dict[str, Any] | None:
+        """The claims of the request's `Authorization: Bearer` token if it is one this
+        stand-in issued and neither expired nor revoked; else None (and the reason noted)."""
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         try:
             if scheme != "Bearer":
                 raise jwt.InvalidTokenError("no bearer token")
-            claims = jwt.decode(
+            claims: dict[str, Any] = jwt.decode(
                 token,
-                self._signing_key,
+                self.signing_key,
                 algorithms=[SIGNING_ALGORITHM],
                 # Times are judged by `self.clock` (below), not by the real one.
                 options={"verify_exp": False, "verify_iat": False, "require": ["exp", "jti"]},
@@ -257,24 +338,8 @@ class StandIn:
                 raise jwt.InvalidTokenError("revoked")
         except jwt.PyJWTError as err:
             self.rejected_tokens.append(type(err).__name__)
-            return web.json_response({"message": "Unauthorized"}, status=401)
-        request[CLAIMS] = claims
-        self.api_requests.append(
-            SeenRequest(
-                request.method,
-                request.raw_path,
-                list(request.headers.items()),
-                claims["currentOrganizationId"],
-                claims["jti"],
-            )
-        )
-        self.in_flight += 1
-        self.max_in_flight = max(self.max_in_flight, self.in_flight)
-        try:
-            response: web.StreamResponse = await handler(request)
-        finally:
-            self.in_flight -= 1
-        return response
+            return None
+        return claims
 
     async def _echo(self, request: web.Request) -> web.Response:
         digest, length = hashlib.sha256(), 0
@@ -404,6 +469,16 @@ class StandIn:
                 return socket
             else:
                 return socket
+
+
+def _seen(request: web.Request, claims: dict[str, Any]) -> SeenRequest:
+    return SeenRequest(
+        request.method,
+        request.raw_path,
+        list(request.headers.items()),
+        claims["currentOrganizationId"],
+        claims["jti"],
+    )
 
 
 PATTERN_BLOCK = hashlib.sha256(b"appcircle-proxy").digest() * 2048  # 64 KiB, fixed

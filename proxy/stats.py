@@ -51,6 +51,8 @@ class Stats:
         self.latency: dict[str, _Latency] = {}
         self.refused: dict[str, int] = {}
         self.in_flight = 0
+        # With --workers: how often this worker's slot was re-forked after its process died.
+        self.worker_restarts: int | None = None
 
     def record(
         self,
@@ -126,6 +128,12 @@ class _Collector(Collector):
         yield GaugeMetricFamily(
             "appcircle_proxy_in_flight_requests", "Requests being handled now", stats.in_flight
         )
+        if stats.worker_restarts is not None:
+            yield GaugeMetricFamily(
+                "appcircle_proxy_worker_restarts",
+                "Times this worker was re-forked after its process died (--workers)",
+                stats.worker_restarts,
+            )
         refused = CounterMetricFamily(
             "appcircle_proxy_refused",
             "Requests refused by upstream admission (pool_full, pool_timeout, streams_full)",

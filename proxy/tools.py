@@ -1,17 +1,38 @@
-"""One-shot commands that do not serve: `check`, `token` and `config`."""
+"""One-shot commands that do not serve: `check` (and `check --offline`), `token` and `config`."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 
 from .app import connect
 from .settings import Settings
 from .tokens import TokenUnavailable
 
-__all__ = ["check", "show_config", "token"]
+__all__ = ["check", "check_offline", "show_config", "token"]
+
+
+class _OnlyErrors(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+
+@contextmanager
+def _one_attempt() -> Iterator[None]:
+    """The one-shot commands make one exchange per route and report its outcome themselves;
+    the renewal loop's own lines would repeat it and promise retries that never come."""
+    tokens_log = logging.getLogger("appcircle_proxy.tokens")
+    quiet = _OnlyErrors()
+    tokens_log.addFilter(quiet)
+    try:
+        yield
+    finally:
+        tokens_log.removeFilter(quiet)
 
 
 async def _check(settings: Settings) -> int:
@@ -32,6 +53,10 @@ async def _check(settings: Settings) -> int:
                 f"token expires {expires}",
                 flush=True,
             )
+    # Issue 10: the least-privilege rules of each restricted route.
+    for route in sorted(upstream.routes, key=lambda route: route.prefix):
+        if route.policy.restricted:
+            print(f"rule {route.prefix:<12} route '{route.name}': {route.policy.describe()}")
     if failed:
         print(f"{failed} route(s) cannot get a session token; see above", file=sys.stderr)
         return 1
@@ -67,11 +92,61 @@ async def _token(settings: Settings, route_name: str | None) -> int:
 
 
 def check(settings: Settings) -> int:
-    return asyncio.run(_check(settings))
+    with _one_attempt():
+        return asyncio.run(_check(settings))
 
 
 def token(settings: Settings, route_name: str | None) -> int:
-    return asyncio.run(_token(settings, route_name))
+    with _one_attempt():
+        return asyncio.run(_token(settings, route_name))
+
+
+def check_offline(settings: Settings) -> int:
+    """The configuration is valid (it was loaded offline): print its routes and what only
+    the deployment can check (secrets, files), so a laptop can vet a deployment's config."""
+    print("configuration is valid (offline: no secret read, no network)")
+    for name, route in sorted(settings.routes.items(), key=lambda item: item[1].prefix):
+        credential = settings.credentials[route.credential]
+        organization = route.sub_organization or "the key's own organization"
+        print(
+            f"  {route.prefix:<12} route '{name}', {credential.kind} '{route.credential}', "
+            f"{organization}"
+        )
+        if route.policy.restricted:  # issue 10: least-privilege rules
+            print(f"  {'':<12} {route.policy.describe()}")
+    server, appcircle = settings.server, settings.appcircle
+    print(
+        f"  listens on {server.listen}"
+        + (f", admin on {server.admin_listen}" if server.admin_listen else "")
+    )
+    needed = [
+        *(
+            f"credentials.{name}: variable {credential.secret_env}"
+            for name, credential in settings.credentials.items()
+            if credential.secret_env is not None
+        ),
+        *(
+            f"credentials.{name}: file {credential.secret_file}"
+            for name, credential in settings.credentials.items()
+            if credential.secret_file is not None
+        ),
+        *(
+            [f"server.client_token_env: variable {server.client_token_env}"]
+            if server.client_token_env
+            else []
+        ),
+        *(
+            [f"server.client_token_file: file {server.client_token_file}"]
+            if server.client_token_file
+            else []
+        ),
+        *([f"appcircle.ca_file: file {appcircle.ca_file}"] if appcircle.ca_file else []),
+    ]
+    if needed:
+        print("not checked offline; the deployment must provide:")
+        for item in needed:
+            print(f"  {item}")
+    return 0
 
 
 def show_config(settings: Settings) -> int:

@@ -1,6 +1,9 @@
 """WebSocket upgrades: the handshake goes to the API host with the session token, then
 messages are relayed both ways until either side closes, and the close (code and reason)
-is passed on to the other side."""
+is passed on to the other side.
+
+A malformed handshake is refused before anything is opened upstream, and the upstream
+handshake never follows a redirect: the token goes to the configured API and nowhere else."""
 
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ HANDSHAKE_HEADERS: Final = (
     "Sec-WebSocket-Protocol",
 )
 INTERNAL_ERROR: Final = 1011
+REDIRECTS: Final = frozenset({301, 302, 303, 307, 308})
 
 WebSocket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
 # aiohttp's client carries WebSockets (the pooled client is for plain HTTP).
@@ -52,6 +56,18 @@ async def relay(
     headers: CIMultiDict[str],
     decorate: Callable[[CIMultiDict[str]], None],
 ) -> web.StreamResponse:
+    # aiohttp also takes the draft versions 7 and 8; the upstream handshake is 13.
+    if (
+        request.headers.get("Sec-WebSocket-Version") != "13"
+        or not web.WebSocketResponse().can_prepare(request).ok
+    ):
+        return errors.refused(
+            400,
+            "bad_websocket_upgrade",
+            "the WebSocket handshake is malformed: a GET with Connection: Upgrade, "
+            "Upgrade: websocket, Sec-WebSocket-Version: 13 and a Sec-WebSocket-Key of 16 "
+            "base64-encoded bytes is needed",
+        )
     protocols = tuple(
         p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()
     )
@@ -92,6 +108,38 @@ async def _connect(
     protocols: tuple[str, ...],
 ) -> aiohttp.ClientWebSocketResponse | web.Response:
     """The upstream half, or the error answer; a 401 renews the token and retries once."""
+    # ws_connect always follows redirects; a session of its own, on the same pool, whose
+    # middleware stops at the first one.
+    handshakes = aiohttp.ClientSession(
+        connector=session.connector,
+        connector_owner=False,
+        timeout=session.timeout,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        middlewares=(_no_redirects,),
+    )
+    async with handshakes:
+        return await _handshake(handshakes, route, target, headers, protocols)
+
+
+async def _no_redirects(
+    request: aiohttp.ClientRequest, handler: aiohttp.ClientHandlerType
+) -> aiohttp.ClientResponse:
+    response = await handler(request)
+    if response.status in REDIRECTS:
+        response.close()
+        raise aiohttp.WSServerHandshakeError(
+            response.request_info, response.history, status=response.status
+        )
+    return response
+
+
+async def _handshake(
+    session: aiohttp.ClientSession,
+    route: Route,
+    target: URL,
+    headers: CIMultiDict[str],
+    protocols: tuple[str, ...],
+) -> aiohttp.ClientWebSocketResponse | web.Response:
     for attempt in (1, 2):
         try:
             token = await route.tokens.get()
@@ -103,10 +151,9 @@ async def _connect(
                 target, headers=headers, protocols=protocols, autoclose=False
             )
         except aiohttp.WSServerHandshakeError as err:
-            if err.status == 401:
-                route.tokens.invalidate(token)
-                if attempt == 1:
-                    continue
+            # Again only with another token: renewals after a 401 are rate-limited.
+            if err.status == 401 and route.tokens.invalidate(token) and attempt == 1:
+                continue
             return errors.upstream_refused_websocket(err.status)
         except (aiohttp.ServerTimeoutError, TimeoutError):
             return errors.upstream_timeout(str(target.origin()))

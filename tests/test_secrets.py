@@ -48,7 +48,9 @@ async def test_no_secret_in_debug_logs_or_error_bodies(
 ) -> None:
     caplog.set_level(logging.DEBUG)
     bodies: list[str] = []
-    proxy = await start_proxy(**EVERY_KIND)
+    # Every 401 renews here (the /_test/status/401 below would otherwise hold off the
+    # renewal after the revocation for tokens.min_renew_interval).
+    proxy = await start_proxy(**EVERY_KIND, tokens={"min_renew_interval": 0})
     # The stand-in API echoes what it received, Authorization included: that is the
     # upstream's business. What is checked here is what the proxy itself says.
     for path in ("/x", "/legacy/x", "/service/x", "/_test/status/401", "/_test/cut"):

@@ -1,4 +1,4 @@
-"""The guard's pure checks, case by case: the raw path check and the Host parsing."""
+"""The guard's pure checks, case by case: the raw path check and the strict Host parsing."""
 
 from __future__ import annotations
 
@@ -16,13 +16,34 @@ from proxy.guard import _host_name, _path_problem
         ("127.0.0.1:1", "127.0.0.1"),
         ("[::1]:8787", "::1"),
         ("[::1]", "::1"),
-        ("::1", "::1"),  # bare IPv6: several colons, so no port is split off
-        ("[::1", "[::1"),  # unclosed: kept whole, so it matches no allowed name
-        ("", ""),
+        ("[0:0::1]:8787", "::1"),  # an IPv6 address in its canonical form
+        ("app_proxy-1.internal", "app_proxy-1.internal"),
     ],
 )
 def test_the_host_header_gives_the_lowercase_name_without_port(header: str, name: str) -> None:
     assert _host_name(header) == name
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "",
+        "::1",  # IPv6 must be bracketed
+        "[::1",
+        "[::1].evil.com",
+        "[::1]@evil.com",
+        "[localhost]",
+        "localhost:x@evil.com",
+        "localhost@evil.com",
+        "localhost:",
+        "localhost:8787:8787",
+        "localhost/evil",
+        "127.0.0.1 evil.com",
+        "caf\udce9",  # a byte that was not UTF-8
+    ],
+)
+def test_anything_but_name_port_or_bracketed_ipv6_port_is_no_host(header: str) -> None:
+    assert _host_name(header) is None
 
 
 @pytest.mark.parametrize(
@@ -67,6 +88,11 @@ def test_ordinary_paths_pass(path: str) -> None:
         ("/a/%2e", "'.' and '..'"),
         ("/a/%2E%2e/b", "'.' and '..'"),
         ("/a/.%2e/b", "'.' and '..'"),
+        ("/..;/b", "';parameters'"),
+        ("/a/.;x/b", "';parameters'"),
+        ("/a/%2e%2e%3b/b", "';parameters'"),
+        ("/a/%252e%252e/b", "double percent-encoding"),
+        ("/a/%25", "double percent-encoding"),
     ],
 )
 def test_paths_that_could_mean_something_else_upstream_are_refused_saying_why(

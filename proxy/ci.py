@@ -1,0 +1,342 @@
+"""CI lifecycles: `run -- CMD` serves the proxy for one command's lifetime and keeps the key
+out of the command's environment; `wait` blocks until a proxy started elsewhere is ready.
+
+`run` is the whole job step in one process: start the proxy on a free loopback port, wait
+until every route holds a session token, run CMD with APPCIRCLE_PROXY_URL pointing at it and
+without the variables the key came from, pass signals on, then drain and stop, exiting with
+CMD's status. A script or dependency the step runs sees a proxy, never the key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shlex
+import signal
+import sys
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any, Final
+
+import aiohttp
+from yarl import URL
+
+from . import logs
+from .routes import Route
+from .server import start
+from .settings import (
+    ENV_PREFIX,
+    ZERO_CONFIG_API_KEY_SECRET,
+    ZERO_CONFIG_KEYS,
+    ConfigError,
+    Endpoint,
+    Settings,
+    UnixSocket,
+    load_settings,
+)
+
+__all__ = ["child_environment", "run", "wait"]
+
+# What CMD is given: the proxy (with the route's prefix), and its client token if it has one.
+PROXY_URL_ENV: Final = "APPCIRCLE_PROXY_URL"
+API_URL_ENV: Final = "APPCIRCLE_API_URL"
+CLIENT_TOKEN_ENV: Final = "APPCIRCLE_PROXY_TOKEN"
+RUN_LISTEN: Final = "127.0.0.1:0"
+READY_PATH: Final = "/_proxy/ready"
+# Failures that retrying within the timeout cannot mend: report them at once.
+PERMANENT_FAILURES: Final = frozenset(
+    {"key_rejected", "bad_request", "wrong_organization", "secret_unavailable"}
+)
+FORWARDED_SIGNALS: Final = (
+    signal.SIGINT,
+    signal.SIGTERM,
+    signal.SIGHUP,
+    signal.SIGQUIT,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+)
+DEFAULT_TIMEOUT: Final = 60.0
+POLL_SECONDS: Final = 0.05
+WAIT_POLL_SECONDS: Final = 0.2
+WAIT_REQUEST_SECONDS: Final = 2.0
+
+
+# -- run --------------------------------------------------------------------------------
+
+
+def key_variables(settings: Settings, environ: Iterable[str]) -> set[str]:
+    """Every variable in `environ` a key or the client token may have been read from."""
+    names = {variable for variable, _kind in ZERO_CONFIG_KEYS} | {ZERO_CONFIG_API_KEY_SECRET}
+    names |= {f"{name}_FILE" for name in names}
+    names |= {c.secret_env for c in settings.credentials.values() if c.secret_env is not None}
+    if settings.server.client_token_env is not None:
+        names.add(settings.server.client_token_env)
+    # Settings given as APPCIRCLE_PROXY_* variables can hold secrets too (credentials, the
+    # client token, or a whole section as JSON). Names are case-insensitive there.
+    secret_words = ("CREDENTIALS", "SECRET", "CLIENT_TOKEN")
+    names |= {
+        name
+        for name in environ
+        if name.upper().startswith(ENV_PREFIX)
+        and (
+            any(word in name.upper() for word in secret_words)
+            or name.upper() == f"{ENV_PREFIX}SERVER"
+        )
+    }
+    return names
+
+
+def child_environment(
+    settings: Settings, environ: Mapping[str, str], proxy_url: str
+) -> dict[str, str]:
+    """CMD's environment: ours without the key variables, with the proxy's URL (and its
+    client token, which only opens this proxy, for as long as CMD runs)."""
+    dropped = key_variables(settings, environ)
+    environment = {name: value for name, value in environ.items() if name not in dropped}
+    environment[PROXY_URL_ENV] = environment[API_URL_ENV] = proxy_url
+    client_token = settings.server.client_secret()
+    if client_token is not None:
+        environment[CLIENT_TOKEN_ENV] = client_token.get_secret_value()
+    return environment
+
+
+def run(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    """`appcircle-proxy run`; `overrides` are the command line's settings flags."""
+    given: list[str] = getattr(args, "cmd", [])
+    command = given[1:] if given[:1] == ["--"] else given
+    timeout: float = getattr(args, "timeout", DEFAULT_TIMEOUT)
+    route_name: str | None = getattr(args, "route", None)
+    if not command:
+        print(
+            "appcircle-proxy run: name the command after --, e.g. "
+            "appcircle-proxy run -- appcircle build profile list",
+            file=sys.stderr,
+        )
+        return 2
+    if timeout <= 0:
+        print("appcircle-proxy run: --timeout must be more than 0 seconds", file=sys.stderr)
+        return 2
+    overrides.setdefault("server", {}).setdefault("listen", RUN_LISTEN)
+    settings = load_settings(getattr(args, "config", None), overrides)
+    if route_name is not None and route_name not in settings.routes:
+        print(
+            f"appcircle-proxy run: no route named '{route_name}'; configured routes: "
+            f"{', '.join(sorted(settings.routes))}",
+            file=sys.stderr,
+        )
+        return 2
+    logs.configure(settings.log)
+    return asyncio.run(_run(settings, command, route_name, timeout))
+
+
+async def _run(
+    settings: Settings, command: list[str], route_name: str | None, timeout: float
+) -> int:
+    running = await start(settings)
+    try:
+        routes = running.proxy.runtime.routes
+        problems = await _tokens_for_every_route(list(routes), timeout)
+        if problems:
+            print(
+                f"appcircle-proxy run: not running {command[0]}: "
+                f"{len(problems)} route(s) have no session token:",
+                file=sys.stderr,
+            )
+            for name, problem in sorted(problems.items()):
+                print(f"  route '{name}': {problem}", file=sys.stderr)
+            return 1
+        url = _client_url(running.urls[0])
+        if route_name is not None:
+            route = routes.by_name(route_name)
+            assert route is not None  # checked against the settings before starting
+            url += "" if route.prefix == "/" else route.prefix
+        print(f"appcircle-proxy: serving {url} for {shlex.join(command)}", file=sys.stderr)
+        environment = child_environment(settings, os.environ, url)
+        return await _child(command, environment)
+    finally:
+        # Drains requests still in flight (a background job of CMD's), then closes.
+        await running.stop()
+
+
+async def _tokens_for_every_route(routes: list[Route], timeout: float) -> dict[str, str]:
+    """Wait until every route holds a token; the problem of each that does not, else {}."""
+    for route in routes:
+        route.tokens.start()
+    deadline = time.monotonic() + timeout
+    while True:
+        waiting = [route for route in routes if route.tokens.current() is None]
+        if not waiting:
+            return {}
+        hopeless = {
+            route.name: route.tokens.failure.detail
+            for route in waiting
+            if route.tokens.failure is not None and route.tokens.failure.kind in PERMANENT_FAILURES
+        }
+        if hopeless:
+            return hopeless
+        if time.monotonic() >= deadline:
+            return {
+                route.name: (
+                    route.tokens.failure.detail
+                    if route.tokens.failure is not None
+                    else f"no answer from the auth host within {timeout:g} s"
+                )
+                for route in waiting
+            }
+        await asyncio.sleep(POLL_SECONDS)
+
+
+async def _child(command: list[str], environment: dict[str, str]) -> int:
+    try:
+        child = await asyncio.create_subprocess_exec(*command, env=environment)
+    except OSError as err:
+        print(
+            f"appcircle-proxy run: cannot run {command[0]}: {err.strerror or err}",
+            file=sys.stderr,
+        )
+        # The shell's convention: 127 not found, 126 found but not runnable.
+        return 127 if isinstance(err, FileNotFoundError) else 126
+    loop = asyncio.get_running_loop()
+    # At a terminal, Ctrl-C already reaches CMD (it shares our process group); passing it on
+    # too would interrupt CMD twice. Everything else, and SIGINT from `kill`, is passed on.
+    at_terminal = _in_terminal_foreground()
+
+    def forward(signum: int) -> None:
+        if child.returncode is None:
+            child.send_signal(signum)
+
+    for signum in FORWARDED_SIGNALS:
+        if signum == signal.SIGINT and at_terminal:
+            loop.add_signal_handler(signum, lambda: None)
+        else:
+            loop.add_signal_handler(signum, forward, signum)
+    try:
+        status = await child.wait()
+    finally:
+        for signum in FORWARDED_SIGNALS:
+            loop.remove_signal_handler(signum)
+    # Killed by a signal: report it as a shell would, 128 + its number.
+    return status if status >= 0 else 128 - status
+
+
+def _in_terminal_foreground() -> bool:
+    try:
+        return os.tcgetpgrp(sys.stdin.fileno()) == os.getpgrp()
+    except (OSError, ValueError):
+        return False
+
+
+def _client_url(listening: str) -> str:
+    """Where a local client reaches a listener: the wildcard addresses by loopback."""
+    url = URL(listening)
+    if url.host == "0.0.0.0":
+        return str(url.with_host("127.0.0.1"))
+    if url.host == "::":
+        return str(url.with_host("::1"))
+    return listening
+
+
+# -- wait -------------------------------------------------------------------------------
+
+
+def wait(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    """`appcircle-proxy wait`; `overrides` are the command line's settings flags."""
+    url: str | None = getattr(args, "url", None)
+    timeout: float = getattr(args, "timeout", DEFAULT_TIMEOUT)
+    if timeout <= 0:
+        print("appcircle-proxy wait: --timeout must be more than 0 seconds", file=sys.stderr)
+        return 2
+    headers: dict[str, str] = {}
+    socket_path: str | None = None
+    if url is not None:
+        given = URL(url)
+        if given.scheme not in ("http", "https") or not given.host:
+            print(
+                f"appcircle-proxy wait: '{url}' is not an http(s) URL; write e.g. "
+                "--url http://127.0.0.1:8787",
+                file=sys.stderr,
+            )
+            return 2
+        base = str(given.origin())
+        if client_token := os.environ.get(CLIENT_TOKEN_ENV):
+            headers["Proxy-Authorization"] = f"Bearer {client_token}"
+    else:
+        try:
+            # Offline: the addresses are needed, not the keys (a service job may not have them).
+            settings = load_settings(getattr(args, "config", None), overrides, offline=True)
+        except ConfigError as err:
+            print(f"appcircle-proxy: {err}\n(or name the proxy with --url)", file=sys.stderr)
+            return 2
+        # The admin listener, when there is one, serves readiness without a client token.
+        endpoint = settings.server.admin_endpoint or settings.server.endpoint
+        if isinstance(endpoint, UnixSocket):
+            socket_path, base = str(endpoint.path), "http://localhost"
+        elif endpoint.port == 0:
+            print(
+                "appcircle-proxy wait: the configuration listens on port 0 (any free port); "
+                "name the proxy with --url",
+                file=sys.stderr,
+            )
+            return 2
+        else:
+            base = _client_url(f"http://{_url_host(endpoint)}:{endpoint.port}")
+        try:
+            secret = settings.server.client_secret()
+        except (KeyError, ValueError):
+            secret = None  # not readable here; the answer will say a token is wanted
+        if settings.server.admin_endpoint is None and secret is not None:
+            headers["Proxy-Authorization"] = f"Bearer {secret.get_secret_value()}"
+    return asyncio.run(_wait(base, headers, socket_path, timeout))
+
+
+def _url_host(endpoint: Endpoint) -> str:
+    return f"[{endpoint.host}]" if ":" in endpoint.host else endpoint.host
+
+
+async def _wait(base: str, headers: dict[str, str], socket_path: str | None, timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    reason = "no answer yet"
+    connector = aiohttp.UnixConnector(path=socket_path) if socket_path else None
+    async with aiohttp.ClientSession(connector=connector) as session:
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                async with session.get(
+                    base + READY_PATH,
+                    headers=headers,
+                    allow_redirects=False,
+                    timeout=aiohttp.ClientTimeout(total=max(0.1, min(WAIT_REQUEST_SECONDS, left))),
+                ) as reply:
+                    if reply.status == 200:
+                        print(f"appcircle-proxy: {base} is ready", file=sys.stderr)
+                        return 0
+                    reason = await _not_ready_reason(reply)
+            except (TimeoutError, aiohttp.ClientError) as err:
+                reason = f"no answer ({str(err) or type(err).__name__})"
+            if time.monotonic() >= deadline:
+                print(
+                    f"appcircle-proxy wait: {base} is not ready after {timeout:g} s: {reason}",
+                    file=sys.stderr,
+                )
+                return 1
+            await asyncio.sleep(min(WAIT_POLL_SECONDS, max(0.0, deadline - time.monotonic())))
+
+
+async def _not_ready_reason(reply: aiohttp.ClientResponse) -> str:
+    if reply.status in (401, 407):
+        return (
+            f"HTTP {reply.status}: the proxy wants its client token; set {CLIENT_TOKEN_ENV}, "
+            "or point --url at its admin_listen address"
+        )
+    try:
+        answer = await reply.json(content_type=None)
+    except (ValueError, aiohttp.ClientError):
+        return f"HTTP {reply.status}"
+    if not isinstance(answer, dict):
+        return f"HTTP {reply.status}"
+    routes = answer.get("routes")
+    detail = str(answer.get("detail", f"HTTP {reply.status}"))
+    if isinstance(routes, dict) and routes:
+        detail += "; " + "; ".join(f"route '{name}': {why}" for name, why in routes.items())
+    return detail

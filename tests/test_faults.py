@@ -1,0 +1,297 @@
+"""Tokens under faults: bounded waits, quick recovery, 401 storms, reloads of a bad key, the
+last-moment token check, and no exception text in the logs. Real sockets against the
+stand-in's fault modes; short tokens and small timeouts keep it fast."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from proxy.app import connect
+from proxy.exchange import Exchanger
+from proxy.server import Running, start
+from proxy.settings import load_settings
+from proxy.standin import StandIn
+from proxy.tokens import TokenUnavailable
+
+from .conftest import PERSONAL_KEY, ROOT_ORG, SUB_ORG, StartProxy, WriteConfig
+from .support import Reply, eventually, request
+
+
+async def timed(http: aiohttp.ClientSession, url: str) -> tuple[Reply, float]:
+    """A GET's reply and how long it took to come."""
+    started = time.monotonic()
+    reply = await request(http, "GET", url)
+    return reply, time.monotonic() - started
+
+
+async def status(http: aiohttp.ClientSession, url: str) -> int:
+    return (await request(http, "GET", url)).status
+
+
+def tokens_issued(standin: StandIn) -> int:
+    return sum(1 for exchange in standin.exchanges if exchange.status == 200)
+
+
+# Retries far apart unless a route without a token, or a request, brings them closer.
+SLOW_RETRIES = {"retry_initial": 10, "retry_max": 10, "retry_max_without_token": 10}
+
+
+# -- waits are bounded by tokens.wait_timeout ---------------------------------------------
+
+
+async def test_a_hung_auth_host_gets_requests_their_503_within_wait_timeout(
+    start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
+) -> None:
+    standin.gate = asyncio.Event()  # every exchange hangs
+    proxy = await start_proxy(tokens={"wait_timeout": 0.3, "exchange_timeout": 30})
+    answers = await asyncio.wait_for(
+        asyncio.gather(*(timed(http, f"{proxy}/x/{i}") for i in range(30))), 3
+    )
+    for reply, took in answers:
+        assert reply.status == 503
+        assert int(reply.headers["Retry-After"]) >= 1
+        assert reply.json()["error"] == "auth_unreachable"
+        assert "wait_timeout" in reply.json()["detail"]
+        assert took < 1.0
+    assert standin.exchanges_started == 1  # they all waited on the same attempt
+    standin.gate.set()
+    assert await status(http, f"{proxy}/x") == 200
+
+
+# -- recovery -----------------------------------------------------------------------------
+
+
+async def test_a_route_recovers_quickly_however_long_the_outage_was(
+    start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
+) -> None:
+    # retry_max is a minute: only the low ceiling without a token keeps retries close.
+    standin.always = 500
+    proxy = await start_proxy(
+        tokens={"retry_max": 60, "retry_max_without_token": 0.3}, server={"eager": True}
+    )
+    await eventually(lambda: len(standin.exchanges) >= 8, within=5)  # a long failure streak
+    standin.always = None
+    # The streak alone would put the next attempt seconds away; no request helps here.
+    await eventually(lambda: tokens_issued(standin) == 1, within=1.0)
+    assert await status(http, f"{proxy}/x") == 200
+
+
+async def failed_attempts(http: aiohttp.ClientSession, proxy: str, route: str) -> int:
+    """Failed exchanges of `route` so far, as /_proxy/metrics counts them."""
+    page = (await request(http, "GET", f"{proxy}/_proxy/metrics")).body.decode()
+    return sum(
+        int(float(line.rsplit(" ", 1)[1]))
+        for line in page.splitlines()
+        if line.startswith("appcircle_proxy_token_exchanges_total{")
+        and f'route="{route}"' in line
+        and 'outcome="ok"' not in line
+    )
+
+
+async def test_every_route_is_back_soon_after_a_killed_auth_host_returns(
+    start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
+) -> None:
+    standin.token_lifetime = 1.0
+    proxy = await start_proxy(
+        routes={
+            "root": {"prefix": "/", "credential": "main"},
+            "sub": {"prefix": "/sub", "credential": "main", "sub_organization": SUB_ORG},
+        },
+        tokens={"retry_max": 60, "retry_max_without_token": 0.3},
+        server={"eager": True},
+    )
+    await eventually(lambda: tokens_issued(standin) == 2)
+    await standin.kill("auth")
+
+    async def long_streaks() -> bool:
+        # Six failures in a row: without the low ceiling, the next try is >= 0.8 s away.
+        return all([await failed_attempts(http, proxy, route) >= 6 for route in ("root", "sub")])
+
+    await eventually(long_streaks, within=5)
+    issued = tokens_issued(standin)
+    await standin.revive("auth")
+    await eventually(lambda: tokens_issued(standin) >= issued + 2, within=0.6)
+    assert await status(http, f"{proxy}/x") == 200
+    assert await status(http, f"{proxy}/sub/x") == 200
+
+
+async def test_a_request_brings_the_next_attempt_forward(
+    start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
+) -> None:
+    standin.always = 500
+    proxy = await start_proxy(tokens=SLOW_RETRIES)  # the loop alone: 5 s or more
+    assert await status(http, f"{proxy}/x") == 503
+    standin.always = None
+    await asyncio.sleep(0.55)  # past the spacing between request-triggered attempts
+    reply, took = await timed(http, f"{proxy}/x")
+    assert reply.status == 200
+    assert took < 0.5
+
+
+async def test_a_flood_of_requests_does_not_hammer_a_failing_auth_host(
+    start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
+) -> None:
+    standin.always = 500
+    proxy = await start_proxy(tokens=SLOW_RETRIES)
+    started = time.monotonic()
+    while time.monotonic() - started < 1.2:
+        answers = await asyncio.gather(*(timed(http, f"{proxy}/x/{i}") for i in range(20)))
+        assert {reply.status for reply, _ in answers} == {503}
+        assert max(took for _, took in answers) < 0.5
+    # One attempt per half second at most: the first, then two more in 1.2 s.
+    assert 2 <= len(standin.exchanges) <= 4
+
+
+# -- 401 storms ---------------------------------------------------------------------------
+
+
+async def test_an_endpoint_refusing_every_token_costs_a_handful_of_exchanges(
+    start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
+) -> None:
+    proxy = await start_proxy(tokens={"min_renew_interval": 30})
+    assert await status(http, f"{proxy}/x") == 200
+    for _ in range(6):
+        statuses = await asyncio.gather(
+            *(status(http, f"{proxy}/_test/status/401") for _ in range(50))
+        )
+        assert set(statuses) == {401}
+    assert len(standin.exchanges) <= 3  # the first token, one renewal (a spare for a race)
+    assert await status(http, f"{proxy}/x") == 200  # the route's other endpoints still work
+
+
+async def test_a_401_renews_again_once_min_renew_interval_has_passed(
+    start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
+) -> None:
+    proxy = await start_proxy(tokens={"min_renew_interval": 0.3})
+    assert await status(http, f"{proxy}/x") == 200
+    standin.revoke_all()
+    assert await status(http, f"{proxy}/x") == 200  # renewed and replayed
+    standin.revoke_all()
+    refused = len(standin.rejected_tokens)
+    assert await status(http, f"{proxy}/x") == 401  # too soon: the API's answer stands
+    assert len(standin.rejected_tokens) == refused + 1  # and no replay with the same token
+    await asyncio.sleep(0.35)
+    assert await status(http, f"{proxy}/x") == 200
+    assert len(standin.exchanges) == 3
+
+
+# -- reload -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def running(write_config: WriteConfig, tmp_path: Path) -> AsyncIterator[Running]:
+    """A proxy whose key is in the file `tmp_path / "key"`, reloadable as SIGHUP does."""
+    (tmp_path / "key").write_text(PERSONAL_KEY)
+    credentials = {"main": {"kind": "personal-access-key", "secret_file": str(tmp_path / "key")}}
+    proxy = await start(load_settings(write_config(credentials=credentials)))
+    yield proxy
+    await proxy.stop()
+
+
+def reload(proxy: Running, tmp_path: Path) -> None:
+    """What SIGHUP does: read the configuration again and hand it to the running proxy."""
+    proxy.proxy.runtime.reload(load_settings(tmp_path / "config.toml"))
+
+
+async def test_a_rejected_new_key_keeps_the_running_token(
+    running: Running,
+    standin: StandIn,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    proxy = running.urls[0]
+    assert await status(http, f"{proxy}/x") == 200
+    first_token = standin.api_requests[-1].token_id
+    new_key = "pak_" + "0" * 32  # unknown to the auth host
+    (tmp_path / "key").write_text(new_key)
+    reload(running, tmp_path)
+    await eventually(lambda: len(standin.exchanges) == 2)
+    assert standin.exchanges[-1].status == 401
+    assert await status(http, f"{proxy}/x") == 200
+    assert standin.api_requests[-1].token_id == first_token
+    ready = await request(http, "GET", f"{proxy}/_proxy/ready")
+    assert ready.status == 200
+    assert "rejected" in ready.json()["reload_failed"]["default"]
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any("reload: the new key" in message for message in errors)
+
+    standin.add_personal_key(new_key, ROOT_ORG)
+    reload(running, tmp_path)  # the key now works: it takes over at once
+    await eventually(lambda: standin.exchanges[-1].status == 200)
+    assert await status(http, f"{proxy}/x") == 200
+    assert standin.api_requests[-1].token_id != first_token
+    assert "reload_failed" not in (await request(http, "GET", f"{proxy}/_proxy/ready")).json()
+
+
+async def test_after_a_rejected_reload_the_old_token_serves_until_it_expires_never_after(
+    running: Running, standin: StandIn, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    standin.token_lifetime = 1.0
+    proxy = running.urls[0]
+    assert await status(http, f"{proxy}/x") == 200
+    obtained = time.monotonic()
+    (tmp_path / "key").write_text("pak_typo")
+    reload(running, tmp_path)
+    await eventually(lambda: len(standin.exchanges) == 2)
+    statuses: list[int] = []
+    while not statuses or statuses[-1] == 200:
+        statuses.append(await status(http, f"{proxy}/x"))
+        await asyncio.sleep(0.02)
+    assert statuses[-1] == 503
+    assert time.monotonic() - obtained >= 0.9  # served for the token's whole life
+    assert standin.rejected_tokens == []  # and never past it
+
+
+# -- the last-moment check (fresh) ---------------------------------------------------------
+
+
+async def test_fresh_swaps_a_token_near_expiry_for_the_renewed_one_and_never_gives_a_dead_one(
+    standin: StandIn, write_config: WriteConfig
+) -> None:
+    standin.token_lifetime = 1.0  # renewal due at 0.8 s, unusable from 0.95 s
+    settings = load_settings(write_config(tokens={"wait_timeout": 0.2}))
+    async with connect(settings) as runtime:
+        (route,) = runtime.routes
+        taken = await route.tokens.get()
+        assert await route.tokens.fresh(taken) is taken
+        standin.gate = asyncio.Event()  # the renewal hangs
+        await asyncio.sleep(max(0.0, taken.refresh_at + 0.05 - time.time()))
+        assert await route.tokens.fresh(taken) is taken  # in the margin, still usable
+        await asyncio.sleep(max(0.0, taken.usable_until + 0.02 - time.time()))
+        started = time.monotonic()
+        with pytest.raises(TokenUnavailable):
+            await route.tokens.fresh(taken)
+        assert time.monotonic() - started < 0.4
+        standin.gate.set()
+        renewed = await route.tokens.fresh(taken)
+        assert renewed is not taken
+        assert renewed.expires_at > taken.expires_at
+        assert await route.tokens.fresh(taken) is renewed
+
+
+# -- no secret in the logs ----------------------------------------------------------------
+
+
+async def test_an_unexpected_exchange_error_logs_its_type_never_its_text(
+    start_proxy: StartProxy,
+    http: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def broken(self: Exchanger) -> None:
+        raise RuntimeError(f"form was personalAccessKey={PERSONAL_KEY}")
+
+    monkeypatch.setattr(Exchanger, "exchange", broken)
+    proxy = await start_proxy()
+    reply = await request(http, "GET", f"{proxy}/x")
+    assert reply.status == 503
+    assert reply.json()["error"] == "auth_error"
+    assert "RuntimeError" in caplog.text
+    # The autouse leak check fails the test if the key reached the logs.

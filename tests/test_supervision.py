@@ -1,0 +1,253 @@
+"""The serving process over its life: --workers keeps N processes on the port, re-forking
+one that dies; a drain ends within shutdown_timeout, says Connection: close and counts the
+requests it cut; a Unix socket path is claimed safely and removed on exit."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import stat
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from proxy.server import start
+from proxy.settings import load_settings
+from proxy.standin import StandIn
+
+from .conftest import INLINE_KEY_CONFIG, WriteConfig
+from .processes import serving
+from .support import eventually, request
+
+
+async def stderr_of(process: asyncio.subprocess.Process) -> str:
+    assert process.stderr is not None
+    return (await process.stderr.read()).decode()
+
+
+def children(pid: int) -> set[int]:
+    found = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return {int(child) for child in found}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+# -- workers ----------------------------------------------------------------------------
+
+
+async def test_a_killed_worker_is_re_forked_and_the_port_keeps_all_of_them(
+    standin: StandIn, write_config: WriteConfig
+) -> None:
+    config = write_config(
+        credentials=INLINE_KEY_CONFIG, server={"listen": f"127.0.0.1:{free_port()}"}
+    )
+    async with (
+        serving(config, "--workers", "2") as (proxy, process),
+        aiohttp.ClientSession() as http,
+    ):
+        await eventually(lambda: len(children(process.pid)) == 2, within=10)
+        first = children(process.pid)
+        victim = min(first)
+        os.kill(victim, signal.SIGKILL)
+        await eventually(
+            lambda: len(children(process.pid)) == 2 and victim not in children(process.pid),
+            within=5,
+        )
+        for _ in range(20):  # whichever worker the kernel picks, it answers
+            async with aiohttp.ClientSession() as fresh:  # a new connection each time
+                assert (await request(fresh, "GET", f"{proxy}/x")).status == 200
+        assert (await request(http, "GET", f"{proxy}/x")).status == 200
+
+        async def the_new_worker_counts_its_restart() -> bool:
+            async with aiohttp.ClientSession() as fresh:
+                metrics = (await request(fresh, "GET", f"{proxy}/_proxy/metrics")).body
+            return b"appcircle_proxy_worker_restarts 1.0" in metrics
+
+        await eventually(the_new_worker_counts_its_restart, within=5)
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 20) == 0
+        logs = await stderr_of(process)
+    assert f"(pid {victim}) was killed by SIGKILL; re-forking it" in logs
+    assert "restart 1 of this worker" in logs
+    assert "Traceback" not in logs
+
+
+async def test_workers_that_cannot_start_end_the_proxy_with_exit_1(
+    standin: StandIn, write_config: WriteConfig
+) -> None:
+    with socket.socket() as taken:  # a listener without SO_REUSEPORT: nobody can share it
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = write_config(credentials=INLINE_KEY_CONFIG, server={"listen": f"127.0.0.1:{port}"})
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "proxy",
+            "--config",
+            str(config),
+            "--workers",
+            "2",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        assert await asyncio.wait_for(process.wait(), 20) == 1
+    logs = await stderr_of(process)
+    assert "cannot listen" in logs and "Traceback" not in logs
+    assert "re-forking" not in logs
+
+
+# -- drain ------------------------------------------------------------------------------
+
+
+async def test_drain_cuts_what_is_still_running_at_shutdown_timeout_and_says_so(
+    standin: StandIn, write_config: WriteConfig
+) -> None:
+    config = write_config(credentials=INLINE_KEY_CONFIG, server={"shutdown_timeout": 1})
+    async with serving(config) as (proxy, process), aiohttp.ClientSession() as http:
+        slow = asyncio.create_task(
+            request(http, "GET", f"{proxy}/_test/slow", params={"seconds": "10"})
+        )
+        await eventually(lambda: standin.in_flight == 1)
+        signalled = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        with pytest.raises(aiohttp.ClientError):
+            await slow
+        # Cut at shutdown_timeout; aiohttp alone would wait 1 s, cancel, then up to 1 s more.
+        assert 0.8 < time.monotonic() - signalled < 1.5
+        assert await asyncio.wait_for(process.wait(), 10) == 0
+        logs = await stderr_of(process)
+    assert "cut 1 request(s) still in flight" in logs
+
+
+async def test_answers_during_the_drain_close_their_connection(
+    standin: StandIn, write_config: WriteConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    running = await start(load_settings(write_config(server={"shutdown_timeout": 5})))
+    proxy = running.urls[0]
+    async with aiohttp.ClientSession() as http:
+        before = await request(http, "GET", f"{proxy}/x")
+        assert "close" not in before.headers.get("Connection", "").lower()
+        slow = asyncio.create_task(
+            request(http, "GET", f"{proxy}/_test/slow", params={"seconds": "0.5"})
+        )
+        await eventually(lambda: standin.in_flight == 1)
+        cut = await running.stop()
+        reply = await slow
+    assert reply.status == 200 and reply.headers["Connection"] == "close"
+    assert cut == 0
+
+
+# -- Unix socket ------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def serving_unix(
+    config: Path, socket_path: Path
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "proxy",
+        "--config",
+        str(config),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    try:
+        banner = (await asyncio.wait_for(process.stdout.readline(), 20)).decode()
+        assert f"listening on unix:{socket_path}" in banner, banner
+        yield process
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def get_over(socket_path: Path) -> int:
+    async with aiohttp.ClientSession(
+        connector=aiohttp.UnixConnector(path=str(socket_path))
+    ) as http:
+        return (await request(http, "GET", "http://localhost/x")).status
+
+
+async def test_a_second_proxy_on_a_live_socket_exits_1_and_the_first_keeps_it(
+    standin: StandIn, write_config: WriteConfig, tmp_path: Path
+) -> None:
+    socket_path = tmp_path / "proxy.sock"
+    config = write_config(credentials=INLINE_KEY_CONFIG, server={"listen": f"unix:{socket_path}"})
+    async with serving_unix(config, socket_path) as first:
+        second = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "proxy",
+            "--config",
+            str(config),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _, err = await asyncio.wait_for(second.communicate(), 20)
+        assert second.returncode == 1
+        lines = err.decode().strip().splitlines()
+        assert len(lines) == 1 and "another process is listening" in lines[0], lines
+        assert await get_over(socket_path) == 200
+        first.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(first.wait(), 20) == 0
+    assert not socket_path.exists()  # removed on exit
+
+
+async def test_a_stale_socket_file_is_replaced(
+    standin: StandIn, write_config: WriteConfig, tmp_path: Path
+) -> None:
+    socket_path = tmp_path / "proxy.sock"
+    with socket.socket(socket.AF_UNIX) as dead:  # bound, then gone: the file stays
+        dead.bind(str(socket_path))
+    assert stat.S_ISSOCK(socket_path.stat().st_mode)
+    config = write_config(server={"listen": f"unix:{socket_path}"})
+    running = await start(load_settings(config))
+    try:
+        assert await get_over(socket_path) == 200
+    finally:
+        await running.stop()
+    assert not socket_path.exists()
+
+
+async def test_a_path_that_is_not_a_socket_is_never_removed(
+    standin: StandIn, write_config: WriteConfig, tmp_path: Path
+) -> None:
+    socket_path = tmp_path / "proxy.sock"
+    socket_path.write_text("precious")
+    config = write_config(server={"listen": f"unix:{socket_path}"})
+    with pytest.raises(SystemExit, match="exists and is not a socket"):
+        await start(load_settings(config))
+    assert socket_path.read_text() == "precious"
+
+
+async def test_a_world_writable_socket_mode_is_logged_loudly(
+    standin: StandIn,
+    write_config: WriteConfig,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    socket_path = tmp_path / "proxy.sock"
+    for mode, loud in (("0666", True), ("0660", False)):
+        caplog.clear()
+        config = write_config(server={"listen": f"unix:{socket_path}", "socket_mode": mode})
+        running = await start(load_settings(config))
+        await running.stop()
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert any("WORLD-WRITABLE" in message for message in warnings) is loud, mode
