@@ -212,6 +212,19 @@ async def test_backoff_starts_at_retry_initial_again_after_each_success(
     assert reply.status == 503 and int(reply.headers["Retry-After"]) <= 2
 
 
+async def test_a_failed_renewal_is_retried_before_the_token_it_would_replace_runs_out(
+    start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
+) -> None:
+    standin.token_lifetime = 2.0  # renewal due at 1.6 s, the token usable until 1.9 s
+    proxy = await start_proxy(tokens={"retry_initial": 30.0, "retry_max": 60.0})
+    assert (await request(http, "GET", f"{proxy}/x")).status == 200
+    standin.script = [500]  # the renewal fails once
+    # A 30 s backoff would outlive the token: the retry comes before it runs out instead.
+    await eventually(lambda: len(standin.exchanges) == 3, within=3)
+    assert [exchange.status for exchange in standin.exchanges] == [200, 500, 200]
+    assert (await request(http, "GET", f"{proxy}/x")).status == 200
+
+
 async def test_failing_exchanges_are_retried_with_backoff_not_hammered(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
