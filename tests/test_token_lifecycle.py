@@ -317,6 +317,9 @@ async def test_a_bug_in_an_exchange_fails_requests_cleanly_and_renewal_goes_on(
         return (await request(http, "GET", f"{proxy}/x")).status == 200
 
     await eventually(served)  # the renewal loop survived the bug
+    metrics = (await request(http, "GET", f"{proxy}/_proxy/metrics")).body.decode()
+    counted = 'appcircle_proxy_token_exchanges_total{outcome="auth_error",route="default"} 1.0'
+    assert counted in metrics.splitlines()
 
 
 # -- 5. upstream 401 --------------------------------------------------------------------
