@@ -35,7 +35,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -392,60 +392,53 @@ def wrk(binary: str, subject: Subject, path: str, connections: int, seconds: int
     )
 
 
-def curl_speed(binary: str, args: list[str], what: str) -> float:
-    """MB/s (10^6 bytes) as curl measured it."""
+@dataclass
+class Transfer:
+    mb_s: float  # 10^6 bytes a second, as curl measured it
+    cpu_s_per_gb: float  # of the subject's processes, per 10^9 bytes
+
+
+def transfer(binary: str, subject: Subject, args: list[str], what: str, size: int) -> Transfer:
+    cpu_before = cpu_seconds(subject.pid)
     result = subprocess.run(
         [binary, "-sS", "-o", "/dev/null", "-w", f"%{{{what}}} %{{http_code}}", *args],
         capture_output=True,
         text=True,
         check=True,
     )
+    cpu = cpu_seconds(subject.pid) - cpu_before
     speed, status = result.stdout.split()
     if status != "200":
         raise RuntimeError(f"curl {' '.join(args)} got HTTP {status}")
-    return float(speed) / 1e6
+    return Transfer(float(speed) / 1e6, cpu * 1e9 / size)
 
 
 class Best:
-    """The best figure of several rounds, per (measure, subject)."""
+    """The best figure of several rounds, per (measure, subject): the highest score."""
 
     def __init__(self) -> None:
-        self.figures: dict[tuple[str, str], Load | float] = {}
+        self.figures: dict[tuple[str, str], Load | Transfer] = {}
 
-    def keep(
-        self,
-        key: tuple[str, str],
-        new: Load | float,
-        better: Callable[[Load | float, Load | float], bool],
-    ) -> None:
-        old = self.figures.get(key)
-        if old is None or better(new, old):
-            self.figures[key] = new
+    def keep(self, measure: str, subject: str, new: Load | Transfer) -> None:
+        old = self.figures.get((measure, subject))
+        if old is None or _score(measure, new) > _score(measure, old):
+            self.figures[(measure, subject)] = new
 
     def load(self, measure: str, subject: str) -> Load:
         figure = self.figures[(measure, subject)]
         assert isinstance(figure, Load)
         return figure
 
-    def speed(self, measure: str, subject: str) -> float:
+    def transfer(self, measure: str, subject: str) -> Transfer:
         figure = self.figures[(measure, subject)]
-        assert isinstance(figure, float)
+        assert isinstance(figure, Transfer)
         return figure
 
 
-def _more_rps(new: Load | float, old: Load | float) -> bool:
-    assert isinstance(new, Load) and isinstance(old, Load)
-    return new.rps > old.rps
-
-
-def _lower_p50(new: Load | float, old: Load | float) -> bool:
-    assert isinstance(new, Load) and isinstance(old, Load)
-    return new.p50_us < old.p50_us
-
-
-def _faster(new: Load | float, old: Load | float) -> bool:
-    assert isinstance(new, float) and isinstance(old, float)
-    return new > old
+def _score(measure: str, figure: Load | Transfer) -> float:
+    if isinstance(figure, Transfer):
+        return figure.mb_s
+    return -figure.p50_us if measure == "c1" else figure.rps
 
 
 def row(*cells: str) -> str:
@@ -493,18 +486,23 @@ def main() -> int:
                 say(f"round {round_}/{args.repeat}: small GETs ...")
                 for subject in [direct, *proxies, two]:
                     load = wrk(wrk_bin, subject, "/small", 64, args.seconds)
-                    best.keep(("c64", subject.name), load, _more_rps)
+                    best.keep("c64", subject.name, load)
                 for subject in [direct, *proxies]:
                     load = wrk(wrk_bin, subject, "/small", 1, args.seconds)
-                    best.keep(("c1", subject.name), load, _lower_p50)
+                    best.keep("c1", subject.name, load)
                 say(f"round {round_}/{args.repeat}: {args.size_mib} MiB down and up ...")
                 for subject in [direct, *proxies]:
-                    down = curl_speed(curl_bin, [f"{subject.url}/big.bin"], "speed_download")
-                    best.keep(("down", subject.name), down, _faster)
-                    up = curl_speed(
-                        curl_bin, ["-T", str(big), f"{subject.url}/upload"], "speed_upload"
+                    size = big.stat().st_size
+                    down = [f"{subject.url}/big.bin"]
+                    best.keep(
+                        "down",
+                        subject.name,
+                        transfer(curl_bin, subject, down, "speed_download", size),
                     )
-                    best.keep(("up", subject.name), up, _faster)
+                    up = ["-T", str(big), f"{subject.url}/upload"]
+                    best.keep(
+                        "up", subject.name, transfer(curl_bin, subject, up, "speed_upload", size)
+                    )
             peak_rss = {subject.name: subject.peak_rss_mib() for subject in proxies}
             log_lines = one.access_log_lines()
 
@@ -578,11 +576,18 @@ def main() -> int:
         ("down", "download", 1000.0),
         ("up", "upload", 600.0),
     ):
-        speeds = {name: best.speed(measure, name) for name in ("direct", "nginx", "naive", "proxy")}
+        moved = {
+            name: best.transfer(measure, name) for name in ("direct", "nginx", "naive", "proxy")
+        }
+        speeds = {name: figure.mb_s for name, figure in moved.items()}
         print(
             row(
-                f"{args.size_mib} MiB {label}, MB/s",
-                *(f"{speeds[name]:,.0f}" for name in ("direct", "nginx", "naive", "proxy")),
+                f"{args.size_mib} MiB {label}, MB/s (CPU s per GB)",
+                f"{speeds['direct']:,.0f}",
+                *(
+                    f"{speeds[name]:,.0f} ({moved[name].cpu_s_per_gb:.2f} s)"
+                    for name in ("nginx", "naive", "proxy")
+                ),
                 f"{speeds['proxy'] / speeds['nginx']:.2f}x",
                 f"{speeds['proxy'] / speeds['naive']:.2f}x",
                 f"≥ {target / 1000:g} GB/s",
