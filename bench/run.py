@@ -201,22 +201,47 @@ def _nginx(binary: str, work: Path, body: str) -> tuple[list[str], int]:
     return [binary, "-c", str(conf)], port
 
 
+@dataclass
+class Upstream(Subject):
+    uploads: Path = field(default=Path("/nonexistent"))
+
+    def take_upload(self) -> int:
+        """The size of the last body PUT to /upload, which is removed (it may be in RAM)."""
+        stored = self.uploads / "upload"
+        size = stored.stat().st_size
+        stored.unlink()
+        return size
+
+
 @contextmanager
-def nginx(binary: str, work: Path, big_file: Path) -> Iterator[Subject]:
-    """The upstream: a small JSON, a big file, and a sink for uploads."""
-    command, port = _nginx(
-        binary,
-        work,
-        f"""
+def nginx(binary: str, work: Path, big_file: Path) -> Iterator[Upstream]:
+    """The upstream: a small JSON, a big file, and a sink for uploads. An upload is stored
+    (WebDAV PUT, in /dev/shm when there is one) and only then answered, so it measures the
+    whole body arriving upstream: a `return 200` would answer at once and leave the rest of
+    the body to be discarded wherever it is."""
+    shm = Path("/dev/shm")
+    with tempfile.TemporaryDirectory(
+        prefix="appcircle-proxy-bench-", dir=shm if shm.is_dir() else work
+    ) as uploads:
+        (Path(uploads) / "tmp").mkdir()
+        command, port = _nginx(
+            binary,
+            work,
+            f"""
   server {{
     listen 127.0.0.1:{{port}};
     location = /small {{ default_type application/json; return 200 '{SMALL_JSON}'; }}
     location = /big.bin {{ alias {big_file}; sendfile on; }}
-    location = /upload {{ client_max_body_size 0; return 200 'ok'; }}
+    location = /upload {{
+      client_max_body_size 0;
+      client_body_temp_path {uploads}/tmp;
+      dav_methods PUT;
+      alias {uploads}/upload;
+    }}
   }}""",
-    )
-    with running(command, port, stderr=subprocess.DEVNULL) as process:
-        yield Subject("direct", f"http://127.0.0.1:{port}", process.pid)
+        )
+        with running(command, port, stderr=subprocess.DEVNULL) as process:
+            yield Upstream("direct", f"http://127.0.0.1:{port}", process.pid, Path(uploads))
 
 
 @contextmanager
@@ -408,7 +433,7 @@ def transfer(binary: str, subject: Subject, args: list[str], what: str, size: in
     )
     cpu = cpu_seconds(subject.pid) - cpu_before
     speed, status = result.stdout.split()
-    if status != "200":
+    if status not in ("200", "201", "204"):
         raise RuntimeError(f"curl {' '.join(args)} got HTTP {status}")
     return Transfer(float(speed) / 1e6, cpu * 1e9 / size)
 
@@ -500,9 +525,10 @@ def main() -> int:
                         transfer(curl_bin, subject, down, "speed_download", size),
                     )
                     up = ["-T", str(big), f"{subject.url}/upload"]
-                    best.keep(
-                        "up", subject.name, transfer(curl_bin, subject, up, "speed_upload", size)
-                    )
+                    moved = transfer(curl_bin, subject, up, "speed_upload", size)
+                    if direct.take_upload() != size:
+                        raise RuntimeError(f"an upload through {subject.name} arrived incomplete")
+                    best.keep("up", subject.name, moved)
             peak_rss = {subject.name: subject.peak_rss_mib() for subject in proxies}
             log_lines = one.access_log_lines()
 
