@@ -181,7 +181,6 @@ def build(
         runtime.pool,
         stats,
         runtime.session,
-        settings.appcircle.api_url,
         admin if settings.server.admin_listen is None else None,
     )
     return Proxy(runtime, handler, stats, registry, access_log, admin)

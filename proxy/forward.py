@@ -92,9 +92,46 @@ class Forwarder:
         )
         head_only = request.method == hdrs.METH_HEAD
         tokens = route.tokens
+        lease: Lease | None = None
+
+        def head(token: SessionToken) -> bytes:
+            return b"".join(
+                (
+                    request_line,
+                    self._host_line,
+                    *lines,
+                    b"Authorization: Bearer ",
+                    token.value.encode(),
+                    b"\r\nX-Request-Id: ",
+                    facts.request_id.encode(),
+                    b"\r\n",
+                    framing,
+                    b"\r\n",
+                )
+            )
+
         try:
             token = await tokens.get()
             lease = await self._pool.acquire(stream=body is None)
+            token = await self._fresh(tokens, token)
+            started = time.monotonic()
+            idempotent = request.method in IDEMPOTENT
+            response = await self._exchange(
+                request, lease, head(token), body, head_only, retry=idempotent
+            )
+            if response.status == 401:
+                tokens.invalidate(token)
+                if body is not None:
+                    # Kept whole, so it can go again with a new token.
+                    await self._discard(lease, response)
+                    token = await tokens.get()
+                    started = time.monotonic()
+                    response = await self._exchange(
+                        request, lease, head(token), body, head_only, retry=True
+                    )
+            facts.upstream_seconds = time.monotonic() - started
+            facts.upstream_status = response.status
+            return await self._relay(request, facts, route, lease, response, head_only, decorate)
         except TokenUnavailable as problem:
             return errors.token_unavailable(route, problem)
         except Refused as refused:
@@ -102,54 +139,11 @@ class Forwarder:
             return errors.admission_refused(refused.kind, refused.detail, refused.retry_after)
         except UpstreamError as failure:
             return self._failed(failure)
-        try:
-            try:
-                token = await self._fresh(tokens, token)
-
-                def head(token: SessionToken) -> bytes:
-                    return b"".join(
-                        (
-                            request_line,
-                            self._host_line,
-                            *lines,
-                            b"Authorization: Bearer ",
-                            token.value.encode(),
-                            b"\r\nX-Request-Id: ",
-                            facts.request_id.encode(),
-                            b"\r\n",
-                            framing,
-                            b"\r\n",
-                        )
-                    )
-
-                started = time.monotonic()
-                response = await self._exchange(
-                    request, lease, head(token), body, head_only, retry=request.method in IDEMPOTENT
-                )
-                if response.status == 401:
-                    tokens.invalidate(token)
-                    if body is not None:
-                        # Kept whole, so it can go again with a new token.
-                        await self._discard(lease, response)
-                        token = await tokens.get()
-                        started = time.monotonic()
-                        response = await self._exchange(
-                            request, lease, head(token), body, head_only, retry=True
-                        )
-                facts.upstream_seconds = time.monotonic() - started
-                facts.upstream_status = response.status
-            except TokenUnavailable as problem:
-                return errors.token_unavailable(route, problem)
-            except Refused as refused:
-                self._stats.refusal(refused.kind)
-                return errors.admission_refused(refused.kind, refused.detail, refused.retry_after)
-            except UpstreamError as failure:
-                return self._failed(failure)
-            except _BodyFailed as failed:
-                return failed.response
-            return await self._relay(request, facts, route, lease, response, head_only, decorate)
+        except _BodyFailed as failed:
+            return failed.response
         finally:
-            self._pool.release(lease)
+            if lease is not None:
+                self._pool.release(lease)
 
     async def _body(self, request: web.BaseRequest) -> tuple[bytes | None, bytes]:
         """The body, whole when it is small enough to replay (None: stream it), and the
@@ -215,6 +209,9 @@ class Forwarder:
         """Send the request and wait for the response head. A kept-alive connection that
         the API had closed is replaced once, when the request can be sent again."""
         while True:
+            if lease.connection.closed:
+                # The API closed it while it sat idle (or while we waited for a token).
+                lease.connection = await self._pool.reconnect(lease)
             connection = lease.connection
             try:
                 if body is not None:

@@ -48,7 +48,6 @@ class Handler:
         pool: Pool,
         stats: Stats,
         websocket_session: websocket.Session,
-        api_url: str,
         admin: Mapping[str, AdminHandler] | None,
     ) -> None:
         self._guard = guard
@@ -57,7 +56,6 @@ class Handler:
         self._pool = pool
         self._stats = stats
         self._websocket_session = websocket_session
-        self._api_url = api_url
         # None: /_proxy/ is served on server.admin_listen instead.
         self._admin = admin
         # Unique within the process; the random part tells processes (and restarts) apart.

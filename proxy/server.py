@@ -167,9 +167,6 @@ async def start(
                 "listen on 127.0.0.1 unless this is a container's own network namespace.",
                 endpoint,
             )
-    # Everything allocated so far lives as long as the process: keep the collector off it.
-    gc.collect()
-    gc.freeze()
     return Running(proxy, tuple(runners), resources)
 
 
@@ -211,6 +208,9 @@ async def _serve(
     settings: Settings, load: Callable[[], Settings], *, worker: int | None = None
 ) -> None:
     running = await start(settings, reuse_port=worker is not None, worker=worker)
+    # Everything allocated so far lives as long as the process: keep the collector off it.
+    gc.collect()
+    gc.freeze()
     try:
         if not worker:  # the only process, or the first of several
             for url in running.urls:

@@ -133,10 +133,10 @@ class Connection(asyncio.Protocol):
     async def read(self) -> bytes:
         """The next chunk of the response body; b"" once it is complete."""
         while not self._chunks:
+            if self._complete:
+                return b""  # whole, even if the API sent junk after it (then not reused)
             if self._error is not None:
                 raise self._error
-            if self._complete:
-                return b""
             self._body_ready = self._loop.create_future()
             await self._body_ready
         chunk = self._chunks.popleft()

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import secrets
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
+import tomli_w
 
 from proxy.server import Running, start
 from proxy.settings import load_settings
 from proxy.standin import StandIn
+
+from .support import proxy_config
 
 ROOT_ORG = "11111111-1111-4111-8111-111111111111"
 SUB_ORG = "22222222-2222-4222-8222-222222222222"
@@ -26,15 +28,7 @@ API_KEY_SECRET = "aks_" + secrets.token_hex(16)
 CLIENT_TOKEN = "client_" + secrets.token_hex(16)
 
 StartProxy = Callable[..., Awaitable[str]]
-
-
-async def eventually(condition: Callable[[], bool], within: float = 3.0) -> None:
-    """Wait, polling, until `condition()` holds; fail after `within` seconds."""
-    deadline = time.monotonic() + within
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)
+WriteConfig = Callable[..., Path]
 
 
 def everything_logged(caplog: pytest.LogCaptureFixture) -> str:
@@ -59,52 +53,38 @@ async def standin(caplog: pytest.LogCaptureFixture) -> AsyncIterator[StandIn]:
 
 
 @pytest.fixture
-def write_config(tmp_path: Path, standin: StandIn) -> Callable[..., Path]:
-    """Write a config file pointing at the stand-in; `body` adds credentials and routes."""
+def write_config(tmp_path: Path, standin: StandIn) -> WriteConfig:
+    """Write a config file for the proxy in front of the stand-in and return its path.
+    Keywords are the config's tables as dicts (`credentials=`, `routes=`, `server=`,
+    `appcircle=`, `tokens=`, `log=`), laid over the defaults of `support.proxy_config`;
+    the credentials default to `PERSONAL_KEY_CONFIG`."""
 
-    def write(
-        body: str,
-        appcircle: str = "",
-        tokens: str = "",
-        server: str = "",
-        api_url: str | None = None,
-        auth_url: str | None = None,
-    ) -> Path:
+    def write(**tables: Any) -> Path:
+        tables.setdefault("credentials", PERSONAL_KEY_CONFIG)
         path = tmp_path / "config.toml"
-        if "eager" not in server:
-            # Lazy by default here, so tests see the first exchange happen on demand.
-            server += "\neager = false"
-        path.write_text(
-            f'[server]\nlisten = "127.0.0.1:0"\n{server}\n'
-            f'[appcircle]\napi_url = "{api_url or standin.api_url}"\n'
-            f'auth_url = "{auth_url or standin.auth_url}"\n{appcircle}\n'
-            f"[tokens]\nretry_initial = 0.05\nretry_max = 0.2\n{tokens}\n{body}",
-            encoding="utf-8",
-        )
+        document = proxy_config(standin.api_url, standin.auth_url, **tables)
+        path.write_text(tomli_w.dumps(document), encoding="utf-8")
         return path
 
     return write
 
 
-# One credential of each kind; tests add the routes.
-EVERY_KIND_CREDENTIALS = f"""
-[credentials.access]
-kind = "personal-access-key"
-secret_env = "TEST_APPCIRCLE_KEY"
-[credentials.legacy]
-kind = "personal-api-token"
-secret = "{PERSONAL_KEY}"
-[credentials.service]
-kind = "api-key"
-name = "{API_KEY_NAME}"
-secret_env = "TEST_API_KEY_SECRET"
-"""
+# The personal access key from the environment: the credentials most tests use.
+PERSONAL_KEY_CONFIG: dict[str, Any] = {
+    "main": {"kind": "personal-access-key", "secret_env": "TEST_APPCIRCLE_KEY"}
+}
 
-PERSONAL_KEY_CONFIG = """
-[credentials.main]
-kind = "personal-access-key"
-secret_env = "TEST_APPCIRCLE_KEY"
-"""
+# The key inline, for a separate proxy process (which does not share our environment).
+INLINE_KEY_CONFIG: dict[str, Any] = {
+    "main": {"kind": "personal-access-key", "secret": PERSONAL_KEY}
+}
+
+# One credential of each kind; tests add the routes.
+EVERY_KIND_CREDENTIALS: dict[str, Any] = {
+    "access": {"kind": "personal-access-key", "secret_env": "TEST_APPCIRCLE_KEY"},
+    "legacy": {"kind": "personal-api-token", "secret": PERSONAL_KEY},
+    "service": {"kind": "api-key", "name": API_KEY_NAME, "secret_env": "TEST_API_KEY_SECRET"},
+}
 
 
 @pytest.fixture(autouse=True)
@@ -125,12 +105,12 @@ def key_in_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-async def start_proxy(write_config: Callable[..., Path]) -> AsyncIterator[StartProxy]:
-    """Start the proxy with a config (body, appcircle=..., tokens=...); returns its URL."""
+async def start_proxy(write_config: WriteConfig) -> AsyncIterator[StartProxy]:
+    """Start the proxy in this process; keywords as `write_config`. Returns its URL."""
     proxies: list[Running] = []
 
-    async def start_with(body: str = PERSONAL_KEY_CONFIG, **sections: str) -> str:
-        proxy = await start(load_settings(write_config(body, **sections)))
+    async def start_with(**tables: Any) -> str:
+        proxy = await start(load_settings(write_config(**tables)))
         proxies.append(proxy)
         return proxy.urls[0]
 

@@ -8,7 +8,6 @@ import os
 import re
 import signal
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -17,20 +16,20 @@ import jwt
 from proxy import __version__
 from proxy.standin import StandIn
 
-from .conftest import CLIENT_TOKEN, PERSONAL_KEY, PERSONAL_KEY_CONFIG, ROOT_ORG, SUB_ORG
-
-TWO_ROUTES = (
-    PERSONAL_KEY_CONFIG
-    + f"""
-[routes.root]
-prefix = "/"
-credential = "main"
-[routes.eu]
-prefix = "/eu"
-credential = "main"
-sub_organization = "{SUB_ORG}"
-"""
+from .conftest import (
+    CLIENT_TOKEN,
+    INLINE_KEY_CONFIG,
+    PERSONAL_KEY,
+    ROOT_ORG,
+    SUB_ORG,
+    WriteConfig,
 )
+from .support import request
+
+TWO_ROUTES = {
+    "root": {"prefix": "/", "credential": "main"},
+    "eu": {"prefix": "/eu", "credential": "main", "sub_organization": SUB_ORG},
+}
 
 
 async def run(*args: str, timeout: float = 20) -> tuple[int, str, str]:
@@ -68,9 +67,9 @@ async def test_bad_config_exits_2_without_a_traceback(tmp_path: Path) -> None:
 
 
 async def test_check_reports_each_route_with_org_and_expiry(
-    standin: StandIn, write_config: Callable[..., Path]
+    standin: StandIn, write_config: WriteConfig
 ) -> None:
-    code, out, err = await run("check", "--config", str(write_config(TWO_ROUTES)))
+    code, out, err = await run("check", "--config", str(write_config(routes=TWO_ROUTES)))
     assert code == 0, err
     lines = out.splitlines()
     assert len(lines) == 2
@@ -86,32 +85,33 @@ async def test_check_reports_each_route_with_org_and_expiry(
 
 
 async def test_check_fails_with_exit_1_naming_the_broken_route(
-    standin: StandIn, write_config: Callable[..., Path]
+    standin: StandIn, write_config: WriteConfig
 ) -> None:
     standin.sub_organization_field = None  # the eu route gets a root token: refused
-    code, out, err = await run("check", "--config", str(write_config(TWO_ROUTES)))
+    code, out, err = await run("check", "--config", str(write_config(routes=TWO_ROUTES)))
     assert code == 1
     assert re.search(r"FAIL /eu +route 'eu'.*asked for a token for organization " + SUB_ORG, out)
     assert "1 route(s) cannot get a session token" in err
 
 
 async def test_token_prints_a_session_token_the_api_accepts(
-    standin: StandIn, write_config: Callable[..., Path]
+    standin: StandIn, write_config: WriteConfig
 ) -> None:
-    config = str(write_config(TWO_ROUTES))
+    config = str(write_config(routes=TWO_ROUTES))
     code, out, err = await run("token", "--config", config, "--route", "eu")
     assert code == 0, err
     token = out.strip()
     assert (
         jwt.decode(token, options={"verify_signature": False})["currentOrganizationId"] == SUB_ORG
     )
-    async with (
-        aiohttp.ClientSession() as http,
-        http.get(
-            f"{standin.api_url}/build/v2/profiles", headers={"Authorization": f"Bearer {token}"}
-        ) as response,
-    ):
-        assert response.status == 200
+    async with aiohttp.ClientSession() as http:
+        reply = await request(
+            http,
+            "GET",
+            f"{standin.api_url}/build/v2/profiles",
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        assert reply.status == 200
     code, _, err = await run("token", "--config", config)
     assert code == 2 and "--route" in err
     code, _, err = await run("token", "--config", config, "--route", "nope")
@@ -119,14 +119,14 @@ async def test_token_prints_a_session_token_the_api_accepts(
 
 
 async def test_serve_prints_where_it_listens_forwards_and_stops_on_sigterm(
-    standin: StandIn, write_config: Callable[..., Path]
+    standin: StandIn, write_config: WriteConfig
 ) -> None:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "proxy",
         "--config",
-        str(write_config(TWO_ROUTES)),
+        str(write_config(routes=TWO_ROUTES)),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -137,9 +137,10 @@ async def test_serve_prints_where_it_listens_forwards_and_stops_on_sigterm(
     proxy = match.group(1)
     routes = (await process.stdout.readline() + await process.stdout.readline()).decode()
     assert "routes:" in routes
-    async with aiohttp.ClientSession() as http, http.get(f"{proxy}/eu/x") as response:
-        assert response.status == 200
-        assert (await response.json())["organization"] == SUB_ORG
+    async with aiohttp.ClientSession() as http:
+        reply = await request(http, "GET", f"{proxy}/eu/x")
+        assert reply.status == 200
+        assert reply.json()["organization"] == SUB_ORG
     process.send_signal(signal.SIGTERM)
     assert await asyncio.wait_for(process.wait(), 20) == 0
     rest = (await process.stdout.read()).decode() + (await process.stderr.read()).decode()
@@ -177,24 +178,21 @@ async def test_zero_config_serves_from_appcircle_variables(
     banner = (await asyncio.wait_for(process.stdout.readline(), 20)).decode()
     assert f"http://127.0.0.1:{unused_tcp_port}" in banner
     try:
-        async with (
-            aiohttp.ClientSession() as http,
-            http.get(f"http://127.0.0.1:{unused_tcp_port}/build/v2/profiles") as response,
-        ):
-            assert response.status == 200
-            assert (await response.json())["organization"] == SUB_ORG
+        async with aiohttp.ClientSession() as http:
+            reply = await request(
+                http, "GET", f"http://127.0.0.1:{unused_tcp_port}/build/v2/profiles"
+            )
+            assert reply.status == 200
+            assert reply.json()["organization"] == SUB_ORG
     finally:
         process.send_signal(signal.SIGINT)
         assert await asyncio.wait_for(process.wait(), 20) == 0
 
 
 async def test_config_prints_the_effective_configuration_with_secrets_masked(
-    write_config: Callable[..., Path],
+    write_config: WriteConfig,
 ) -> None:
-    config = write_config(
-        f'[credentials.main]\nkind = "personal-access-key"\nsecret = "{PERSONAL_KEY}"',
-        server=f'client_token = "{CLIENT_TOKEN}"',
-    )
+    config = write_config(credentials=INLINE_KEY_CONFIG, server={"client_token": CLIENT_TOKEN})
     code, out, err = await run("config", "--config", str(config), "--listen", "127.0.0.1:9999")
     assert code == 0, err
     effective = json.loads(out)
@@ -205,11 +203,11 @@ async def test_config_prints_the_effective_configuration_with_secrets_masked(
 
 
 async def test_tokens_are_never_written_to_disk(
-    standin: StandIn, write_config: Callable[..., Path], tmp_path: Path
+    standin: StandIn, write_config: WriteConfig, tmp_path: Path
 ) -> None:
     home = tmp_path / "home"
     home.mkdir()
-    config = write_config(TWO_ROUTES)
+    config = write_config(routes=TWO_ROUTES)
     before = {path for path in tmp_path.rglob("*")}
     process = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -256,9 +254,9 @@ async def test_demo_serves_its_three_curl_commands_with_no_account(unused_tcp_po
         organizations = []
         async with aiohttp.ClientSession() as http:
             for url in urls:
-                async with http.get(url) as response:
-                    assert response.status == 200
-                    organizations.append((await response.json())["organization"])
+                reply = await request(http, "GET", url)
+                assert reply.status == 200
+                organizations.append(reply.json()["organization"])
         assert len(set(organizations)) == 2  # the sub-organization route differs
     finally:
         process.send_signal(signal.SIGINT)

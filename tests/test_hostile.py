@@ -17,6 +17,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+import tomli_w
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -24,15 +25,16 @@ from proxy.server import Running, start
 from proxy.settings import load_settings
 from proxy.standin import StandIn
 
-from .conftest import PERSONAL_KEY_CONFIG, StartProxy
+from .conftest import StartProxy
 from .rawhttp import exchange, status_of
+from .support import proxy_config, request
 
-QUICK_TIMEOUT = "header_timeout = 0.5"
+QUICK_TIMEOUT = {"header_timeout": 0.5}
 
 
 async def still_serving(proxy: str) -> None:
-    async with aiohttp.ClientSession() as http, http.get(f"{proxy}/still/up") as response:
-        assert response.status == 200
+    async with aiohttp.ClientSession() as http:
+        assert (await request(http, "GET", f"{proxy}/still/up")).status == 200
 
 
 def no_tracebacks(caplog: pytest.LogCaptureFixture) -> None:
@@ -115,7 +117,7 @@ async def test_body_longer_than_declared_never_reaches_the_api_beyond_its_length
 
 
 async def test_slowloris_header_trickle_is_cut_off(start_proxy: StartProxy) -> None:
-    proxy = await start_proxy(PERSONAL_KEY_CONFIG, server=QUICK_TIMEOUT)
+    proxy = await start_proxy(server=QUICK_TIMEOUT)
     host, port = proxy.removeprefix("http://").rsplit(":", 1)
     reader, writer = await asyncio.open_connection(host, int(port))
     started = time.monotonic()
@@ -145,7 +147,7 @@ async def test_a_thousand_idle_connections_do_not_stop_service_and_are_closed(
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < 4096:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(4096, hard), hard))
-    proxy = await start_proxy(PERSONAL_KEY_CONFIG, server="header_timeout = 1.0")
+    proxy = await start_proxy(server={"header_timeout": 1.0})
     host, port = proxy.removeprefix("http://").rsplit(":", 1)
     idle = [await asyncio.open_connection(host, int(port)) for _ in range(1000)]
     try:
@@ -177,11 +179,9 @@ def threaded_proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     async def up() -> str:
         standin.add_personal_key(key, "11111111-1111-4111-8111-111111111111")
         await standin.start()
-        config.write_text(
-            f'[server]\nlisten = "127.0.0.1:0"\n[appcircle]\napi_url = "{standin.api_url}"\n'
-            f'auth_url = "{standin.auth_url}"\n[credentials.main]\n'
-            f'kind = "personal-access-key"\nsecret = "{key}"\n'
-        )
+        credentials = {"main": {"kind": "personal-access-key", "secret": key}}
+        document = proxy_config(standin.api_url, standin.auth_url, credentials=credentials)
+        config.write_text(tomli_w.dumps(document))
         proxy = await start(load_settings(Path(config)))
         proxies.append(proxy)
         return proxy.urls[0]

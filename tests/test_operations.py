@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -18,21 +15,15 @@ from proxy.server import start
 from proxy.settings import load_settings
 from proxy.standin import StandIn
 
-from .conftest import CLIENT_TOKEN, PERSONAL_KEY_CONFIG, StartProxy, eventually
+from .conftest import CLIENT_TOKEN, StartProxy, WriteConfig
+from .support import eventually, request
 
 
-async def get_json(
-    http: aiohttp.ClientSession, url: str, **kwargs: object
-) -> tuple[int, dict[str, object]]:
-    async with http.get(url, **kwargs) as response:  # type: ignore[arg-type]
-        return response.status, await response.json()
+async def wait_until_ready(http: aiohttp.ClientSession, proxy: str) -> None:
+    async def ready() -> bool:
+        return (await request(http, "GET", f"{proxy}/_proxy/ready")).status == 200
 
-
-async def wait_until_ready(http: aiohttp.ClientSession, proxy: str, within: float = 5) -> None:
-    deadline = time.monotonic() + within
-    while (await get_json(http, f"{proxy}/_proxy/ready"))[0] != 200:
-        assert time.monotonic() < deadline, "never became ready"
-        await asyncio.sleep(0.02)
+    await eventually(ready, within=5)
 
 
 async def test_health_is_always_ok_and_never_forwarded(
@@ -40,9 +31,10 @@ async def test_health_is_always_ok_and_never_forwarded(
 ) -> None:
     standin.always = 500  # even with the auth host failing, the process is alive
     proxy = await start_proxy()
-    assert await get_json(http, f"{proxy}/_proxy/health") == (200, {"status": "ok"})
-    code, body = await get_json(http, f"{proxy}/_proxy/other")
-    assert (code, body["error"]) == (404, "not_found")
+    health = await request(http, "GET", f"{proxy}/_proxy/health")
+    assert (health.status, health.json()) == (200, {"status": "ok"})
+    other = await request(http, "GET", f"{proxy}/_proxy/other")
+    assert (other.status, other.json()["error"]) == (404, "not_found")
     assert standin.api_requests == []
 
 
@@ -50,21 +42,18 @@ async def test_ready_names_each_route_without_a_token_then_turns_green(
     start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
     proxy = await start_proxy()  # lazy: no token until the first request
-    code, body = await get_json(http, f"{proxy}/_proxy/ready")
-    assert code == 503
-    assert body["routes"] == {"default": "no session token yet"}
-    async with http.get(f"{proxy}/x") as response:
-        assert response.status == 200
-    assert await get_json(http, f"{proxy}/_proxy/ready") == (
-        200,
-        {"status": "ready", "routes": ["default"]},
-    )
+    ready = await request(http, "GET", f"{proxy}/_proxy/ready")
+    assert ready.status == 503
+    assert ready.json()["routes"] == {"default": "no session token yet"}
+    assert (await request(http, "GET", f"{proxy}/x")).status == 200
+    ready = await request(http, "GET", f"{proxy}/_proxy/ready")
+    assert (ready.status, ready.json()) == (200, {"status": "ready", "routes": ["default"]})
 
 
 async def test_eager_start_gets_tokens_before_any_request(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
-    proxy = await start_proxy(PERSONAL_KEY_CONFIG, server="eager = true")
+    proxy = await start_proxy(server={"eager": True})
     await wait_until_ready(http, proxy)
     assert len(standin.exchanges) == 1 and standin.api_requests == []
 
@@ -73,11 +62,11 @@ async def test_eager_start_with_auth_down_serves_keeps_retrying_and_reports_why(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
     standin.always = 502
-    proxy = await start_proxy(PERSONAL_KEY_CONFIG, server="eager = true")
+    proxy = await start_proxy(server={"eager": True})
     await asyncio.sleep(0.3)
-    code, body = await get_json(http, f"{proxy}/_proxy/ready")
-    assert code == 503
-    routes = body["routes"]
+    ready = await request(http, "GET", f"{proxy}/_proxy/ready")
+    assert ready.status == 503
+    routes = ready.json()["routes"]
     assert isinstance(routes, dict) and "HTTP 502" in routes["default"]
     assert len(standin.exchanges) >= 2  # retried with backoff, no request needed
     standin.always = None
@@ -97,16 +86,14 @@ async def test_metrics_count_requests_bytes_latency_exchanges_and_token_expiry(
 ) -> None:
     proxy = await start_proxy()
     for _ in range(3):
-        async with http.get(f"{proxy}/x") as response:
-            await response.read()
-    async with http.post(f"{proxy}/upload", data=b"y" * 1000) as response:
-        await response.read()
-    async with http.get(f"{proxy}/nowhere", headers={"Host": "evil.example"}) as response:
-        assert response.status == 403
-    async with http.get(f"{proxy}/_proxy/metrics") as response:
-        assert response.status == 200
-        assert response.headers["Content-Type"].startswith("text/plain")
-        samples = metric_samples(await response.text())
+        await request(http, "GET", f"{proxy}/x")
+    await request(http, "POST", f"{proxy}/upload", data=b"y" * 1000)
+    refused = await request(http, "GET", f"{proxy}/nowhere", headers={"Host": "evil.example"})
+    assert refused.status == 403
+    metrics = await request(http, "GET", f"{proxy}/_proxy/metrics")
+    assert metrics.status == 200
+    assert metrics.headers["Content-Type"].startswith("text/plain")
+    samples = metric_samples(metrics.body.decode())
     route = (("route", "default"),)
     assert (
         samples[
@@ -142,27 +129,21 @@ async def test_metrics_count_requests_bytes_latency_exchanges_and_token_expiry(
 
 
 async def test_admin_listener_serves_only_the_proxys_endpoints(
-    standin: StandIn, write_config: Callable[..., Path], http: aiohttp.ClientSession
+    standin: StandIn, write_config: WriteConfig, http: aiohttp.ClientSession
 ) -> None:
-    config = write_config(
-        PERSONAL_KEY_CONFIG,
-        server=f'admin_listen = "127.0.0.1:0"\nclient_token = "{CLIENT_TOKEN}"',
-    )
+    config = write_config(server={"admin_listen": "127.0.0.1:0", "client_token": CLIENT_TOKEN})
     running = await start(load_settings(config))
     try:
         (proxy,), (admin,) = running.urls, running.admin_urls
         # Probes reach the admin port by pod IP, with no client token: no guard there.
-        assert (await get_json(http, f"{admin}/_proxy/health", headers={"Host": "10.0.0.7"}))[
-            0
-        ] == 200
-        assert (await get_json(http, f"{admin}/_proxy/ready"))[0] == 503
-        async with http.get(f"{admin}/_proxy/metrics") as response:
-            assert response.status == 200
-        async with http.get(f"{admin}/build/v2/profiles") as response:
-            assert response.status == 404
+        probe = await request(http, "GET", f"{admin}/_proxy/health", headers={"Host": "10.0.0.7"})
+        assert probe.status == 200
+        assert (await request(http, "GET", f"{admin}/_proxy/ready")).status == 503
+        assert (await request(http, "GET", f"{admin}/_proxy/metrics")).status == 200
+        assert (await request(http, "GET", f"{admin}/build/v2/profiles")).status == 404
         authorised = {"Proxy-Authorization": f"Bearer {CLIENT_TOKEN}"}
-        code, body = await get_json(http, f"{proxy}/_proxy/health", headers=authorised)
-        assert code == 404 and "admin_listen" in str(body["detail"])
+        reply = await request(http, "GET", f"{proxy}/_proxy/health", headers=authorised)
+        assert reply.status == 404 and "admin_listen" in reply.json()["detail"]
         assert standin.api_requests == []
     finally:
         await running.stop()
@@ -171,22 +152,25 @@ async def test_admin_listener_serves_only_the_proxys_endpoints(
 async def test_health_needs_no_client_token_but_everything_else_does(
     start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
-    proxy = await start_proxy(PERSONAL_KEY_CONFIG, server=f'client_token = "{CLIENT_TOKEN}"')
-    assert (await get_json(http, f"{proxy}/_proxy/health"))[0] == 200
-    assert (await get_json(http, f"{proxy}/_proxy/ready"))[0] == 407
-    assert (await get_json(http, f"{proxy}/_proxy/metrics"))[0] == 407
+    proxy = await start_proxy(server={"client_token": CLIENT_TOKEN})
+    assert (await request(http, "GET", f"{proxy}/_proxy/health")).status == 200
+    assert (await request(http, "GET", f"{proxy}/_proxy/ready")).status == 407
+    assert (await request(http, "GET", f"{proxy}/_proxy/metrics")).status == 407
 
 
 async def test_access_log_has_one_line_per_request_without_query_string(
     start_proxy: StartProxy, http: aiohttp.ClientSession, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    proxy = await start_proxy(PERSONAL_KEY_CONFIG + '[log]\nformat = "json"\n')
-    async with http.post(
-        f"{proxy}/build/v2/profiles?secret-ish=1", data=b"12345", headers={"X-Request-Id": "r-42"}
-    ) as response:
-        assert response.status == 200
-        assert response.headers["X-Request-Id"] == "r-42"
-        body = await response.read()
+    proxy = await start_proxy(log={"format": "json"})
+    reply = await request(
+        http,
+        "POST",
+        f"{proxy}/build/v2/profiles?secret-ish=1",
+        data=b"12345",
+        headers={"X-Request-Id": "r-42"},
+    )
+    assert reply.status == 200
+    assert reply.headers["X-Request-Id"] == "r-42"
     written: list[str] = []
 
     def access_lines() -> list[dict[str, Any]]:
@@ -200,7 +184,7 @@ async def test_access_log_has_one_line_per_request_without_query_string(
     assert entry["method"] == "POST"
     assert entry["path"] == "/build/v2/profiles"
     assert (entry["status"], entry["upstream_status"]) == (200, 200)
-    assert entry["bytes_in"] == 5 and entry["bytes_out"] == len(body)
+    assert entry["bytes_in"] == 5 and entry["bytes_out"] == len(reply.body)
     assert entry["request_id"] == "r-42" and entry["client"] == "127.0.0.1"
     assert entry["duration_ms"] >= 0 and entry["error"] is None
     assert "secret-ish" not in "".join(written)

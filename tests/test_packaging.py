@@ -83,6 +83,8 @@ def image_install(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     yield venv
 
 
+# Whichever runs first pays for the venv and the install (pip, a wheel build).
+@pytest.mark.timeout(180)
 def test_the_images_entrypoint_answers_version(image_install: Path) -> None:
     result = subprocess.run(
         [str(image_install / "bin" / "appcircle-proxy"), "--version"],
@@ -93,6 +95,7 @@ def test_the_images_entrypoint_answers_version(image_install: Path) -> None:
     assert result.stdout.strip() == f"appcircle-proxy {__version__}"
 
 
+@pytest.mark.timeout(180)
 async def test_the_images_healthcheck_passes_against_the_installed_proxy(
     image_install: Path, standin: StandIn, unused_tcp_port: int
 ) -> None:

@@ -6,15 +6,16 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from proxy.standin import StandIn
 
-from .conftest import PERSONAL_KEY, ROOT_ORG, eventually
+from .conftest import INLINE_KEY_CONFIG, PERSONAL_KEY, ROOT_ORG, WriteConfig
 from .processes import serving
+from .support import eventually, request
 
 
 async def stderr_of(process: asyncio.subprocess.Process) -> str:
@@ -23,44 +24,37 @@ async def stderr_of(process: asyncio.subprocess.Process) -> str:
 
 
 async def test_sigterm_lets_in_flight_requests_finish_then_exits_0(
-    standin: StandIn, write_config: Callable[..., Path]
+    standin: StandIn, write_config: WriteConfig
 ) -> None:
-    config = write_config("", server="shutdown_timeout = 10")
-    config.write_text(
-        config.read_text()
-        + f'[credentials.main]\nkind = "personal-access-key"\nsecret = "{PERSONAL_KEY}"\n'
-    )
+    config = write_config(credentials=INLINE_KEY_CONFIG, server={"shutdown_timeout": 10})
     async with serving(config) as (proxy, process), aiohttp.ClientSession() as http:
-        slow = asyncio.create_task(http.get(f"{proxy}/_test/slow", params={"seconds": "1"}))
+        slow = asyncio.create_task(
+            request(http, "GET", f"{proxy}/_test/slow", params={"seconds": "1"})
+        )
         await asyncio.sleep(0.3)
         process.send_signal(signal.SIGTERM)
-        response = await slow
-        assert response.status == 200
-        assert await response.json() == {"slow": True}
+        reply = await slow
+        assert reply.status == 200
+        assert reply.json() == {"slow": True}
         assert await asyncio.wait_for(process.wait(), 20) == 0
-        try:
-            async with http.get(f"{proxy}/x") as late:
-                raise AssertionError(f"served after shutdown: {late.status}")
-        except aiohttp.ClientConnectionError:
-            pass
+        with pytest.raises(aiohttp.ClientConnectionError):
+            await request(http, "GET", f"{proxy}/x")  # nobody serves after shutdown
         assert "Traceback" not in await stderr_of(process)
 
 
 async def test_sighup_reloads_a_rotated_key_without_downtime(
-    standin: StandIn, write_config: Callable[..., Path], tmp_path: Path
+    standin: StandIn, write_config: WriteConfig, tmp_path: Path
 ) -> None:
     secret_file = tmp_path / "key"
     secret_file.write_text(PERSONAL_KEY)
     config = write_config(
-        f'[credentials.main]\nkind = "personal-access-key"\nsecret_file = "{secret_file}"\n'
+        credentials={"main": {"kind": "personal-access-key", "secret_file": str(secret_file)}}
     )
     async with serving(config) as (proxy, process), aiohttp.ClientSession() as http:
-        async with http.get(f"{proxy}/x") as response:
-            assert response.status == 200
+        assert (await request(http, "GET", f"{proxy}/x")).status == 200
         process.send_signal(signal.SIGHUP)  # nothing changed: the token stays
         await asyncio.sleep(0.3)
-        async with http.get(f"{proxy}/x") as response:
-            assert response.status == 200
+        assert (await request(http, "GET", f"{proxy}/x")).status == 200
         assert len(standin.exchanges) == 1
 
         rotated = PERSONAL_KEY + "-rotated"
@@ -69,14 +63,13 @@ async def test_sighup_reloads_a_rotated_key_without_downtime(
         process.send_signal(signal.SIGHUP)
         await eventually(lambda: len(standin.exchanges) == 2, within=5)  # renewed by SIGHUP
         del standin.personal_keys[PERSONAL_KEY]
-        async with http.get(f"{proxy}/x") as response:
-            assert response.status == 200
+        assert (await request(http, "GET", f"{proxy}/x")).status == 200
 
         config.write_text("this is [not valid toml")
         process.send_signal(signal.SIGHUP)
         await asyncio.sleep(0.3)
-        async with http.get(f"{proxy}/x") as response:
-            assert response.status == 200  # a broken reload keeps the running config
+        # A broken reload keeps the running config.
+        assert (await request(http, "GET", f"{proxy}/x")).status == 200
         process.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(process.wait(), 20) == 0
         logs = await stderr_of(process)
@@ -87,15 +80,11 @@ async def test_sighup_reloads_a_rotated_key_without_downtime(
 
 
 async def test_json_logs_are_one_object_per_line(
-    standin: StandIn, write_config: Callable[..., Path]
+    standin: StandIn, write_config: WriteConfig
 ) -> None:
-    config = write_config(
-        f'[credentials.main]\nkind = "personal-access-key"\nsecret = "{PERSONAL_KEY}"\n'
-        '[log]\nformat = "json"\n'
-    )
+    config = write_config(credentials=INLINE_KEY_CONFIG, log={"format": "json"})
     async with serving(config) as (proxy, process), aiohttp.ClientSession() as http:
-        async with http.get(f"{proxy}/build/v2/profiles?page=2") as response:
-            assert response.status == 200
+        assert (await request(http, "GET", f"{proxy}/build/v2/profiles?page=2")).status == 200
         process.send_signal(signal.SIGTERM)
         await process.wait()
         lines = [line for line in (await stderr_of(process)).splitlines() if line.startswith("{")]

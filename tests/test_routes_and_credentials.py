@@ -3,10 +3,7 @@ longest-prefix matching, and secret files re-read at each exchange."""
 
 from __future__ import annotations
 
-import asyncio
-import time
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 
@@ -21,33 +18,24 @@ from .conftest import (
     SUB_ORG,
     StartProxy,
 )
-
-
-async def fetch(http: aiohttp.ClientSession, url: str) -> tuple[int, Any]:
-    async with http.get(url) as response:
-        return response.status, await response.json()
+from .support import eventually, request
 
 
 async def test_each_credential_kind_uses_its_endpoint_and_fields(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
     proxy = await start_proxy(
-        EVERY_KIND_CREDENTIALS
-        + """
-[routes.a]
-prefix = "/access"
-credential = "access"
-[routes.l]
-prefix = "/legacy"
-credential = "legacy"
-[routes.s]
-prefix = "/service"
-credential = "service"
-"""
+        credentials=EVERY_KIND_CREDENTIALS,
+        routes={
+            "a": {"prefix": "/access", "credential": "access"},
+            "l": {"prefix": "/legacy", "credential": "legacy"},
+            "s": {"prefix": "/service", "credential": "service"},
+        },
     )
     for prefix in ("/access", "/legacy", "/service"):
-        status, body = await fetch(http, f"{proxy}{prefix}/build/v2/profiles")
-        assert status == 200, body
+        reply = await request(http, "GET", f"{proxy}{prefix}/build/v2/profiles")
+        assert reply.status == 200, reply.body
+        body = reply.json()
         assert body["organization"] == ROOT_ORG
         assert body["raw_path"] == "/build/v2/profiles"
     endpoints = {exchange.endpoint: exchange.fields for exchange in standin.exchanges}
@@ -58,36 +46,29 @@ credential = "service"
     }
 
 
-SUB_ORG_ROUTES = f"""
-[credentials.main]
-kind = "personal-access-key"
-secret_env = "TEST_APPCIRCLE_KEY"
-[credentials.service]
-kind = "api-key"
-name = "{API_KEY_NAME}"
-secret_env = "TEST_API_KEY_SECRET"
-[routes.root]
-prefix = "/"
-credential = "main"
-[routes.eu]
-prefix = "/eu"
-credential = "main"
-sub_organization = "{SUB_ORG}"
-[routes.eu_beta]
-prefix = "/eu/beta"
-credential = "main"
-sub_organization = "{OTHER_ORG}"
-[routes.bot]
-prefix = "/bot"
-credential = "service"
-sub_organization = "{SUB_ORG}"
-"""
+SUB_ORG_CREDENTIALS = {
+    "main": {"kind": "personal-access-key", "secret_env": "TEST_APPCIRCLE_KEY"},
+    "service": {"kind": "api-key", "name": API_KEY_NAME, "secret_env": "TEST_API_KEY_SECRET"},
+}
+
+
+def sub_org_routes(beta_organization: str = OTHER_ORG) -> dict[str, dict[str, str]]:
+    return {
+        "root": {"prefix": "/", "credential": "main"},
+        "eu": {"prefix": "/eu", "credential": "main", "sub_organization": SUB_ORG},
+        "eu_beta": {
+            "prefix": "/eu/beta",
+            "credential": "main",
+            "sub_organization": beta_organization,
+        },
+        "bot": {"prefix": "/bot", "credential": "service", "sub_organization": SUB_ORG},
+    }
 
 
 async def test_each_sub_organization_route_has_its_own_token_longest_prefix_wins(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
-    proxy = await start_proxy(SUB_ORG_ROUTES)
+    proxy = await start_proxy(credentials=SUB_ORG_CREDENTIALS, routes=sub_org_routes())
     expectations = {
         "/build/v2/profiles": (ROOT_ORG, "/build/v2/profiles"),
         "/eu/build/v2/profiles": (SUB_ORG, "/build/v2/profiles"),
@@ -98,9 +79,10 @@ async def test_each_sub_organization_route_has_its_own_token_longest_prefix_wins
         "/bot/x": (SUB_ORG, "/x"),
     }
     for path, (organization, upstream_path) in expectations.items():
-        status, body = await fetch(http, proxy + path)
-        assert status == 200, body
-        assert (body["organization"], body["raw_path"]) == (organization, upstream_path), path
+        reply = await request(http, "GET", proxy + path)
+        assert reply.status == 200, reply.body
+        seen = reply.json()
+        assert (seen["organization"], seen["raw_path"]) == (organization, upstream_path), path
     assert len(standin.exchanges) == 4  # one per (credential, organization) pair
     by_org = {
         exchange.requested_organization: exchange
@@ -117,33 +99,35 @@ async def test_servers_honouring_either_sub_organization_field_work(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
     standin.sub_organization_field = "subOrganizationId"
-    proxy = await start_proxy(SUB_ORG_ROUTES)
-    status, body = await fetch(http, f"{proxy}/eu/x")
-    assert (status, body["organization"]) == (200, SUB_ORG)
+    proxy = await start_proxy(credentials=SUB_ORG_CREDENTIALS, routes=sub_org_routes())
+    reply = await request(http, "GET", f"{proxy}/eu/x")
+    assert (reply.status, reply.json()["organization"]) == (200, SUB_ORG)
 
 
 async def test_token_for_another_organization_is_refused_naming_both_ids(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
     standin.sub_organization_field = None  # this server ignores the sub-organization
-    proxy = await start_proxy(SUB_ORG_ROUTES)
-    status, body = await fetch(http, f"{proxy}/eu/x")
-    assert status == 503
+    proxy = await start_proxy(credentials=SUB_ORG_CREDENTIALS, routes=sub_org_routes())
+    reply = await request(http, "GET", f"{proxy}/eu/x")
+    assert reply.status == 503
+    body = reply.json()
     assert body["error"] == "wrong_organization"
     assert SUB_ORG in body["detail"] and ROOT_ORG in body["detail"]
     assert body["route"] == "eu"
     assert standin.api_requests == []  # the root token never went out on the sub-org route
-    status, body = await fetch(http, f"{proxy}/x")
-    assert (status, body["organization"]) == (200, ROOT_ORG)
+    reply = await request(http, "GET", f"{proxy}/x")
+    assert (reply.status, reply.json()["organization"]) == (200, ROOT_ORG)
 
 
 async def test_key_without_access_to_the_sub_organization_is_reported_as_rejected(
     start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
     unknown = "44444444-4444-4444-8444-444444444444"
-    proxy = await start_proxy(SUB_ORG_ROUTES.replace(OTHER_ORG, unknown))
-    status, body = await fetch(http, f"{proxy}/eu/beta/x")
-    assert status == 503
+    proxy = await start_proxy(credentials=SUB_ORG_CREDENTIALS, routes=sub_org_routes(unknown))
+    reply = await request(http, "GET", f"{proxy}/eu/beta/x")
+    assert reply.status == 503
+    body = reply.json()
     assert body["error"] == "key_rejected"
     assert "HTTP 403" in body["detail"]
 
@@ -152,20 +136,13 @@ async def test_routes_sharing_a_credential_and_organization_share_one_token(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
     proxy = await start_proxy(
-        """
-[credentials.main]
-kind = "personal-access-key"
-secret_env = "TEST_APPCIRCLE_KEY"
-[routes.a]
-prefix = "/a"
-credential = "main"
-[routes.b]
-prefix = "/b"
-credential = "main"
-"""
+        routes={
+            "a": {"prefix": "/a", "credential": "main"},
+            "b": {"prefix": "/b", "credential": "main"},
+        }
     )
-    assert (await fetch(http, f"{proxy}/a/x"))[0] == 200
-    assert (await fetch(http, f"{proxy}/b/x"))[0] == 200
+    assert (await request(http, "GET", f"{proxy}/a/x")).status == 200
+    assert (await request(http, "GET", f"{proxy}/b/x")).status == 200
     assert len(standin.exchanges) == 1
 
 
@@ -175,20 +152,16 @@ async def test_secret_file_is_reread_so_a_rotated_key_takes_effect(
     secret_file = tmp_path / "appcircle-key"
     secret_file.write_text(PERSONAL_KEY + "\n")
     proxy = await start_proxy(
-        f"""
-[credentials.main]
-kind = "personal-access-key"
-secret_file = "{secret_file}"
-"""
+        credentials={"main": {"kind": "personal-access-key", "secret_file": str(secret_file)}}
     )
-    assert (await fetch(http, f"{proxy}/x"))[0] == 200
+    assert (await request(http, "GET", f"{proxy}/x")).status == 200
     # Rotation: the old key and its tokens are revoked, a new key is mounted.
     rotated = PERSONAL_KEY + "-rotated"
     standin.personal_keys = {rotated: ROOT_ORG}
     standin.revoke_all()
     secret_file.write_text(rotated)
-    status, body = await fetch(http, f"{proxy}/x")
-    assert status == 200, body
+    reply = await request(http, "GET", f"{proxy}/x")
+    assert reply.status == 200, reply.body
     assert standin.exchanges[-1].status == 200 and len(standin.exchanges) == 2
 
 
@@ -198,19 +171,16 @@ async def test_secret_file_gone_is_a_clear_failure_then_recovers(
     secret_file = tmp_path / "appcircle-key"
     secret_file.write_text(PERSONAL_KEY)
     proxy = await start_proxy(
-        f"""
-[credentials.main]
-kind = "personal-access-key"
-secret_file = "{secret_file}"
-"""
+        credentials={"main": {"kind": "personal-access-key", "secret_file": str(secret_file)}}
     )
     secret_file.unlink()
-    status, body = await fetch(http, f"{proxy}/x")
-    assert status == 503
-    assert body["error"] == "secret_unavailable"
-    assert str(secret_file) in body["detail"]
+    reply = await request(http, "GET", f"{proxy}/x")
+    assert reply.status == 503
+    assert reply.json()["error"] == "secret_unavailable"
+    assert str(secret_file) in reply.json()["detail"]
     secret_file.write_text(PERSONAL_KEY)
-    deadline = time.monotonic() + 3
-    while (await fetch(http, f"{proxy}/x"))[0] != 200:
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.02)
+
+    async def served() -> bool:
+        return (await request(http, "GET", f"{proxy}/x")).status == 200
+
+    await eventually(served)

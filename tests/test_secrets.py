@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
-from pathlib import Path
 
 import aiohttp
 import pytest
@@ -13,23 +12,24 @@ from proxy.app import connect
 from proxy.settings import load_settings
 from proxy.standin import StandIn
 
-from .conftest import API_KEY_SECRET, EVERY_KIND_CREDENTIALS, PERSONAL_KEY, SUB_ORG, StartProxy
-
-EVERY_KIND = (
-    EVERY_KIND_CREDENTIALS
-    + f"""
-[routes.a]
-prefix = "/"
-credential = "access"
-[routes.l]
-prefix = "/legacy"
-credential = "legacy"
-sub_organization = "{SUB_ORG}"
-[routes.s]
-prefix = "/service"
-credential = "service"
-"""
+from .conftest import (
+    API_KEY_SECRET,
+    EVERY_KIND_CREDENTIALS,
+    PERSONAL_KEY,
+    SUB_ORG,
+    StartProxy,
+    WriteConfig,
 )
+from .support import request
+
+EVERY_KIND = {
+    "credentials": EVERY_KIND_CREDENTIALS,
+    "routes": {
+        "a": {"prefix": "/", "credential": "access"},
+        "l": {"prefix": "/legacy", "credential": "legacy", "sub_organization": SUB_ORG},
+        "s": {"prefix": "/service", "credential": "service"},
+    },
+}
 
 
 def assert_no_secret(text: str, standin: StandIn) -> None:
@@ -48,32 +48,28 @@ async def test_no_secret_in_debug_logs_or_error_bodies(
 ) -> None:
     caplog.set_level(logging.DEBUG)
     bodies: list[str] = []
-    proxy = await start_proxy(EVERY_KIND)
+    proxy = await start_proxy(**EVERY_KIND)
     # The stand-in API echoes what it received, Authorization included: that is the
     # upstream's business. What is checked here is what the proxy itself says.
     for path in ("/x", "/legacy/x", "/service/x", "/_test/status/401", "/_test/cut"):
-        async with http.get(proxy + path) as response:
-            try:
-                await response.read()
-            except aiohttp.ClientPayloadError:
-                pass
+        with contextlib.suppress(aiohttp.ClientPayloadError):  # /_test/cut ends mid-body
+            await request(http, "GET", proxy + path)
     standin.revoke_all()
-    async with http.post(f"{proxy}/x", data=b"replayed") as response:
-        assert response.status == 200
+    assert (await request(http, "POST", f"{proxy}/x", data=b"replayed")).status == 200
     standin.personal_keys.clear()  # every personal key is now rejected
     standin.revoke_all()
     for path in ("/x", "/legacy/x"):
-        async with http.get(proxy + path) as response:
-            assert response.status == 503
-            bodies.append(await response.text())
+        reply = await request(http, "GET", proxy + path)
+        assert reply.status == 503
+        bodies.append(reply.body.decode())
     assert any("key_rejected" in body for body in bodies)
     assert len(standin.issued_tokens) >= 4
     assert_no_secret(caplog.text, standin)
     assert_no_secret("\n".join(bodies), standin)
 
 
-async def test_reprs_hold_no_secret(standin: StandIn, write_config: Callable[..., Path]) -> None:
-    settings = load_settings(write_config(EVERY_KIND))
+async def test_reprs_hold_no_secret(standin: StandIn, write_config: WriteConfig) -> None:
+    settings = load_settings(write_config(**EVERY_KIND))
     async with connect(settings) as upstream:
         texts = [repr(settings)]
         for route in upstream.routes:

@@ -7,8 +7,6 @@ import asyncio
 import hashlib
 import io
 import time
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -20,14 +18,8 @@ from proxy.settings import load_settings
 from proxy.standin import StandIn
 from proxy.tokens import RetryPolicy
 
-from .conftest import PERSONAL_KEY_CONFIG, StartProxy, eventually
-
-
-async def get(http: aiohttp.ClientSession, url: str, **kwargs: Any) -> tuple[int, Any]:
-    async with http.get(url, **kwargs) as response:
-        body = await response.json() if response.content_type == "application/json" else None
-        return response.status, body
-
+from .conftest import StartProxy, WriteConfig
+from .support import eventually, request
 
 # -- 1. lifetime ------------------------------------------------------------------------
 
@@ -40,10 +32,10 @@ def test_renewal_margin_is_five_minutes_or_a_fifth_of_the_lifetime() -> None:
 
 
 async def test_lifetime_comes_from_exp_or_expires_in_whichever_is_earlier(
-    standin: StandIn, write_config: Callable[..., Path]
+    standin: StandIn, write_config: WriteConfig
 ) -> None:
     standin.token_lifetime = 1000
-    settings = load_settings(write_config(PERSONAL_KEY_CONFIG))
+    settings = load_settings(write_config())
     async with connect(settings) as upstream:
         (route,) = upstream.routes
         before = time.time()
@@ -60,9 +52,9 @@ async def test_lifetime_comes_from_exp_or_expires_in_whichever_is_earlier(
 
 
 async def test_configured_refresh_margin_is_used(
-    standin: StandIn, write_config: Callable[..., Path]
+    standin: StandIn, write_config: WriteConfig
 ) -> None:
-    settings = load_settings(write_config(PERSONAL_KEY_CONFIG, tokens="refresh_margin = 42"))
+    settings = load_settings(write_config(tokens={"refresh_margin": 42}))
     async with connect(settings) as upstream:
         (route,) = upstream.routes
         token = await route.tokens.get()
@@ -77,19 +69,19 @@ async def test_renewal_runs_in_background_so_requests_never_wait_for_it(
 ) -> None:
     standin.token_lifetime = 1.0  # renewal due 0.2 s before expiry
     proxy = await start_proxy()
-    assert (await get(http, f"{proxy}/x"))[0] == 200
+    assert (await request(http, "GET", f"{proxy}/x")).status == 200
     first_token = standin.api_requests[-1].token_id
 
     standin.gate = asyncio.Event()  # the next exchange hangs until released
     await eventually(lambda: standin.exchanges_started == 2)
     # The renewal is in flight and held: a request must still be served, with the old token.
-    status, _ = await asyncio.wait_for(get(http, f"{proxy}/x"), timeout=0.5)
-    assert status == 200
+    reply = await asyncio.wait_for(request(http, "GET", f"{proxy}/x"), timeout=0.5)
+    assert reply.status == 200
     assert standin.api_requests[-1].token_id == first_token
 
     standin.gate.set()
     await eventually(lambda: len(standin.exchanges) == 2)
-    assert (await get(http, f"{proxy}/x"))[0] == 200
+    assert (await request(http, "GET", f"{proxy}/x")).status == 200
     assert standin.api_requests[-1].token_id != first_token
     assert standin.rejected_tokens == []
 
@@ -102,11 +94,11 @@ async def test_concurrent_cold_requests_share_one_exchange(
 ) -> None:
     proxy = await start_proxy()
     standin.gate = asyncio.Event()
-    requests = [asyncio.create_task(get(http, f"{proxy}/r/{i}")) for i in range(50)]
+    requests = [asyncio.create_task(request(http, "GET", f"{proxy}/r/{i}")) for i in range(50)]
     await eventually(lambda: standin.exchanges_started == 1)
     await asyncio.sleep(0.05)  # give the other 49 the chance to start a second exchange
     standin.gate.set()
-    statuses = [status for status, _ in await asyncio.gather(*requests)]
+    statuses = [reply.status for reply in await asyncio.gather(*requests)]
     assert statuses == [200] * 50
     assert standin.exchanges_started == 1
 
@@ -119,10 +111,10 @@ async def test_auth_host_error_gives_503_with_retry_after_and_a_json_reason(
 ) -> None:
     standin.always = 503
     proxy = await start_proxy()
-    async with http.get(f"{proxy}/x") as response:
-        assert response.status == 503
-        assert int(response.headers["Retry-After"]) >= 1
-        body = await response.json()
+    reply = await request(http, "GET", f"{proxy}/x")
+    assert reply.status == 503
+    assert int(reply.headers["Retry-After"]) >= 1
+    body = reply.json()
     assert body["error"] == "auth_error"
     assert body["route"] == "default"
     assert body["credential"] == "main"
@@ -136,9 +128,9 @@ async def test_unusable_auth_reply_is_a_failed_exchange(
 ) -> None:
     standin.always = reply
     proxy = await start_proxy()
-    status, body = await get(http, f"{proxy}/x")
-    assert status == 503
-    assert body["error"] == "bad_reply"
+    reply = await request(http, "GET", f"{proxy}/x")
+    assert reply.status == 503
+    assert reply.json()["error"] == "bad_reply"
     assert standin.api_requests == []
 
 
@@ -150,8 +142,9 @@ async def test_rejected_key_says_so_and_what_to_check(
 ) -> None:
     monkeypatch.setenv("TEST_APPCIRCLE_KEY", "pak_revoked_key_value")
     proxy = await start_proxy()
-    status, body = await get(http, f"{proxy}/x")
-    assert status == 503
+    reply = await request(http, "GET", f"{proxy}/x")
+    assert reply.status == 503
+    body = reply.json()
     assert body["error"] == "key_rejected"
     assert "rejected" in body["detail"]
     assert "$TEST_APPCIRCLE_KEY" in body["detail"]
@@ -161,10 +154,10 @@ async def test_rejected_key_says_so_and_what_to_check(
 async def test_auth_host_down_gives_503(
     start_proxy: StartProxy, http: aiohttp.ClientSession, unused_tcp_port: int
 ) -> None:
-    proxy = await start_proxy(auth_url=f"http://127.0.0.1:{unused_tcp_port}")
-    status, body = await get(http, f"{proxy}/x")
-    assert status == 503
-    assert body["error"] == "auth_unreachable"
+    proxy = await start_proxy(appcircle={"auth_url": f"http://127.0.0.1:{unused_tcp_port}"})
+    reply = await request(http, "GET", f"{proxy}/x")
+    assert reply.status == 503
+    assert reply.json()["error"] == "auth_unreachable"
 
 
 def test_backoff_doubles_up_to_the_cap_with_jitter() -> None:
@@ -182,8 +175,7 @@ async def test_failing_exchanges_are_retried_with_backoff_not_hammered(
     proxy = await start_proxy()  # retries start at 0.05 s, capped at 0.2 s
     started = time.monotonic()
     while time.monotonic() - started < 1.0:
-        status, _ = await get(http, f"{proxy}/x")
-        assert status == 503
+        assert (await request(http, "GET", f"{proxy}/x")).status == 503
         await asyncio.sleep(0.01)
     # Without backoff a busy client would cause ~one exchange per request (~80 here).
     assert 3 <= len(standin.exchanges) <= 15
@@ -194,17 +186,12 @@ async def test_route_recovers_once_the_auth_host_does(
 ) -> None:
     standin.script = [500, 500]
     proxy = await start_proxy()
-    assert (await get(http, f"{proxy}/x"))[0] == 503
-    statuses: list[int] = []
+    assert (await request(http, "GET", f"{proxy}/x")).status == 503
 
-    async def poll() -> bool:
-        statuses.append((await get(http, f"{proxy}/x"))[0])
-        return statuses[-1] == 200
+    async def served() -> bool:
+        return (await request(http, "GET", f"{proxy}/x")).status == 200
 
-    deadline = time.monotonic() + 3
-    while not await poll():
-        assert time.monotonic() < deadline, statuses
-        await asyncio.sleep(0.02)
+    await eventually(served)
     assert len(standin.exchanges) == 3
 
 
@@ -213,15 +200,19 @@ async def test_valid_old_token_is_used_while_renewal_fails_and_expired_one_never
 ) -> None:
     standin.token_lifetime = 1.0
     proxy = await start_proxy()
-    assert (await get(http, f"{proxy}/x"))[0] == 200
+    assert (await request(http, "GET", f"{proxy}/x")).status == 200
     standin.always = 500
     await eventually(lambda: len(standin.exchanges) >= 2)  # renewal has failed
-    assert (await get(http, f"{proxy}/x"))[0] == 200  # the old token still serves
-    statuses: list[int] = []
-    while not statuses or statuses[-1] == 200:
-        statuses.append((await get(http, f"{proxy}/x"))[0])
-        await asyncio.sleep(0.02)
-    assert statuses[-1] == 503
+    assert (await request(http, "GET", f"{proxy}/x")).status == 200  # the old token still serves
+
+    async def refused_once_expired() -> bool:
+        status = (await request(http, "GET", f"{proxy}/x")).status
+        if status == 200:
+            return False
+        assert status == 503
+        return True
+
+    await eventually(refused_once_expired)
     # The API never saw an expired token: it would have answered 401.
     assert standin.rejected_tokens == []
 
@@ -233,11 +224,11 @@ async def test_upstream_401_renews_the_token_and_retries_once(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
     proxy = await start_proxy()
-    assert (await get(http, f"{proxy}/x"))[0] == 200
+    assert (await request(http, "GET", f"{proxy}/x")).status == 200
     standin.revoke_all()
-    status, body = await get(http, f"{proxy}/after/revocation")
-    assert status == 200
-    assert body["raw_path"] == "/after/revocation"
+    reply = await request(http, "GET", f"{proxy}/after/revocation")
+    assert reply.status == 200
+    assert reply.json()["raw_path"] == "/after/revocation"
     assert len(standin.exchanges) == 2
     assert standin.rejected_tokens == ["InvalidTokenError"]
 
@@ -246,24 +237,23 @@ async def test_small_body_is_replayed_after_a_401(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
     proxy = await start_proxy()
-    assert (await get(http, f"{proxy}/x"))[0] == 200
+    assert (await request(http, "GET", f"{proxy}/x")).status == 200
     standin.revoke_all()
     payload = b'{"name": "profile"}' * 100
-    async with http.post(f"{proxy}/build/v2/profiles", data=payload) as response:
-        assert response.status == 200
-        body = await response.json()
-    assert body["body_sha256"] == hashlib.sha256(payload).hexdigest()
+    reply = await request(http, "POST", f"{proxy}/build/v2/profiles", data=payload)
+    assert reply.status == 200
+    assert reply.json()["body_sha256"] == hashlib.sha256(payload).hexdigest()
 
 
 async def test_large_body_is_not_replayed_the_401_goes_back_and_the_token_is_renewed(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
-    proxy = await start_proxy(tokens="replay_limit = 1024")
-    assert (await get(http, f"{proxy}/x"))[0] == 200
+    proxy = await start_proxy(tokens={"replay_limit": 1024})
+    assert (await request(http, "GET", f"{proxy}/x")).status == 200
     standin.revoke_all()
-    async with http.post(f"{proxy}/upload", data=io.BytesIO(b"z" * 4096)) as response:
-        assert response.status == 401
-    assert (await get(http, f"{proxy}/x"))[0] == 200
+    reply = await request(http, "POST", f"{proxy}/upload", data=io.BytesIO(b"z" * 4096))
+    assert reply.status == 401
+    assert (await request(http, "GET", f"{proxy}/x")).status == 200
     assert len(standin.exchanges) == 2
 
 
@@ -271,10 +261,10 @@ async def test_concurrent_401s_cause_one_renewal(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
     proxy = await start_proxy()
-    assert (await get(http, f"{proxy}/x"))[0] == 200
+    assert (await request(http, "GET", f"{proxy}/x")).status == 200
     standin.revoke_all()
-    results = await asyncio.gather(*(get(http, f"{proxy}/x/{i}") for i in range(20)))
-    assert [status for status, _ in results] == [200] * 20
+    replies = await asyncio.gather(*(request(http, "GET", f"{proxy}/x/{i}") for i in range(20)))
+    assert [reply.status for reply in replies] == [200] * 20
     assert len(standin.exchanges) == 2
 
 
@@ -283,6 +273,5 @@ async def test_a_401_with_a_fresh_token_goes_back_to_the_client(
 ) -> None:
     proxy = await start_proxy()
     # The API refuses even brand-new tokens (say, a user without rights): one retry, no loop.
-    async with http.get(f"{proxy}/_test/status/401") as response:
-        assert response.status == 401
+    assert (await request(http, "GET", f"{proxy}/_test/status/401")).status == 401
     assert len(standin.exchanges) == 2

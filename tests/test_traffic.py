@@ -10,7 +10,7 @@ import signal
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -19,19 +19,12 @@ import trustme
 
 from proxy.standin import StandIn, pattern
 
-from .conftest import PERSONAL_KEY, ROOT_ORG, StartProxy, eventually
+from .conftest import INLINE_KEY_CONFIG, PERSONAL_KEY, ROOT_ORG, StartProxy, WriteConfig
 from .processes import open_fds, peak_rss_mib, rss_mib, serving
+from .support import eventually, request
 
 GIB = 1024**3
 CHUNK = 256 * 1024
-
-
-def inline_key_config(write_config: Callable[..., Path], **sections: str) -> Path:
-    """A config a separate proxy process can use (the key inline, not in our environment)."""
-    return write_config(
-        f'[credentials.main]\nkind = "personal-access-key"\nsecret = "{PERSONAL_KEY}"\n',
-        **sections,
-    )
 
 
 async def gigabyte() -> AsyncIterator[bytes]:
@@ -40,14 +33,16 @@ async def gigabyte() -> AsyncIterator[bytes]:
         yield block
 
 
+# Two gigabytes through a separate process; seconds alone, far more on a busy machine.
+@pytest.mark.timeout(120)
 async def test_gigabyte_upload_and_download_pass_intact_in_bounded_memory(
-    standin: StandIn, write_config: Callable[..., Path]
+    standin: StandIn, write_config: WriteConfig
 ) -> None:
-    async with serving(inline_key_config(write_config)) as (proxy, process):
+    async with serving(write_config(credentials=INLINE_KEY_CONFIG)) as (proxy, process):
         async with aiohttp.ClientSession() as http:
-            async with http.put(f"{proxy}/upload", data=gigabyte()) as response:
-                assert response.status == 200
-                echoed = await response.json()
+            reply = await request(http, "PUT", f"{proxy}/upload", data=gigabyte())
+            assert reply.status == 200
+            echoed = reply.json()
             expected = hashlib.sha256()
             async for block in gigabyte():
                 expected.update(block)
@@ -73,12 +68,12 @@ async def test_gigabyte_upload_and_download_pass_intact_in_bounded_memory(
 
 
 async def test_200_aborted_transfers_leave_no_descriptor_or_upstream_connection_behind(
-    standin: StandIn, write_config: Callable[..., Path]
+    standin: StandIn, write_config: WriteConfig
 ) -> None:
-    async with serving(inline_key_config(write_config)) as (proxy, process):
+    async with serving(write_config(credentials=INLINE_KEY_CONFIG)) as (proxy, process):
         host, port = proxy.removeprefix("http://").rsplit(":", 1)
-        async with aiohttp.ClientSession() as http, http.get(f"{proxy}/warm-up") as response:
-            assert response.status == 200
+        async with aiohttp.ClientSession() as http:
+            assert (await request(http, "GET", f"{proxy}/warm-up")).status == 200
         await asyncio.sleep(0.2)
         fds_before, upstream_before = open_fds(process.pid), standin.api_connections
 
@@ -115,8 +110,8 @@ async def test_200_aborted_transfers_leave_no_descriptor_or_upstream_connection_
                 standin.in_flight,
             )
             await asyncio.sleep(0.05)
-        async with aiohttp.ClientSession() as http, http.get(f"{proxy}/still/up") as response:
-            assert response.status == 200
+        async with aiohttp.ClientSession() as http:
+            assert (await request(http, "GET", f"{proxy}/still/up")).status == 200
 
 
 async def test_client_hanging_up_cancels_the_upstream_request_at_once(
@@ -179,8 +174,7 @@ async def test_websocket_handshake_refused_with_401_renews_the_token(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
     proxy = await start_proxy()
-    async with http.get(f"{proxy}/x") as response:
-        assert response.status == 200
+    assert (await request(http, "GET", f"{proxy}/x")).status == 200
     standin.revoke_all()
     async with http.ws_connect(f"{proxy}/_test/ws") as socket_:
         await socket_.send_str("again")
@@ -204,11 +198,10 @@ async def test_connect_timeout_gives_504(
             fillers.append(filler)
         host, port = silent.getsockname()
         proxy = await start_proxy(
-            api_url=f"http://{host}:{port}", appcircle="connect_timeout = 0.3"
+            appcircle={"api_url": f"http://{host}:{port}", "connect_timeout": 0.3}
         )
         started = time.monotonic()
-        async with http.get(f"{proxy}/x") as response:
-            assert response.status == 504
+        assert (await request(http, "GET", f"{proxy}/x")).status == 504
         assert time.monotonic() - started < 3
     finally:
         for filler in fillers:
@@ -217,9 +210,9 @@ async def test_connect_timeout_gives_504(
 
 
 async def test_slow_client_does_not_make_the_proxy_buffer_the_download(
-    standin: StandIn, write_config: Callable[..., Path]
+    standin: StandIn, write_config: WriteConfig
 ) -> None:
-    async with serving(inline_key_config(write_config)) as (proxy, process):
+    async with serving(write_config(credentials=INLINE_KEY_CONFIG)) as (proxy, process):
         host, port = proxy.removeprefix("http://").rsplit(":", 1)
         reader, writer = await asyncio.open_connection(host, int(port), limit=2**16)
         writer.write(b"GET /_test/download?size=1073741824 HTTP/1.1\r\nHost: localhost\r\n\r\n")
@@ -234,7 +227,7 @@ async def test_slow_client_does_not_make_the_proxy_buffer_the_download(
 async def test_idle_read_timeout_does_not_cut_a_long_healthy_download(
     start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
-    proxy = await start_proxy(appcircle="read_timeout = 0.5")
+    proxy = await start_proxy(appcircle={"read_timeout": 0.5})
     received = 0
     async with http.get(f"{proxy}/_test/download", params={"size": str(50 * 1024**2)}) as response:
         async for chunk in response.content.iter_chunked(1024**2):
@@ -270,13 +263,12 @@ async def test_self_hosted_behind_a_private_ca_is_trusted_through_ca_file(
     try:
         assert appcircle.api_url.startswith("https://")
         urls = {"api_url": appcircle.api_url, "auth_url": appcircle.auth_url}
-        trusted = await start_proxy(appcircle=f'ca_file = "{bundle}"', **urls)
-        async with http.get(f"{trusted}/build/v2/profiles") as response:
-            assert response.status == 200
-        untrusted = await start_proxy(**urls)
-        async with http.get(f"{untrusted}/build/v2/profiles") as response:
-            assert response.status == 503
-            body = await response.json()
+        trusted = await start_proxy(appcircle={**urls, "ca_file": str(bundle)})
+        assert (await request(http, "GET", f"{trusted}/build/v2/profiles")).status == 200
+        untrusted = await start_proxy(appcircle=urls)
+        reply = await request(http, "GET", f"{untrusted}/build/v2/profiles")
+        assert reply.status == 503
+        body = reply.json()
         assert body["error"] == "auth_unreachable" and "certificate" in body["detail"].lower()
     finally:
         await appcircle.close()
@@ -291,12 +283,13 @@ async def test_insecure_skip_verify_works_but_is_logged_loudly(
     appcircle = await tls_standin(private_ca[0])
     try:
         proxy = await start_proxy(
-            appcircle="insecure_skip_verify = true",
-            api_url=appcircle.api_url,
-            auth_url=appcircle.auth_url,
+            appcircle={
+                "insecure_skip_verify": True,
+                "api_url": appcircle.api_url,
+                "auth_url": appcircle.auth_url,
+            }
         )
-        async with http.get(f"{proxy}/x") as response:
-            assert response.status == 200
+        assert (await request(http, "GET", f"{proxy}/x")).status == 200
         warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
         assert any("TLS VERIFICATION IS OFF" in warning for warning in warnings)
     finally:
@@ -306,30 +299,26 @@ async def test_insecure_skip_verify_works_but_is_logged_loudly(
 async def test_full_connection_pool_makes_requests_wait_not_fail(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
-    proxy = await start_proxy(appcircle="max_connections = 2")
-    statuses = await asyncio.gather(
-        *(asyncio.create_task(_status(http, f"{proxy}/_test/slow?seconds=0.2")) for _ in range(6))
+    proxy = await start_proxy(appcircle={"max_connections": 2})
+    replies = await asyncio.gather(
+        *(request(http, "GET", f"{proxy}/_test/slow?seconds=0.2") for _ in range(6))
     )
-    assert statuses == [200] * 6
+    assert [reply.status for reply in replies] == [200] * 6
     assert standin.max_in_flight == 2
 
 
-async def _status(http: aiohttp.ClientSession, url: str) -> int:
-    async with http.get(url) as response:
-        await response.read()
-        return response.status
-
-
 async def test_workers_share_the_port_each_with_its_own_token_cache(
-    standin: StandIn, write_config: Callable[..., Path], unused_tcp_port: int
+    standin: StandIn, write_config: WriteConfig, unused_tcp_port: int
 ) -> None:
-    config = inline_key_config(write_config, server="eager = true")
-    config.write_text(config.read_text().replace('"127.0.0.1:0"', f'"127.0.0.1:{unused_tcp_port}"'))
+    config = write_config(
+        credentials=INLINE_KEY_CONFIG,
+        server={"eager": True, "listen": f"127.0.0.1:{unused_tcp_port}"},
+    )
     async with serving(config, "--workers", "2") as (proxy, process):
         await eventually(lambda: len(standin.exchanges) == 2, within=10)  # eager, per worker
         for _ in range(40):  # fresh connections, spread over both workers by the kernel
             async with aiohttp.ClientSession() as http:
-                assert await _status(http, f"{proxy}/x") == 200
+                assert (await request(http, "GET", f"{proxy}/x")).status == 200
         assert len(standin.exchanges) == 2
         assert len({request.token_id for request in standin.api_requests}) == 2
         process.send_signal(signal.SIGTERM)

@@ -1,0 +1,136 @@
+"""Upstream admission and request-body progress, through the proxy: a bounded wait for a
+connection, a bounded queue, a separate budget for long streams, the token checked again
+after the wait, and uploads that stall."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+
+from proxy.standin import StandIn
+
+from .conftest import StartProxy
+from .rawhttp import exchange, status_of
+from .support import eventually
+
+
+async def test_a_request_waits_at_most_pool_timeout_then_gets_503(
+    start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    proxy = await start_proxy(appcircle={"max_connections": 1, "pool_timeout": 0.3})
+    holder = asyncio.ensure_future(http.get(f"{proxy}/_test/slow?seconds=1.5"))
+    await asyncio.sleep(0.2)
+    started = time.monotonic()
+    async with http.get(f"{proxy}/build/v2/profiles") as response:
+        waited = time.monotonic() - started
+        body = await response.json()
+    assert response.status == 503 and body["error"] == "pool_timeout"
+    assert response.headers["Retry-After"] == "1"
+    assert "appcircle.max_connections" in body["detail"]
+    assert 0.25 < waited < 1.2
+    (await holder).release()
+
+
+async def test_beyond_max_pending_a_request_is_refused_at_once(
+    start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    proxy = await start_proxy(
+        appcircle={"max_connections": 1, "pool_timeout": 5}, server={"max_pending": 0}
+    )
+    holder = asyncio.ensure_future(http.get(f"{proxy}/_test/slow?seconds=1"))
+    await asyncio.sleep(0.2)
+    started = time.monotonic()
+    async with http.get(f"{proxy}/build/v2/profiles") as response:
+        assert response.status == 503
+        assert (await response.json())["error"] == "pool_full"
+    assert time.monotonic() - started < 0.2
+    (await holder).release()
+
+
+async def test_slow_streams_cannot_starve_a_small_call(
+    start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
+) -> None:
+    standin.events_gate = asyncio.Event()  # the event streams stay open until released
+    proxy = await start_proxy(
+        appcircle={"max_connections": 2, "max_streams": 2, "pool_timeout": 0.5}
+    )
+    streams = [await http.get(f"{proxy}/_test/events?count=2") for _ in range(2)]
+    assert [s.status for s in streams] == [200, 200]
+    # A third stream is refused at once; short calls still go through, again and again.
+    async with http.get(f"{proxy}/_test/events?count=2") as refused:
+        assert refused.status == 503
+        assert (await refused.json())["error"] == "streams_full"
+    for _ in range(5):
+        async with http.get(f"{proxy}/build/v2/profiles") as response:
+            assert response.status == 200
+    for stream in streams:
+        stream.release()
+
+
+async def test_a_trickling_upload_is_cut_with_408(
+    start_proxy: StartProxy, standin: StandIn
+) -> None:
+    proxy = await start_proxy(server={"body_timeout": 0.3})
+    head = (
+        b"POST /distribution/v2/profiles/p/app-versions HTTP/1.1\r\nHost: localhost\r\n"
+        b"Content-Length: 1000000\r\n\r\n"
+    )
+    host, port = proxy.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    started = time.monotonic()
+    writer.write(head + b"x" * 1000)
+    answer = await asyncio.wait_for(reader.readuntil(b"}"), 3)
+    writer.close()
+    assert status_of(answer) == 408
+    assert b'"body_timeout"' in answer
+    assert time.monotonic() - started < 2
+    # The upstream request is dropped with it: nothing holds the API's connection.
+    await eventually(lambda: standin.in_flight == 0 and standin.api_connections == 0)
+
+
+async def test_a_stalled_small_body_is_cut_with_408(start_proxy: StartProxy) -> None:
+    proxy = await start_proxy(server={"body_timeout": 0.3})
+    head = b"POST /build/v2/profiles HTTP/1.1\r\nHost: localhost\r\nContent-Length: 10\r\n\r\n"
+    answer = await exchange(proxy, head + b"abc", read_for=2)
+    assert status_of(answer) == 408
+
+
+async def test_a_token_that_expired_while_waiting_for_a_connection_is_never_sent(
+    start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
+) -> None:
+    standin.token_lifetime = 2.0
+    proxy = await start_proxy(
+        appcircle={"max_connections": 1, "pool_timeout": 5}, server={"eager": True}
+    )
+    async with http.get(f"{proxy}/build/v2/profiles") as warm:
+        assert warm.status == 200
+    holder = asyncio.ensure_future(http.get(f"{proxy}/_test/slow?seconds=3.3"))
+    await asyncio.sleep(0.1)
+    async with http.get(f"{proxy}/build/v2/profiles") as response:
+        assert response.status == 200
+    (await holder).release()
+    # Not even a 401 replayed out of sight: the expired token never left the proxy.
+    assert standin.rejected_tokens == []
+
+
+async def test_expect_100_continue_is_answered_by_the_proxy_and_not_forwarded(
+    start_proxy: StartProxy, standin: StandIn
+) -> None:
+    proxy = await start_proxy()
+    host, port = proxy.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        b"POST /build/v2/profiles HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\n"
+        b"Expect: 100-continue\r\n\r\n"
+    )
+    interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 2)
+    assert interim.startswith(b"HTTP/1.1 100")
+    writer.write(b"hello")
+    final = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 2)
+    assert final.startswith(b"HTTP/1.1 200")
+    writer.close()
+    await eventually(lambda: any(r.method == "POST" for r in standin.api_requests))
+    seen = next(r for r in standin.api_requests if r.method == "POST")
+    assert "expect" not in {name.lower() for name, _ in seen.headers}
