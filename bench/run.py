@@ -583,6 +583,18 @@ def main() -> int:
             ),
         )
     )
+    # Requests per CPU second: what req/s would be with a core each, whatever else ran.
+    print(
+        row(
+            "small GET, c=64, CPU µs per request",
+            "",
+            *(f"{c64[name].cpu_us:.0f}" for name in ("nginx", "naive", "proxy")),
+            f"{c64['nginx'].cpu_us / c64['proxy'].cpu_us:.2f}x by CPU",
+            f"{c64['naive'].cpu_us / c64['proxy'].cpu_us:.2f}x by CPU",
+            "",
+            "",
+        )
+    )
     c1 = {name: best.load("c1", name) for name in ("direct", "nginx", "naive", "proxy")}
     added = {name: c1[name].p50_us - c1["direct"].p50_us for name in ("nginx", "naive", "proxy")}
     print(
