@@ -152,10 +152,13 @@ async def crowd(
 
 
 def describe(outcomes: list[Outcome]) -> str:
-    answers = collections.Counter(
-        f"{o.status} {o.error}".strip() if o.status else f"no answer ({o.failure})"
-        for o in outcomes
-    )
+    def answer(outcome: Outcome) -> str:
+        if not outcome.status:
+            return f"no answer ({outcome.failure})"
+        said = f"{outcome.status} {outcome.error}".strip()
+        return f"{said} ({outcome.failure})" if outcome.failure else said
+
+    answers = collections.Counter(answer(outcome) for outcome in outcomes)
     return ", ".join(f"{count} × {answer}" for answer, count in answers.most_common())
 
 
