@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import uvloop
-from run import Proxy, ensure_tools, nginx, open_fds, proxy, say, standin, status_kib
+from run import Proxy, ensure_tools, nginx, open_fds, proxy, say, standin
 
 BODY_BYTES = 10_000_000
 RECEIVE_BUFFER = 64 * 1024
@@ -112,13 +112,11 @@ async def pause(seconds: float, stop: asyncio.Event | None) -> None:
 
 @dataclass
 class Sample:
-    peak_rss: float = 0.0
     peak_fds: int = 0
 
 
 async def watch(pid: int, sample: Sample, stop: asyncio.Event) -> None:
     while not stop.is_set():
-        sample.peak_rss = max(sample.peak_rss, status_kib(pid, "VmRSS") / 1024)
         sample.peak_fds = max(sample.peak_fds, open_fds(pid))
         await pause(0.5, stop)
 
