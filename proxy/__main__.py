@@ -175,7 +175,7 @@ def _demo(args: argparse.Namespace) -> int:
     return demo(getattr(args, "listen", "127.0.0.1:8787"), _overrides(args).get("log", {}))
 
 
-# Issue 10: the CI commands `run -- CMD` and `wait` (ci.py).
+# The CI commands `run -- CMD` and `wait` (ci.py).
 def _run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--route", metavar="NAME", help="give CMD this route's URL (with its prefix)"
@@ -268,7 +268,7 @@ COMMANDS: dict[str, Command] = {
         (_listen_flag, _log_flags),
         _demo,
     ),
-    # Issue 10: CI (ci.py).
+    # CI (ci.py).
     "run": Command(
         "CI: run CMD with the proxy in front of Appcircle and the key out of its reach",
         "Start the proxy on a free loopback port (or --listen), wait until every route has a "

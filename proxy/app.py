@@ -85,7 +85,7 @@ async def connect(settings: Settings, clock: Clock = time.time) -> AsyncIterator
             total=settings.tokens.exchange_timeout, sock_connect=appcircle.connect_timeout
         ),
         cookie_jar=aiohttp.DummyCookieJar(),
-        trace_configs=debug_traces("auth"),  # ops: exchange timings at --log-level debug
+        trace_configs=debug_traces("auth"),  # exchange timings at --log-level debug
     )
     websocket_session = aiohttp.ClientSession(
         # Admission is the stream budget's job (appcircle.max_streams), not the connector's.
@@ -93,7 +93,7 @@ async def connect(settings: Settings, clock: Clock = time.time) -> AsyncIterator
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=appcircle.connect_timeout),
         auto_decompress=False,
         cookie_jar=aiohttp.DummyCookieJar(),
-        trace_configs=debug_traces("websocket"),  # ops: connection timings at debug level
+        trace_configs=debug_traces("websocket"),  # connection timings at debug level
     )
     pool = _pool(settings, tls)
 
@@ -125,7 +125,7 @@ async def connect(settings: Settings, clock: Clock = time.time) -> AsyncIterator
                 credential=credentials[route.credential],
                 sub_organization=route.sub_organization,
                 tokens=tokens.for_key((route.credential, route.sub_organization)),
-                policy=route.policy,  # issue 10: allow rules / read_only
+                policy=route.policy,
             )
             for name, route in settings.routes.items()
         ]
@@ -186,7 +186,7 @@ def build(
         stats,
         runtime.session,
         admin if settings.server.admin_listen is None else None,
-        # Issue 10: aiohttp's client (not the pool, which carries the API only) to the auth host.
+        # aiohttp's client (not the pool, which carries the API only) to the auth host.
         userinfo.Relay(
             runtime.session, settings.appcircle.auth_url, settings.tokens.exchange_timeout
         ),

@@ -1,9 +1,10 @@
 """The one request handler, from the listening socket's parsed request to its answer.
 
-Read top to bottom in `Handler.__call__`: the guard's checks; a CORS preflight; the
-proxy's own /_proxy/ paths; the route; then a WebSocket relay or the forwarder. There are
-no middlewares or response signals: every answer passes `_decorate` (request id, CORS)
-once, before its headers are sent.
+Read top to bottom in `Handler._answer`: the guard's checks; a CORS preflight; the
+proxy's own /_proxy/ paths; the route and its allow rules; then the auth host's userinfo,
+a WebSocket relay or the forwarder. There are no middlewares or response signals: every
+answer passes `_decorate` (request id, CORS, Connection: close while draining) once,
+before its headers are sent.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ class Handler:
         stats: Stats,
         websocket_session: websocket.Session,
         admin: Mapping[str, AdminHandler] | None,
-        auth_host: userinfo.Relay,  # issue 10: the userinfo relay
+        auth_host: userinfo.Relay,
     ) -> None:
         self._guard = guard
         self._routes = routes
@@ -64,7 +65,7 @@ class Handler:
         # Unique within the process; the random part tells processes (and restarts) apart.
         self._id_prefix = secrets.token_hex(4)
         self._ids = itertools.count(1)
-        # Set by the server at shutdown (branch guard: bounded drain).
+        # The server sets it at shutdown: answers then carry Connection: close.
         self.drain = Drain()
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -94,7 +95,7 @@ class Handler:
             return errors.no_route(path, self._routes.prefixes)
         route, rest = matched
         facts.route = route.name
-        # Issue 10: the route's allow rules / read_only, before any token is taken; then
+        # The route's allow rules (or read_only) apply before any token is taken; then
         # /auth/... belongs to the auth host: userinfo relayed, the rest refused.
         if not route.allows(request.method, rest):
             return errors.not_allowed_by_route(route, request.method, rest)

@@ -20,7 +20,7 @@ from .upstream import Connection, UpstreamError, UpstreamTimeout
 
 __all__ = ["Budget", "Lease", "Limits", "Pool", "Refused"]
 
-# ops: --log-level debug lines for the rare pool events (never one per request).
+# --log-level debug lines for the rare pool events (never one per request).
 log = logging.getLogger("appcircle_proxy.upstream")
 
 RefusalKind = Literal["pool_full", "pool_timeout", "streams_full"]
@@ -132,7 +132,7 @@ class Pool:
         try:
             async with asyncio.timeout(limits.pool_timeout):
                 await waiter
-            log.debug(  # ops
+            log.debug(
                 "api %s budget full: waited %.1f ms for a connection",
                 budget.name,
                 (asyncio.get_running_loop().time() - waited) * 1000,
@@ -217,7 +217,7 @@ class Pool:
             ) from None
         except (OSError, ssl.SSLError) as err:
             raise UpstreamError(f"cannot connect: {err.strerror or err}") from None
-        log.debug(  # ops
+        log.debug(
             "api new connection in %.1f ms (%d idle)", (loop.time() - started) * 1000, self.idle
         )
         return protocol

@@ -5,6 +5,7 @@ processes on the port, re-forking any that dies."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import ipaddress
 import logging
@@ -33,6 +34,7 @@ from .access_log import LOGGER_NAME, access_logger
 from .admin import create_admin_server
 from .app import Proxy, build, connect
 from .inbound import Connections, head_limit
+from .memory import give_back_after_streams
 from .settings import ConfigError, Endpoint, Settings, UnixSocket
 from .tokens import Clock
 
@@ -225,6 +227,10 @@ async def start(
     resources = AsyncExitStack()
     runtime = await resources.enter_async_context(connect(settings, clock))
     proxy = build(settings, runtime, clock, worker=worker, log_stream=log_stream)
+    give_back = asyncio.get_running_loop().create_task(
+        give_back_after_streams(runtime.pool.streams), name="give back memory"
+    )
+    resources.push_async_callback(_cancel, give_back)
     if server.eager:
         for source in runtime.tokens:
             source.start()
@@ -406,6 +412,12 @@ class _WorkerRole:
     index: int
     restarts: int
     ready: Connection
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def _serve(

@@ -364,7 +364,7 @@ class TokenSettings(_Section):
     # The backoff's ceiling while a route holds no valid token (its requests are failing),
     # so it recovers within seconds of the auth host's return. Never above retry_max.
     retry_max_without_token: PositiveFloat = 2.0
-    exchange_timeout: PositiveFloat = 30.0
+    exchange_timeout: PositiveFloat = 10.0
     # The longest a request waits for a token exchange before it gets 503.
     wait_timeout: PositiveFloat = 5.0
     # A 401 from the API renews a route's token at most this often (seconds), so an

@@ -28,7 +28,7 @@ import jwt
 from aiohttp import WSMsgType, web
 from yarl import URL
 
-__all__ = ["Exchange", "Host", "SeenRequest", "StandIn", "pattern"]
+__all__ = ["Exchange", "Host", "SeenRequest", "StandIn", "cli_answer", "pattern"]
 
 # What the auth host does with the next exchange instead of answering normally.
 Misbehaviour = int | Literal["not-json", "no-token", "not-jwt", "expired", "no-exp"]
@@ -81,6 +81,9 @@ class StandIn:
     gate: asyncio.Event | None = None
     # Seconds the API host takes before answering each request it accepted (a slow API).
     api_delay: float = 0.0
+    # Answer the official CLI's list and organization reads with Appcircle-shaped JSON
+    # (`cli_answer`) instead of the echo, so the CLI can print its tables.
+    cli_answers: bool = False
     # Keep `api_requests`; off for long runs, where the list would only grow.
     record_requests: bool = True
     personal_keys: dict[str, str] = field(default_factory=dict, repr=False)
@@ -342,6 +345,11 @@ class StandIn:
         return claims
 
     async def _echo(self, request: web.Request) -> web.Response:
+        organization = request[CLAIMS]["currentOrganizationId"]
+        if self.cli_answers and request.method == "GET":
+            answer = cli_answer(request.path, organization)
+            if answer is not None:
+                return web.json_response(answer)
         digest, length = hashlib.sha256(), 0
         async for chunk in request.content.iter_any():
             digest.update(chunk)
@@ -353,7 +361,7 @@ class StandIn:
                 "headers": [[name, value] for name, value in request.headers.items()],
                 "body_sha256": digest.hexdigest(),
                 "body_length": length,
-                "organization": request[CLAIMS]["currentOrganizationId"],
+                "organization": organization,
             }
         )
 
@@ -479,6 +487,56 @@ def _seen(request: web.Request, claims: dict[str, Any]) -> SeenRequest:
         claims["currentOrganizationId"],
         claims["jti"],
     )
+
+
+def cli_answer(path: str, organization: str) -> Any:
+    """What Appcircle answers the official CLI's `build profile list`, `testing-distribution
+    profile list`, `testing-distribution testing-group list` and `organization view` (the
+    fields its tables read), for the token's organization; None for any other path."""
+    stamp = "2026-01-02T03:04:05Z"
+    if path == "/build/v2/profiles":
+        return [
+            {
+                "id": f"build-{organization[:8]}",
+                "name": f"app of {organization[:8]}",
+                "pinned": False,
+                "os": 1,
+                "buildPlatformType": 2,
+                "repositoryName": "app",
+                "lastBuildDate": stamp,
+                "autoDistributeCount": 0,
+                "autoBuildCount": 0,
+            }
+        ]
+    if path == "/distribution/v2/profiles":
+        return [
+            {
+                "id": f"dist-{organization[:8]}",
+                "name": f"testers of {organization[:8]}",
+                "pinned": False,
+                "iOSVersion": "1.0 (1)",
+                "androidVersion": None,
+                "updateDate": stamp,
+                "lastAppVersionSharedDate": None,
+                "settings": {"authenticationType": 1},
+                "testingGroupIds": None,
+            }
+        ]
+    if path == "/distribution/v2/testing-groups":
+        return [{"id": f"group-{organization[:8]}", "name": "qa", "testers": ["qa@example.com"]}]
+    prefix = "/identity/v1/organizations/"
+    if path.startswith(prefix) and "/" not in path[len(prefix) :]:
+        wanted = path[len(prefix) :]
+        return {
+            "id": wanted,
+            "name": f"organization {wanted[:8]}",
+            "givenId": None,
+            "memberCount": 1,
+            "ssoEnabled": False,
+            "createdDate": stamp,
+            "rootOrganizationId": None,
+        }
+    return None
 
 
 PATTERN_BLOCK = hashlib.sha256(b"appcircle-proxy").digest() * 2048  # 64 KiB, fixed

@@ -53,7 +53,7 @@ async def _check(settings: Settings) -> int:
                 f"token expires {expires}",
                 flush=True,
             )
-    # Issue 10: the least-privilege rules of each restricted route.
+    # The least-privilege rules of each restricted route.
     for route in sorted(upstream.routes, key=lambda route: route.prefix):
         if route.policy.restricted:
             print(f"rule {route.prefix:<12} route '{route.name}': {route.policy.describe()}")
@@ -112,7 +112,7 @@ def check_offline(settings: Settings) -> int:
             f"  {route.prefix:<12} route '{name}', {credential.kind} '{route.credential}', "
             f"{organization}"
         )
-        if route.policy.restricted:  # issue 10: least-privilege rules
+        if route.policy.restricted:
             print(f"  {'':<12} {route.policy.describe()}")
     server, appcircle = settings.server, settings.appcircle
     print(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 import tomli_w
 
 from proxy.server import Running, start
-from proxy.settings import load_settings
+from proxy.settings import ENV_PREFIX, load_settings
 from proxy.standin import StandIn
 
 from .support import proxy_config
@@ -28,6 +29,8 @@ API_KEY_SECRET = "aks_" + secrets.token_hex(16)
 CLIENT_TOKEN = "client_" + secrets.token_hex(16)
 
 StartProxy = Callable[..., Awaitable[str]]
+# Appcircle's own variables (zero-config) and the proxy's settings variables.
+ZERO_CONFIG_PREFIXES = ("APPCIRCLE_PERSONAL_", "APPCIRCLE_API_KEY_", "APPCIRCLE_SUB_ORGANIZATION")
 WriteConfig = Callable[..., Path]
 
 
@@ -102,6 +105,11 @@ def no_secret_in_logs(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
 def key_in_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TEST_APPCIRCLE_KEY", PERSONAL_KEY)
     monkeypatch.setenv("TEST_API_KEY_SECRET", API_KEY_SECRET)
+    # A developer who exported a real key (as the Quick start says) must not see it used,
+    # nor see config-file tests refused as ambiguous; the tests that want these set them.
+    for name in list(os.environ):
+        if name.startswith(ZERO_CONFIG_PREFIXES) or name.startswith(ENV_PREFIX):
+            monkeypatch.delenv(name)
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 
 from proxy.pool import Limits, Pool, Refused
-from proxy.upstream import HIGH_WATER, UpstreamError, UpstreamTimeout
+from proxy.upstream import HIGH_WATER, READ_SIZE, UpstreamError, UpstreamTimeout
 
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 MakePool = Callable[..., Awaitable[tuple[Pool, "Scripted"]]]
@@ -246,7 +246,7 @@ async def test_reading_pauses_while_the_consumer_is_slow(scripted: MakePool) -> 
     await lease.connection.response()
     await asyncio.sleep(0.3)  # nobody reads: the proxy must stop reading too
     buffered = lease.connection._buffered
-    assert buffered <= HIGH_WATER + 256 * 1024
+    assert buffered <= HIGH_WATER + READ_SIZE
     assert sent < 20_000_000  # the server is held back by TCP, not buffered by us
     received = 0
     while chunk := await lease.connection.read():

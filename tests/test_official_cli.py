@@ -1,0 +1,65 @@
+"""The official appcircle CLI's four commands of issue 10, replayed request for request as
+the CLI sent them through the proxy in the trial with the real CLI (README, "Using the
+official appcircle CLI"), against a stand-in answering with the fields the CLI's tables
+read: with a client token as its access token, at the root and at a sub-organization's
+prefix."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from proxy.standin import StandIn
+
+from .conftest import CLIENT_TOKEN, ROOT_ORG, SUB_ORG, StartProxy
+from .rawhttp import exchange, status_of
+from .test_clients import SUB_ORGANIZATION_ROUTES, USERINFO, WITH_CLIENT_TOKEN, body_of, cli_request
+
+
+async def cli_get(proxy: str, path: str) -> Any:
+    """GET `path` as the CLI does (its headers, AC_ACCESS_TOKEN = the client token); the
+    JSON answer, after checking it is a 200."""
+    answer = await exchange(proxy, cli_request(path, proxy.removeprefix("http://"), CLIENT_TOKEN))
+    assert status_of(answer) == 200, answer
+    return body_of(answer)
+
+
+@pytest.mark.parametrize(("prefix", "organization"), [("", ROOT_ORG), ("/eu", SUB_ORG)])
+async def test_the_clis_four_commands_read_what_their_tables_need_for_the_routes_organization(
+    start_proxy: StartProxy, standin: StandIn, prefix: str, organization: str
+) -> None:
+    standin.cli_answers = True
+    proxy = await start_proxy(routes=SUB_ORGANIZATION_ROUTES, server=WITH_CLIENT_TOKEN)
+    tag = organization[:8]
+
+    # appcircle build profile list
+    (profile,) = await cli_get(proxy, prefix + "/build/v2/profiles")
+    assert profile["id"] == f"build-{tag}"
+    assert {"name", "os", "buildPlatformType", "autoBuildCount"} <= profile.keys()
+    # appcircle testing-distribution profile list: the table reads settings.authenticationType
+    (profile,) = await cli_get(proxy, prefix + "/distribution/v2/profiles")
+    assert profile["id"] == f"dist-{tag}"
+    assert profile["settings"]["authenticationType"] == 1
+    # appcircle testing-distribution testing-group list
+    (group,) = await cli_get(proxy, prefix + "/distribution/v2/testing-groups")
+    assert group["id"] == f"group-{tag}"
+    # appcircle organization view --organizationId current: userinfo names the organization
+    # (AUTH_HOSTNAME at the proxy), then its details come from the API.
+    current = (await cli_get(proxy, prefix + USERINFO))["currentOrganizationId"]
+    assert current == organization
+    details = await cli_get(proxy, f"{prefix}/identity/v1/organizations/{current}")
+    assert details["id"] == organization
+    assert {"name", "memberCount", "createdDate"} <= details.keys()
+
+    assert {seen.organization for seen in standin.api_requests} == {organization}
+    assert [seen.organization for seen in standin.userinfo_requests] == [organization]
+
+
+async def test_without_cli_answers_the_same_paths_are_echoed(
+    start_proxy: StartProxy, standin: StandIn
+) -> None:
+    proxy = await start_proxy(routes=SUB_ORGANIZATION_ROUTES, server=WITH_CLIENT_TOKEN)
+    seen = await cli_get(proxy, "/eu/build/v2/profiles")
+    assert seen["raw_path"] == "/build/v2/profiles"
+    assert seen["organization"] == SUB_ORG
