@@ -13,7 +13,7 @@ from proxy.standin import StandIn
 
 from .conftest import StartProxy
 from .rawhttp import exchange, status_of
-from .support import eventually
+from .support import eventually, request
 
 
 async def test_a_request_waits_at_most_pool_timeout_then_gets_503(
@@ -134,3 +134,89 @@ async def test_expect_100_continue_is_answered_by_the_proxy_and_not_forwarded(
     await eventually(lambda: any(r.method == "POST" for r in standin.api_requests))
     seen = next(r for r in standin.api_requests if r.method == "POST")
     assert "expect" not in {name.lower() for name, _ in seen.headers}
+
+
+async def scripted_api(answer_then_hang_up: int) -> tuple[asyncio.Server, list[bytes]]:
+    """An API that answers `answer_then_hang_up` requests on its first connection, then
+    reads the next one and closes without a word (as a server whose keep-alive timer fired
+    just then); later connections answer everything. Returns what it received, by request."""
+    heads: list[bytes] = []
+    connections = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        first = connections == 1
+        try:
+            served = 0
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(
+                    (
+                        int(line.split(b":")[1])
+                        for line in head.split(b"\r\n")
+                        if line.lower().startswith(b"content-length:")
+                    ),
+                    0,
+                )
+                await reader.readexactly(length)
+                heads.append(head)
+                if first and served == answer_then_hang_up:
+                    return
+                served += 1
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    return server, heads
+
+
+async def test_a_stale_kept_alive_connection_is_retried_only_for_idempotent_requests(
+    start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    server, heads = await scripted_api(answer_then_hang_up=1)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        proxy = await start_proxy(appcircle={"api_url": f"http://127.0.0.1:{port}"})
+        assert (await request(http, "GET", f"{proxy}/a")).status == 200
+        # The API closes the kept-alive connection as this GET arrives: sent again, fresh.
+        assert (await request(http, "GET", f"{proxy}/b")).status == 200
+        assert [h.split(b" ")[1] for h in heads] == [b"/a", b"/b", b"/b"]
+
+    server, heads = await scripted_api(answer_then_hang_up=1)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        proxy = await start_proxy(appcircle={"api_url": f"http://127.0.0.1:{port}"})
+        assert (await request(http, "GET", f"{proxy}/a")).status == 200
+        # A POST is never sent twice: the API may have acted on it.
+        reply = await request(http, "POST", f"{proxy}/b", data=b"once")
+        assert reply.status == 502 and reply.json()["error"] == "upstream_unreachable"
+        assert [h.split(b" ")[1] for h in heads] == [b"/a", b"/b"]
+
+
+async def test_uploads_too_big_to_replay_draw_on_the_stream_budget(
+    start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    proxy = await start_proxy(
+        appcircle={"max_connections": 4, "max_streams": 1, "pool_timeout": 0.3},
+        tokens={"replay_limit": 1000},
+    )
+    host, port = proxy.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    # One upload that trickles holds the only stream slot.
+    writer.write(
+        b"POST /upload HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100000\r\n\r\n" + b"x" * 10
+    )
+    await writer.drain()
+    await asyncio.sleep(0.2)
+    refused = await request(http, "POST", f"{proxy}/upload", data=b"y" * 5000)
+    assert refused.status == 503 and refused.json()["error"] == "pool_timeout"
+    assert "streams budget" in refused.json()["detail"]
+    # Calls are not held up by it, small bodies included.
+    assert (await request(http, "POST", f"{proxy}/small", data=b"z" * 500)).status == 200
+    assert (await request(http, "GET", f"{proxy}/build/v2/profiles")).status == 200
+    writer.close()

@@ -228,6 +228,8 @@ async def test_slow_api_gets_504_after_the_read_timeout(
     assert reply.status == 504
     assert reply.json()["error"] == "upstream_timeout"
     assert standin.api_url in reply.json()["detail"]
+    # Sent once: only a connection that died before any answer is worth a second try.
+    assert [r.raw_path for r in standin.api_requests].count("/_test/slow?seconds=2") == 1
 
 
 async def test_api_failing_mid_response_cuts_the_client_connection(
