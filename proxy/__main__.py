@@ -8,6 +8,7 @@ function); the parser, the help and the refusal of flags that do not apply follo
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__, logs
-from .settings import ConfigError, Settings, load_settings
+from .settings import ENV_PREFIX, ConfigError, Settings, load_settings
 
 __all__ = ["main"]
 
@@ -338,7 +339,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[name].run(args)
     except ConfigError as err:
-        print(f"appcircle-proxy: {err}", file=sys.stderr)
+        # The file may be what is broken: the format can still come from a flag or variable.
+        wanted = getattr(args, "log_format", None) or os.environ.get(f"{ENV_PREFIX}LOG__FORMAT", "")
+        logs.refusal(str(err), json_lines=wanted.lower() == "json")
         return 2
     except KeyboardInterrupt:
         return 130

@@ -100,3 +100,13 @@ def event(name: str, summary: str, fields: dict[str, Any], text: str | None = No
     """Tell the operator about the process's life: `summary` (or the longer `text`, in text
     mode) for people, `name` and `fields` for a log pipeline."""
     LIFECYCLE.info(summary, extra={"fields": {"event": name, **fields}, "text": text})
+
+
+def refusal(message: str, json_lines: bool) -> None:
+    """A start-up refusal (a configuration the proxy cannot start with), said before
+    logging is configured: one line on stderr, JSON when the log format asked for it."""
+    if json_lines:
+        record = logging.LogRecord("appcircle_proxy", logging.ERROR, "", 0, message, None, None)
+        print(JsonFormatter().format(record), file=sys.stderr)
+    else:
+        print(f"appcircle-proxy: {message}", file=sys.stderr)

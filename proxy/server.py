@@ -15,7 +15,6 @@ import os
 import signal
 import socket
 import stat
-import sys
 import time
 from collections.abc import Callable, Coroutine
 from contextlib import AsyncExitStack
@@ -501,10 +500,7 @@ def serve(settings: Settings, load: Callable[[], Settings], workers: int = 1) ->
         return 0
     endpoint = settings.server.endpoint
     if not isinstance(endpoint, Endpoint) or endpoint.port == 0:
-        print(
-            "appcircle-proxy: --workers needs a fixed TCP port to share (server.listen)",
-            file=sys.stderr,
-        )
+        log.error("--workers needs a fixed TCP port to share (server.listen)")
         return 2
     return _Supervisor(settings, load, workers).run()
 
@@ -576,7 +572,7 @@ class _Supervisor:
             timeout = None if self._stopping or not due else max(0.0, min(due) - time.monotonic())
             multiprocessing.connection.wait(watched, timeout)
         if self._failed:
-            print("appcircle-proxy: a worker could not start; see above", file=sys.stderr)
+            log.error("a worker could not start; see above")
             return 1
         return 0
 

@@ -24,7 +24,14 @@ from proxy.server import start
 from proxy.settings import ConfigError, ServerSettings, load_settings
 from proxy.standin import StandIn
 
-from .conftest import CLIENT_TOKEN, PERSONAL_KEY, PERSONAL_KEY_CONFIG, StartProxy, WriteConfig
+from .conftest import (
+    CLIENT_TOKEN,
+    INLINE_KEY_CONFIG,
+    PERSONAL_KEY,
+    PERSONAL_KEY_CONFIG,
+    StartProxy,
+    WriteConfig,
+)
 from .support import request
 
 ROOT = Path(__file__).parent.parent
@@ -544,3 +551,23 @@ def test_kubernetes_probes_never_restart_the_sidecar_for_an_appcircle_outage() -
     assert sidecar["livenessProbe"]["httpGet"]["path"] == "/_proxy/health"
     assert sidecar["readinessProbe"]["httpGet"]["path"] == "/_proxy/ready"
     assert pod["terminationGracePeriodSeconds"] > ServerSettings().shutdown_timeout
+
+
+async def test_in_json_mode_even_a_refusal_to_start_is_one_json_object(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[server]\nlisten = 42\n", encoding="utf-8")
+    code, out, err = await run("--log-format", "json", "--config", str(broken))
+    assert code == 2 and out == ""
+    (line,) = err.splitlines()
+    entry = json.loads(line)
+    assert entry["level"] == "error" and "server.listen" in entry["message"]
+
+
+async def test_in_json_mode_the_supervisors_own_refusal_is_json(
+    standin: StandIn, write_config: WriteConfig
+) -> None:
+    config = write_config(credentials=INLINE_KEY_CONFIG, log={"format": "json"})
+    code, _, err = await run("--config", str(config), "--workers", "2")
+    assert code == 2
+    lines = [json.loads(line) for line in err.splitlines()]
+    assert any("--workers needs a fixed TCP port" in entry["message"] for entry in lines)
