@@ -21,7 +21,7 @@ from yarl import URL
 
 from . import errors, userinfo, websocket
 from .drain import Drain
-from .facts import FACTS, Facts
+from .facts import ERROR_CODE, FACTS, Facts
 from .forward import Forwarder
 from .guard import Guard
 from .headers import request_headers
@@ -100,7 +100,10 @@ class Handler:
         if not route.allows(request.method, rest):
             return errors.not_allowed_by_route(route, request.method, rest)
         if userinfo.on_auth_host(rest):
-            return await self._auth_host.answer(request, route, rest)
+            answer = await self._auth_host.answer(request, route, rest)
+            if answer.get(ERROR_CODE) is None:  # relayed, not one of the proxy's own
+                facts.upstream_status = answer.status
+            return answer
         target = rest + has_query + query
         if websocket.is_upgrade(request):
             return await self._websocket(request, facts, route, target)

@@ -24,7 +24,7 @@ from proxy.standin import StandIn
 
 from .conftest import CLIENT_TOKEN, PERSONAL_KEY_CONFIG, ROOT_ORG, SUB_ORG, StartProxy, WriteConfig
 from .rawhttp import exchange, status_of
-from .support import proxy_config, request
+from .support import eventually, proxy_config, request
 
 WITH_CLIENT_TOKEN = {"client_token": CLIENT_TOKEN}
 USERINFO = "/auth/realms/appcircle/protocol/openid-connect/userinfo"
@@ -254,6 +254,23 @@ async def test_userinfo_goes_to_the_auth_host_with_the_routes_session_token(
         found = CLIENT_TOKEN in json.dumps(seen.headers)
         assert not found, "a secret went through"
     assert standin.api_requests == []
+
+
+async def test_userinfo_access_line_names_the_auth_hosts_answer(
+    start_proxy: StartProxy, http: aiohttp.ClientSession, capsys: pytest.CaptureFixture[str]
+) -> None:
+    proxy = await start_proxy(log={"format": "json"})
+    assert (await request(http, "GET", proxy + USERINFO)).status == 200
+    written: list[str] = []
+
+    def userinfo_lines() -> list[dict[str, Any]]:
+        written.append(capsys.readouterr().err)
+        lines = "".join(written).splitlines()
+        return [json.loads(line) for line in lines if '"path": "/auth/realms' in line]
+
+    await eventually(lambda: len(userinfo_lines()) > 0)
+    (entry,) = userinfo_lines()
+    assert (entry["status"], entry["upstream_status"], entry["error"]) == (200, 200, None)
 
 
 @pytest.mark.parametrize(
