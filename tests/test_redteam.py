@@ -12,7 +12,7 @@ import pytest
 
 from .conftest import StartProxy
 from .rawhttp import exchange, status_of
-from .support import eventually, request
+from .support import request
 
 # Given the request head and the connection, answer on the writer (or not).
 Answer = Callable[[bytes, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -43,6 +43,8 @@ class ScriptedApi:
                         0,
                     )
                     await reader.readexactly(length)
+                    if b"transfer-encoding: chunked" in head.lower():
+                        await reader.readuntil(b"0\r\n\r\n")
                     await self.answer(head, reader, writer)
                     await writer.drain()
             except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
@@ -96,11 +98,17 @@ def errors_logged(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 
 async def test_a_101_from_the_api_is_a_clean_502_without_a_traceback(
-    start_proxy: StartProxy, scripted_api: Callable[[Answer], Awaitable[ScriptedApi]],
-    http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture,
+    start_proxy: StartProxy,
+    scripted_api: Callable[[Answer], Awaitable[ScriptedApi]],
+    http: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    async def answer(head: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\n")
+    async def answer(
+        head: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        writer.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\n"
+        )
 
     api = await scripted_api(answer)
     proxy = await start_proxy(appcircle={"api_url": api.url, "read_timeout": 1})
@@ -110,9 +118,12 @@ async def test_a_101_from_the_api_is_a_clean_502_without_a_traceback(
 
 
 async def test_a_second_response_pipelined_by_the_api_never_reaches_the_client(
-    start_proxy: StartProxy, scripted_api: Callable[[Answer], Awaitable[ScriptedApi]],
+    start_proxy: StartProxy,
+    scripted_api: Callable[[Answer], Awaitable[ScriptedApi]],
 ) -> None:
-    async def answer(head: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def answer(
+        head: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         if path_of(head) == b"/a":
             writer.write(
                 b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
@@ -138,7 +149,9 @@ def chunked_forever(
 ) -> Answer:
     """An answer that streams a chunked body for as long as the connection lasts."""
 
-    async def answer(head: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def answer(
+        head: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         if path_of(head).startswith(b"/stream"):
             writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
             while True:
@@ -149,7 +162,7 @@ def chunked_forever(
             # A JSON answer of unknown length, as many APIs send (chunked).
             writer.write(
                 b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n"
-                b"e\r\n{\"id\": \"new1\"}\r\n0\r\n\r\n"
+                b'e\r\n{"id": "new1"}\r\n0\r\n\r\n'
             )
         else:
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
@@ -158,7 +171,8 @@ def chunked_forever(
 
 
 async def test_a_post_the_api_carried_out_is_never_answered_retry_later(
-    start_proxy: StartProxy, scripted_api: Callable[[Answer], Awaitable[ScriptedApi]],
+    start_proxy: StartProxy,
+    scripted_api: Callable[[Answer], Awaitable[ScriptedApi]],
     http: aiohttp.ClientSession,
 ) -> None:
     api = await scripted_api(chunked_forever(0.05))
@@ -174,7 +188,8 @@ async def test_a_post_the_api_carried_out_is_never_answered_retry_later(
 
 
 async def test_a_client_that_stops_reading_a_download_does_not_hold_a_stream_forever(
-    start_proxy: StartProxy, scripted_api: Callable[[Answer], Awaitable[ScriptedApi]],
+    start_proxy: StartProxy,
+    scripted_api: Callable[[Answer], Awaitable[ScriptedApi]],
     http: aiohttp.ClientSession,
 ) -> None:
     api = await scripted_api(chunked_forever(0.0))
@@ -198,22 +213,64 @@ async def test_a_client_that_stops_reading_a_download_does_not_hold_a_stream_for
         writer.close()
 
 
-async def test_a_client_that_hangs_up_mid_body_leaves_no_traceback(
-    start_proxy: StartProxy, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture,
+async def test_a_small_chunked_upload_is_replayed_after_a_401_like_any_small_body(
+    start_proxy: StartProxy,
+    scripted_api: Callable[[Answer], Awaitable[ScriptedApi]],
 ) -> None:
-    proxy = await start_proxy()
-    host, port = proxy.removeprefix("http://").rsplit(":", 1)
-    for length in (100, 10_000_000):  # kept whole, then streamed
-        reader, writer = await asyncio.open_connection(host, int(port))
+    async def answer(
+        head: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        if len(api.heads) == 1:  # the API refuses the first token it sees (revoked, say)
+            writer.write(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n")
+        else:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    api = await scripted_api(answer)
+    proxy = await start_proxy(appcircle={"api_url": api.url})
+    # Five bytes, sent chunked (as fetch() with a stream body, or curl -T -, sends them).
+    answered = await exchange(
+        proxy,
+        b"POST /x HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n"
+        b"Connection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    )
+    # With Content-Length: 5 the proxy renews and replays; chunked, the client gets the 401.
+    assert status_of(answered) == 200, answered
+
+
+async def test_header_bytes_that_are_not_utf8_pass_through_unchanged(
+    start_proxy: StartProxy,
+    scripted_api: Callable[[Answer], Awaitable[ScriptedApi]],
+) -> None:
+    async def answer(
+        head: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         writer.write(
-            b"POST /x HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n" % length
-            + b"x" * 10
+            b'HTTP/1.1 200 OK\r\nContent-Disposition: attachment; filename="caf\xe9.txt"\r\n'
+            b"Content-Length: 2\r\n\r\nok"
         )
-        await writer.drain()
-        await asyncio.sleep(0.2)
-        writer.close()
-        await asyncio.sleep(0.2)
-    assert errors_logged(caplog) == []
-    gauge = await gauges(http, proxy)
-    assert gauge['appcircle_proxy_upstream_connections{state="streams"}'] == 0
-    assert gauge['appcircle_proxy_upstream_connections{state="calls"}'] == 0
+
+    api = await scripted_api(answer)
+    proxy = await start_proxy(appcircle={"api_url": api.url})
+    answered = await exchange(
+        proxy, b"GET /x HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    # The latin-1 byte \xe9 must not come back as the UTF-8 pair \xc3\xa9.
+    assert b'filename="caf\xe9.txt"' in answered, answered
+
+
+async def test_a_status_code_out_of_range_is_not_relayed_as_a_broken_status_line(
+    start_proxy: StartProxy,
+    scripted_api: Callable[[Answer], Awaitable[ScriptedApi]],
+) -> None:
+    async def answer(
+        head: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        writer.write(b"HTTP/1.1 099 Odd\r\nContent-Length: 2\r\n\r\nok")
+
+    api = await scripted_api(answer)
+    proxy = await start_proxy(appcircle={"api_url": api.url})
+    answered = await exchange(
+        proxy, b"GET /x HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    # "HTTP/1.1 99 Odd" is no status line a client can parse; the API's answer is unreadable.
+    assert status_of(answered) == 502, answered
