@@ -81,7 +81,7 @@ class Forwarder:
     ) -> web.StreamResponse:
         """`target` is the path below the route's prefix, with the query."""
         try:
-            body, framing = await self._body(request)
+            body, framing, read_ahead = await self._body(request)
         except _BodyFailed as failed:
             return failed.response
         lines = raw_request_headers(request.raw_headers)
@@ -116,7 +116,7 @@ class Forwarder:
             started = time.monotonic()
             idempotent = request.method in IDEMPOTENT
             response = await self._exchange(
-                request, lease, head(token), body, head_only, retry=idempotent
+                request, lease, head(token), body, read_ahead, head_only, retry=idempotent
             )
             # A replay only with another token: a 401 renews at most once per
             # tokens.min_renew_interval; within it, the 401 is the API's answer.
@@ -127,7 +127,7 @@ class Forwarder:
                     token = await tokens.get()
                     started = time.monotonic()
                     response = await self._exchange(
-                        request, lease, head(token), body, head_only, retry=True
+                        request, lease, head(token), body, read_ahead, head_only, retry=True
                     )
             facts.upstream_seconds = time.monotonic() - started
             facts.upstream_status = response.status
@@ -145,7 +145,7 @@ class Forwarder:
             if lease is not None:
                 self._pool.release(lease)
 
-    async def _body(self, request: web.BaseRequest) -> tuple[bytes | None, bytes]:
+    async def _body(self, request: web.BaseRequest) -> tuple[bytes | None, bytes, bytes]:
         """The body, whole when it is small enough to replay (None: stream it), and the
         framing header that goes with it."""
         expect = request.headers.get(hdrs.EXPECT)
@@ -158,9 +158,9 @@ class Forwarder:
         length = request.content_length
         chunked = "chunked" in request.headers.get(hdrs.TRANSFER_ENCODING, "").lower()
         if length is None and not chunked:
-            return b"", b""
+            return b"", b"", b""
         if length == 0:
-            return b"", b"Content-Length: 0\r\n"
+            return b"", b"Content-Length: 0\r\n", b""
         if expect is not None:
             # Answered here, not upstream: the client may send the body now.
             await request.writer.write(CONTINUE)
@@ -176,10 +176,22 @@ class Forwarder:
                         400, "body_incomplete", "the request body ended before its Content-Length"
                     )
                 ) from None
-            return body, b"Content-Length: %d\r\n" % length
+            return body, b"Content-Length: %d\r\n" % length, b""
         if length is not None:
-            return None, b"Content-Length: %d\r\n" % length
-        return None, b"Transfer-Encoding: chunked\r\n"
+            return None, b"Content-Length: %d\r\n" % length, b""
+        # Chunked, length unknown: kept whole (and replayable) if it ends within the limit;
+        # otherwise what was read goes first, and the rest streams.
+        read_ahead = bytearray()
+        try:
+            while len(read_ahead) <= self._replay_limit:
+                async with asyncio.timeout(self._body_timeout):
+                    chunk = await request.content.readany()
+                if not chunk:
+                    return bytes(read_ahead), b"Content-Length: %d\r\n" % len(read_ahead), b""
+                read_ahead += chunk
+        except TimeoutError:
+            raise _BodyFailed(self._too_slow()) from None
+        return None, b"Transfer-Encoding: chunked\r\n", bytes(read_ahead)
 
     def _too_slow(self) -> web.Response:
         return errors.bad_request_body(
@@ -195,6 +207,7 @@ class Forwarder:
         lease: Lease,
         head: bytes,
         body: bytes | None,
+        read_ahead: bytes,
         head_only: bool,
         *,
         retry: bool,
@@ -211,7 +224,7 @@ class Forwarder:
                     connection.send(head, body, head_only=head_only)
                     connection.body_sent()
                     return await connection.response()
-                return await self._stream_up(request, connection, head, head_only)
+                return await self._stream_up(request, connection, head, read_ahead, head_only)
             except UpstreamError as failure:
                 if not (failure.replayable and retry and body is not None):
                     raise
@@ -219,12 +232,17 @@ class Forwarder:
                 lease.connection = await self._pool.reconnect(lease)
 
     async def _stream_up(
-        self, request: web.BaseRequest, connection: Connection, head: bytes, head_only: bool
+        self,
+        request: web.BaseRequest,
+        connection: Connection,
+        head: bytes,
+        read_ahead: bytes,
+        head_only: bool,
     ) -> Response:
         """Send a streamed body while waiting for the answer, which may come first."""
         connection.send(head, head_only=head_only)
         chunked = request.content_length is None
-        upload = asyncio.ensure_future(self._upload(request, connection, chunked))
+        upload = asyncio.ensure_future(self._upload(request, connection, chunked, read_ahead))
         upload.add_done_callback(_retrieve)
         try:
             response = await connection.response()
@@ -247,18 +265,21 @@ class Forwarder:
         return response
 
     async def _upload(
-        self, request: web.BaseRequest, connection: Connection, chunked: bool
+        self, request: web.BaseRequest, connection: Connection, chunked: bool, read_ahead: bytes
     ) -> None:
         content = request.content
         try:
             while True:
-                try:
-                    async with asyncio.timeout(self._body_timeout):
-                        chunk = await content.readany()
-                except TimeoutError:
-                    raise _BodyFailed(self._too_slow()) from None
-                if not chunk:
-                    break
+                if read_ahead:
+                    chunk, read_ahead = read_ahead, b""
+                else:
+                    try:
+                        async with asyncio.timeout(self._body_timeout):
+                            chunk = await content.readany()
+                    except TimeoutError:
+                        raise _BodyFailed(self._too_slow()) from None
+                    if not chunk:
+                        break
                 if chunked:
                     await connection.send_body(b"%x\r\n%s\r\n" % (len(chunk), chunk))
                 else:
@@ -314,10 +335,14 @@ class Forwarder:
                 body = await connection.read_all()
             except UpstreamError as failure:
                 return self._failed(failure)
+            # aiohttp sets the length of what is sent; the API's own must not disagree.
+            headers.popall(hdrs.CONTENT_LENGTH, None)
             return web.Response(
                 status=response.status, reason=response.reason, headers=headers, body=body
             )
-        if not self._pool.promote(lease):
+        if not self._pool.promote(lease) and request.method in IDEMPOTENT:
+            # Safe to refuse: the request may be sent again. One the API may have acted on
+            # (a POST) is relayed on its call slot instead, whatever the stream budget says.
             self._stats.refusal("streams_full")
             streams = self._pool.streams.limit
             return errors.admission_refused(
@@ -350,7 +375,22 @@ class Forwarder:
                 if not chunk:
                     break
                 facts.bytes_out += len(chunk)
-                await streamed.write(chunk)
+                try:
+                    async with asyncio.timeout(self._body_timeout):
+                        await streamed.write(chunk)
+                except TimeoutError:
+                    # A client that takes nothing for this long would hold a stream slot
+                    # and an API connection for ever.
+                    log.info(
+                        "client read nothing for %g s (server.body_timeout) during %s on "
+                        "route %s; closing its connection",
+                        self._body_timeout,
+                        request.method,
+                        route.name,
+                    )
+                    if request.transport is not None:
+                        request.transport.close()
+                    return streamed
             await streamed.write_eof()
         except ConnectionResetError:
             log.debug("client went away during %s on route %s", request.method, route.name)

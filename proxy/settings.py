@@ -195,8 +195,8 @@ class ServerSettings(_Section):
     max_header_count: int = Field(default=100, ge=8)
     # Client connections open at once; beyond, a new connection gets 503 and is closed.
     max_client_connections: int = Field(default=1024, ge=1)
-    # Seconds a request body may make no progress before the request is cut (408), so a
-    # trickling upload cannot hold an upstream connection.
+    # Seconds a body may make no progress, either way: a stalled request body gets 408, a
+    # client that reads nothing of a streamed answer is disconnected.
     body_timeout: PositiveFloat = 30.0
     # Requests that may wait for an upstream connection at once; the excess gets 503 at once.
     max_pending: int = Field(default=256, ge=0)

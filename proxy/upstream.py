@@ -213,8 +213,10 @@ class Connection(asyncio.BufferedProtocol):
         data = _READ_BUFFER[:nbytes]
         self._last_data = self._loop.time()
         self._got_bytes = True
-        if not self._active:
-            # Bytes nobody asked for: the connection can no longer be trusted.
+        if not self._active or self._complete:
+            # Bytes nobody asked for (between exchanges, or after a whole answer): the
+            # connection is out of step with the API and can no longer be trusted.
+            self._reuse = False
             self.close()
             return
         try:
@@ -224,9 +226,11 @@ class Connection(asyncio.BufferedProtocol):
                 # A HEAD response ends at its head; a fresh parser reads the next one.
                 self._parser = httptools.HttpResponseParser(self)
                 return
+            if isinstance(err.__context__, _Unasked):
+                return  # the answer is whole; what followed it is never relayed
             self._fail(UpstreamError("the API sent a response the proxy cannot read"))
             self._abort()
-        except httptools.HttpParserError:
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
             self._fail(UpstreamError("the API sent a malformed response"))
             self._abort()
 
@@ -263,6 +267,13 @@ class Connection(asyncio.BufferedProtocol):
 
     # httptools callbacks -------------------------------------------------------------
 
+    def on_message_begin(self) -> None:
+        if self._complete:
+            # A second response in the same read, which no request asked for: stop here,
+            # and never reuse a connection this far out of step.
+            self._reuse = False
+            raise _Unasked
+
     def on_status(self, reason: bytes) -> None:
         self._reason += reason
 
@@ -273,6 +284,9 @@ class Connection(asyncio.BufferedProtocol):
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
+        if status < 100 or status == 101:
+            # Not an answer a client could read (101: this client never asks to upgrade).
+            raise _Unreadable
         if 100 <= status < 200:
             # Interim answers (100 Continue, 103 Early Hints) are not relayed: the proxy's
             # own server answers Expect: 100-continue itself.
@@ -385,3 +399,11 @@ class Connection(asyncio.BufferedProtocol):
 
 class _HeadDone(Exception):
     """Raised from a callback to stop parsing after a HEAD response's head."""
+
+
+class _Unasked(Exception):
+    """Raised from a callback when a second response follows a complete one."""
+
+
+class _Unreadable(Exception):
+    """Raised from a callback for a status no client can be given."""
