@@ -175,6 +175,9 @@ class Pool:
         connection = lease.connection
         connection.finish()
         if not connection.closed:
+            if len(self._idle) >= self.limits.max_connections:
+                # Ones the API closed while they sat idle count for nothing.
+                self._idle = [idle for idle in self._idle if not idle.closed]
             if len(self._idle) < self.limits.max_connections:
                 self._idle.append(connection)
             else:
@@ -188,7 +191,8 @@ class Pool:
 
     @property
     def idle(self) -> int:
-        return len(self._idle)
+        """Idle connections still open (read at scrape time, not on the request path)."""
+        return sum(1 for connection in self._idle if not connection.closed)
 
     def _idle_connection(self) -> Connection | None:
         # Most recently used first: the likeliest to be still open at the API's end.
