@@ -1,0 +1,113 @@
+"""Second red-team pass, each finding a failing test over real sockets: WebSocket relay,
+inbound limits and drain, userinfo and allow rules, the client token, `run` and `wait`."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import socket
+import struct
+
+import aiohttp
+import pytest
+from aiohttp import WSMsgType
+
+from proxy.standin import StandIn
+
+from .conftest import StartProxy
+from .support import eventually
+from .test_redteam import errors_logged, gauges
+
+STREAMS = 'appcircle_proxy_upstream_connections{state="streams"}'
+
+
+def frame(opcode: int, payload: bytes) -> bytes:
+    """One final client frame, masked with a zero key (so the payload goes as it is)."""
+    length = len(payload)
+    if length < 126:
+        head = struct.pack("!BB", 0x80 | opcode, 0x80 | length)
+    elif length < 65536:
+        head = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, length)
+    else:
+        head = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, length)
+    return head + b"\0\0\0\0" + payload
+
+
+async def raw_websocket(
+    proxy: str, path: str, *, receive_buffer: int | None = None
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A WebSocket handshake by hand, for clients that misbehave; returns once upgraded."""
+    host, port = proxy.removeprefix("http://").rsplit(":", 1)
+    sock = socket.socket()
+    if receive_buffer is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    key = base64.b64encode(os.urandom(16))
+    writer.write(
+        b"GET %s HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: %s\r\n\r\n" % (path.encode(), key)
+    )
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return reader, writer
+
+
+async def test_a_websocket_close_without_a_code_reaches_the_api_as_a_close(
+    start_proxy: StartProxy, standin: StandIn
+) -> None:
+    # A close frame may carry no code (RFC 6455 5.5.1; aiohttp reads it as code 0). The
+    # proxy relays it as close(code=0), a code no endpoint may send, so the API sees a
+    # protocol error instead of the client's close.
+    proxy = await start_proxy()
+    reader, writer = await raw_websocket(proxy, "/_test/ws")
+    try:
+        writer.write(frame(WSMsgType.CLOSE, b""))
+        await writer.drain()
+        await asyncio.wait_for(reader.read(), 5)  # the proxy's close, then EOF
+    finally:
+        writer.close()
+    await eventually(lambda: bool(standin.websocket_closes), within=2)
+    assert standin.websocket_closes[0] in (1000, 1005)
+
+
+async def test_a_websocket_client_that_stops_reading_gives_its_stream_back_after_body_timeout(
+    start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    # The API echoes 8 MiB the client never reads: the relay's send to the client waits
+    # for the socket to drain with no deadline, holding a stream slot (and the upstream
+    # connection) for as long as the client keeps its socket open.
+    proxy = await start_proxy(server={"body_timeout": 0.3})
+    reader, writer = await raw_websocket(proxy, "/_test/ws", receive_buffer=4096)
+    try:
+        chunk = frame(WSMsgType.BINARY, b"x" * 65536)
+        for _ in range(128):
+            writer.write(chunk)
+        await writer.drain()
+        assert (await gauges(http, proxy))[STREAMS] == 1
+        await eventually(lambda: _streams_idle(http, proxy), within=3)
+    finally:
+        writer.close()
+
+
+async def _streams_idle(http: aiohttp.ClientSession, proxy: str) -> bool:
+    return (await gauges(http, proxy))[STREAMS] == 0
+
+
+async def test_a_websocket_client_gone_while_the_relay_writes_to_it_logs_no_traceback(
+    start_proxy: StartProxy, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The relay is blocked sending the API's echo to a client that reads nothing; the
+    # client then hangs up. The send raises ConnectionError, which _pump does not expect,
+    # and aiohttp logs "Error handling request" with a traceback.
+    proxy = await start_proxy()
+    reader, writer = await raw_websocket(proxy, "/_test/ws", receive_buffer=4096)
+    chunk = frame(WSMsgType.BINARY, b"x" * 65536)
+    for _ in range(128):
+        writer.write(chunk)
+    await writer.drain()
+    writer.close()
+    await eventually(lambda: _streams_idle(http, proxy), within=3)
+    assert errors_logged(caplog) == []
