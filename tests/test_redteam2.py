@@ -12,10 +12,12 @@ import struct
 import aiohttp
 import pytest
 from aiohttp import WSMsgType
+from yarl import URL
 
 from proxy.standin import StandIn
 
 from .conftest import StartProxy
+from .rawhttp import exchange, status_of
 from .support import eventually
 from .test_redteam import errors_logged, gauges
 
@@ -111,3 +113,30 @@ async def test_a_websocket_client_gone_while_the_relay_writes_to_it_logs_no_trac
     writer.close()
     await eventually(lambda: _streams_idle(http, proxy), within=3)
     assert errors_logged(caplog) == []
+
+
+CI_ROUTE = {
+    "ci": {
+        "prefix": "/ci",
+        "credential": "main",
+        "allow": ["POST /distribution/v2/profiles/*/app-versions"],
+    }
+}
+
+
+async def test_a_fragment_in_the_target_cannot_carry_a_request_past_an_allow_rule(
+    start_proxy: StartProxy, standin: StandIn
+) -> None:
+    # The rule allows POST .../profiles/{id}/app-versions only. '#' is matched as part of
+    # a segment ('p1#' fits '*'), the target goes upstream as sent, and the API, which
+    # drops the fragment, reads a POST to /distribution/v2/profiles/p1: an endpoint the
+    # rule does not allow.
+    proxy = await start_proxy(routes=CI_ROUTE)
+    answer = await exchange(
+        proxy,
+        b"POST /ci/distribution/v2/profiles/p1#/app-versions HTTP/1.1\r\nHost: localhost\r\n"
+        b"Content-Length: 2\r\nConnection: close\r\n\r\n{}",
+    )
+    reached = [URL(seen.raw_path).path for seen in standin.api_requests]
+    assert reached == [], f"the API served POST {reached}"
+    assert status_of(answer) in (400, 403)
