@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import os
 import socket
 import struct
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 import pytest
@@ -19,8 +21,9 @@ from proxy.standin import StandIn
 from .conftest import StartProxy
 from .rawhttp import exchange, status_of
 from .support import eventually
-from .test_redteam import errors_logged, gauges
+from .test_redteam import Answer, ScriptedApi, errors_logged, gauges, scripted_api  # noqa: F401
 
+WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 STREAMS = 'appcircle_proxy_upstream_connections{state="streams"}'
 
 
@@ -140,3 +143,36 @@ async def test_a_fragment_in_the_target_cannot_carry_a_request_past_an_allow_rul
     reached = [URL(seen.raw_path).path for seen in standin.api_requests]
     assert reached == [], f"the API served POST {reached}"
     assert status_of(answer) in (400, 403)
+
+
+async def test_an_api_websocket_that_drops_without_a_close_is_not_a_normal_close_for_the_client(
+    start_proxy: StartProxy,
+    scripted_api: Callable[[Answer], Awaitable[ScriptedApi]],
+    http: aiohttp.ClientSession,
+) -> None:
+    # The API accepts the upgrade, then its connection is gone with no close frame. The
+    # relay's upstream receive() gives CLOSED, _pump returns quietly, and the client is
+    # closed with 1000 (normal closure): it cannot tell a finished session from a lost one.
+    async def answer(
+        head: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        key = next(
+            line.split(b":", 1)[1].strip()
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"sec-websocket-key:")
+        )
+        accept = base64.b64encode(hashlib.sha1(key + WS_GUID).digest())
+        writer.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n" % accept
+        )
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        writer.transport.abort()
+
+    api = await scripted_api(answer)
+    proxy = await start_proxy(appcircle={"api_url": api.url})
+    async with http.ws_connect(f"{proxy}/socket") as socket_:
+        message = await asyncio.wait_for(socket_.receive(), 5)
+    assert message.type is WSMsgType.CLOSE
+    assert message.data != 1000, "a lost API connection was reported as a normal close"
