@@ -18,10 +18,14 @@ from yarl import URL
 
 from proxy.standin import StandIn
 
+from . import test_redteam
 from .conftest import StartProxy
 from .rawhttp import exchange, status_of
 from .support import eventually
-from .test_redteam import Answer, ScriptedApi, errors_logged, gauges, scripted_api  # noqa: F401
+from .test_redteam import Answer, ScriptedApi, errors_logged, gauges
+
+# The scripted API of the first pass, as a fixture here too.
+scripted_api = test_redteam.scripted_api
 
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 STREAMS = 'appcircle_proxy_upstream_connections{state="streams"}'
