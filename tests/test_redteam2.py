@@ -13,15 +13,16 @@ from collections.abc import Awaitable, Callable
 
 import aiohttp
 import pytest
-from aiohttp import WSMsgType
+from aiohttp import ClientSession, WSMsgType, web
 from yarl import URL
 
 from proxy.standin import StandIn
+from proxy.userinfo import USERINFO_PATH
 
 from . import test_redteam
 from .conftest import StartProxy
 from .rawhttp import exchange, status_of
-from .support import eventually
+from .support import eventually, request
 from .test_redteam import Answer, ScriptedApi, errors_logged, gauges
 
 # The scripted API of the first pass, as a fixture here too.
@@ -180,3 +181,58 @@ async def test_an_api_websocket_that_drops_without_a_close_is_not_a_normal_close
         message = await asyncio.wait_for(socket_.receive(), 5)
     assert message.type is WSMsgType.CLOSE
     assert message.data != 1000, "a lost API connection was reported as a normal close"
+
+
+async def test_userinfo_requests_are_bounded_like_api_calls(
+    start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
+) -> None:
+    # The userinfo relay runs on the WebSocket session (connector limit=0) and never asks
+    # the pool for admission: any number of clients open as many connections to the auth
+    # host at once, past max_connections and max_pending.
+    in_flight = most = 0
+
+    async def exchange_token(request: web.Request) -> web.Response:
+        async with ClientSession() as session:
+            async with session.post(
+                standin.auth_url + request.path,
+                data=await request.read(),
+                headers={"Content-Type": request.content_type},
+            ) as reply:
+                return web.Response(
+                    status=reply.status, body=await reply.read(), content_type="application/json"
+                )
+
+    async def slow_userinfo(request: web.Request) -> web.Response:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        try:
+            await asyncio.sleep(0.3)
+        finally:
+            in_flight -= 1
+        return web.json_response({"sub": "someone"})
+
+    app = web.Application()
+    app.router.add_post("/auth/v3/token", exchange_token)
+    app.router.add_get(USERINFO_PATH, slow_userinfo)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = runner.addresses[0][1]
+        proxy = await start_proxy(
+            appcircle={
+                "auth_url": f"http://127.0.0.1:{port}",
+                "max_connections": 2,
+                "max_streams": 2,
+            },
+            server={"max_pending": 0},
+        )
+        replies = await asyncio.gather(
+            *(request(http, "GET", proxy + USERINFO_PATH) for _ in range(12))
+        )
+        assert {reply.status for reply in replies} <= {200, 503}
+        assert most <= 2, f"{most} userinfo requests reached the auth host at once"
+    finally:
+        await runner.cleanup()
