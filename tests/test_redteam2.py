@@ -236,3 +236,28 @@ async def test_userinfo_requests_are_bounded_like_api_calls(
         assert most <= 2, f"{most} userinfo requests reached the auth host at once"
     finally:
         await runner.cleanup()
+
+
+async def test_a_websocket_handshake_the_api_never_answers_times_out(
+    start_proxy: StartProxy,
+    scripted_api: Callable[[Answer], Awaitable[ScriptedApi]],
+    http: aiohttp.ClientSession,
+) -> None:
+    # The upstream handshake runs on a session with only sock_connect set (total=None, no
+    # sock_read): an API that takes the upgrade request and says nothing holds the client
+    # and a stream slot forever, whatever appcircle.read_timeout says.
+    async def answer(
+        head: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await asyncio.sleep(3600)
+
+    api = await scripted_api(answer)
+    proxy = await start_proxy(appcircle={"api_url": api.url, "read_timeout": 0.3})
+    try:
+        async with asyncio.timeout(3):
+            await http.ws_connect(f"{proxy}/socket")
+    except aiohttp.WSServerHandshakeError as refused:
+        assert refused.status == 504
+    else:
+        raise AssertionError("the handshake was relayed")
+    assert (await gauges(http, proxy))[STREAMS] == 0
