@@ -90,7 +90,11 @@ async def connect(settings: Settings, clock: Clock = time.time) -> AsyncIterator
     websocket_session = aiohttp.ClientSession(
         # Admission is the stream budget's job (appcircle.max_streams), not the connector's.
         connector=aiohttp.TCPConnector(ssl=tls, limit=0),
-        timeout=aiohttp.ClientTimeout(total=None, sock_connect=appcircle.connect_timeout),
+        # sock_read bounds the handshake's answer; aiohttp lifts it once the socket is a
+        # WebSocket, so an idle WebSocket is never cut by it.
+        timeout=aiohttp.ClientTimeout(
+            total=None, sock_connect=appcircle.connect_timeout, sock_read=appcircle.read_timeout
+        ),
         auto_decompress=False,
         cookie_jar=aiohttp.DummyCookieJar(),
         trace_configs=debug_traces("websocket"),  # connection timings at debug level

@@ -69,7 +69,8 @@ class Forwarder:
         self._pool = pool
         self._stats = stats
         self._replay_limit = replay_limit
-        self._body_timeout = body_timeout
+        # Also the deadline for a WebSocket peer that takes nothing (see websocket.py).
+        self.body_timeout = body_timeout
 
     async def forward(
         self,
@@ -166,7 +167,7 @@ class Forwarder:
             await request.writer.write(CONTINUE)
         if length is not None and length <= self._replay_limit:
             try:
-                async with asyncio.timeout(self._body_timeout):
+                async with asyncio.timeout(self.body_timeout):
                     body = await request.content.readexactly(length)
             except TimeoutError:
                 raise _BodyFailed(self._too_slow()) from None
@@ -184,7 +185,7 @@ class Forwarder:
         read_ahead = bytearray()
         try:
             while len(read_ahead) <= self._replay_limit:
-                async with asyncio.timeout(self._body_timeout):
+                async with asyncio.timeout(self.body_timeout):
                     chunk = await request.content.readany()
                 if not chunk:
                     return bytes(read_ahead), b"Content-Length: %d\r\n" % len(read_ahead), b""
@@ -197,7 +198,7 @@ class Forwarder:
         return errors.bad_request_body(
             408,
             "body_timeout",
-            f"the request body made no progress for {self._body_timeout:g} s "
+            f"the request body made no progress for {self.body_timeout:g} s "
             "(server.body_timeout); send it faster, or raise the limit",
         )
 
@@ -274,7 +275,7 @@ class Forwarder:
                     chunk, read_ahead = read_ahead, b""
                 else:
                     try:
-                        async with asyncio.timeout(self._body_timeout):
+                        async with asyncio.timeout(self.body_timeout):
                             chunk = await content.readany()
                     except TimeoutError:
                         raise _BodyFailed(self._too_slow()) from None
@@ -376,7 +377,7 @@ class Forwarder:
                     break
                 facts.bytes_out += len(chunk)
                 try:
-                    async with asyncio.timeout(self._body_timeout):
+                    async with asyncio.timeout(self.body_timeout):
                         await streamed.write(chunk)
                 except TimeoutError:
                     # A client that takes nothing for this long would hold a stream slot
@@ -384,7 +385,7 @@ class Forwarder:
                     log.info(
                         "client read nothing for %g s (server.body_timeout) during %s on "
                         "route %s; closing its connection",
-                        self._body_timeout,
+                        self.body_timeout,
                         request.method,
                         route.name,
                     )

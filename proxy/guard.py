@@ -75,6 +75,9 @@ def _path_problem(raw_path: str) -> str | None:
     a path the proxy and the API could read differently must not reach the API at all."""
     if "\\" in raw_path or any(ord(c) < 0x21 or ord(c) == 0x7F for c in raw_path):
         return "backslashes, spaces and control characters are not allowed in the path"
+    if "#" in raw_path:
+        # A server drops a fragment: the path it serves is not the one the rules saw.
+        return "a fragment ('#') is not allowed in a request target"
     if ENCODED_SEPARATORS.search(raw_path):
         return "encoded '/', '\\' or NUL (%2F, %5C, %00) are not allowed in the path"
     if DOUBLE_ENCODED.search(raw_path):

@@ -100,10 +100,7 @@ class Handler:
         if not route.allows(request.method, rest):
             return errors.not_allowed_by_route(route, request.method, rest)
         if userinfo.on_auth_host(rest):
-            answer = await self._auth_host.answer(request, route, rest)
-            if answer.get(ERROR_CODE) is None:  # relayed, not one of the proxy's own
-                facts.upstream_status = answer.status
-            return answer
+            return await self._userinfo(request, facts, route, rest)
         target = rest + has_query + query
         if websocket.is_upgrade(request):
             return await self._websocket(request, facts, route, target)
@@ -124,6 +121,23 @@ class Handler:
             )
         return await handler(request)
 
+    async def _userinfo(
+        self, request: web.BaseRequest, facts: Facts, route: Route, rest: str
+    ) -> web.StreamResponse:
+        # Held to the same admission as API calls, though it goes to the auth host.
+        try:
+            await self._pool.admit(self._pool.calls)
+        except Refused as refused:
+            self._stats.refusal(refused.kind)
+            return errors.admission_refused(refused.kind, refused.detail, refused.retry_after)
+        try:
+            answer = await self._auth_host.answer(request, route, rest)
+        finally:
+            self._pool.calls.give_back()
+        if answer.get(ERROR_CODE) is None:  # relayed, not one of the proxy's own
+            facts.upstream_status = answer.status
+        return answer
+
     async def _websocket(
         self, request: web.BaseRequest, facts: Facts, route: Route, target: str
     ) -> web.StreamResponse:
@@ -140,6 +154,7 @@ class Handler:
                 URL(self._forwarder.api_url + target, encoded=True),
                 request_headers(request.headers),
                 lambda headers: self._decorate(request, headers, facts),
+                self._forwarder.body_timeout,
             )
         finally:
             self._pool.streams.give_back()

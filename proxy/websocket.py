@@ -34,6 +34,7 @@ HANDSHAKE_HEADERS: Final = (
     "Sec-WebSocket-Protocol",
 )
 INTERNAL_ERROR: Final = 1011
+NORMAL_CLOSURE: Final = 1000
 REDIRECTS: Final = frozenset({301, 302, 303, 307, 308})
 
 WebSocket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
@@ -55,6 +56,7 @@ async def relay(
     target: URL,
     headers: CIMultiDict[str],
     decorate: Callable[[CIMultiDict[str]], None],
+    send_timeout: float,
 ) -> web.StreamResponse:
     # aiohttp also takes the draft versions 7 and 8; the upstream handshake is 13.
     if (
@@ -83,8 +85,8 @@ async def relay(
     try:
         await client.prepare(request)
         pumps = [
-            asyncio.create_task(_pump(client, upstream)),
-            asyncio.create_task(_pump(upstream, client)),
+            asyncio.create_task(_pump(client, upstream, send_timeout)),
+            asyncio.create_task(_pump(upstream, client, send_timeout)),
         ]
         try:
             await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
@@ -162,20 +164,39 @@ async def _handshake(
     raise AssertionError("unreachable")
 
 
-async def _pump(source: WebSocket, sink: WebSocket) -> None:
-    """Relay messages from source to sink; on a close from source, close sink alike."""
+async def _pump(source: WebSocket, sink: WebSocket, send_timeout: float) -> None:
+    """Relay messages from source to sink. A close from source closes sink alike; an end
+    without a close (a dropped connection) closes it with 1011, so the other side can tell it
+    from a finished session; a sink that takes nothing for `send_timeout` ends the relay,
+    which would otherwise hold its stream slot for ever."""
     while True:
         message = await source.receive()
-        if message.type is WSMsgType.TEXT:
-            await sink.send_str(message.data)
-        elif message.type is WSMsgType.BINARY:
-            await sink.send_bytes(message.data)
-        elif message.type is WSMsgType.CLOSE:
-            await sink.close(code=message.data, message=(message.extra or "").encode())
+        try:
+            async with asyncio.timeout(send_timeout):
+                if message.type is WSMsgType.TEXT:
+                    await sink.send_str(message.data)
+                elif message.type is WSMsgType.BINARY:
+                    await sink.send_bytes(message.data)
+                elif message.type is WSMsgType.CLOSE:
+                    # A close with no code (RFC 6455 allows it) reads as 0, which is not one.
+                    code = message.data or NORMAL_CLOSURE
+                    await sink.close(code=code, message=(message.extra or "").encode())
+                    return
+                elif message.type is WSMsgType.ERROR:
+                    log.info("websocket relay ended by an error: %s", type(message.data).__name__)
+                    await sink.close(code=INTERNAL_ERROR)
+                    return
+                elif message.type is WSMsgType.CLOSED:
+                    await sink.close(code=INTERNAL_ERROR)
+                    return
+                elif message.type is WSMsgType.CLOSING:
+                    return
+        except TimeoutError:
+            log.info(
+                "websocket relay: one side took nothing for %g s (server.body_timeout); ending it",
+                send_timeout,
+            )
             return
-        elif message.type is WSMsgType.ERROR:
-            log.info("websocket relay ended by an error: %s", type(message.data).__name__)
-            await sink.close(code=INTERNAL_ERROR)
-            return
-        elif message.type in (WSMsgType.CLOSING, WSMsgType.CLOSED):
+        except ConnectionError:
+            log.info("websocket relay: one side went away mid-message")
             return
