@@ -181,6 +181,7 @@ def build(
         stats,
         replay_limit=settings.tokens.replay_limit,
         body_timeout=settings.server.body_timeout,
+        send_timeout=settings.server.send_timeout,
     )
     handler = Handler(
         Guard.from_settings(settings.server),

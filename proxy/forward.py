@@ -61,6 +61,7 @@ class Forwarder:
         *,
         replay_limit: int,
         body_timeout: float,
+        send_timeout: float,
     ) -> None:
         api = URL(api_url)
         self.api_url = api_url
@@ -69,8 +70,9 @@ class Forwarder:
         self._pool = pool
         self._stats = stats
         self._replay_limit = replay_limit
-        # Also the deadline for a WebSocket peer that takes nothing (see websocket.py).
         self.body_timeout = body_timeout
+        # Also the deadline for a WebSocket peer that takes nothing (see websocket.py).
+        self.send_timeout = send_timeout
 
     async def forward(
         self,
@@ -377,15 +379,15 @@ class Forwarder:
                     break
                 facts.bytes_out += len(chunk)
                 try:
-                    async with asyncio.timeout(self.body_timeout):
+                    async with asyncio.timeout(self.send_timeout):
                         await streamed.write(chunk)
                 except TimeoutError:
                     # A client that takes nothing for this long would hold a stream slot
                     # and an API connection for ever.
                     log.info(
-                        "client read nothing for %g s (server.body_timeout) during %s on "
+                        "client read nothing for %g s (server.send_timeout) during %s on "
                         "route %s; closing its connection",
-                        self.body_timeout,
+                        self.send_timeout,
                         request.method,
                         route.name,
                     )

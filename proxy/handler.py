@@ -154,7 +154,7 @@ class Handler:
                 URL(self._forwarder.api_url + target, encoded=True),
                 request_headers(request.headers),
                 lambda headers: self._decorate(request, headers, facts),
-                self._forwarder.body_timeout,
+                self._forwarder.send_timeout,
             )
         finally:
             self._pool.streams.give_back()

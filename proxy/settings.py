@@ -195,9 +195,13 @@ class ServerSettings(_Section):
     max_header_count: int = Field(default=100, ge=8)
     # Client connections open at once; beyond, a new connection gets 503 and is closed.
     max_client_connections: int = Field(default=1024, ge=1)
-    # Seconds a body may make no progress, either way: a stalled request body gets 408, a
-    # client that reads nothing of a streamed answer is disconnected.
+    # Seconds a request body may make no progress before the request is cut (408), so a
+    # trickling upload cannot hold an upstream connection.
     body_timeout: PositiveFloat = 30.0
+    # Seconds a client may take nothing of a streamed answer (or a WebSocket message) before
+    # it is disconnected, freeing its stream slot. Generous: a reader at 20 KB/s behind
+    # megabytes of kernel socket buffer can leave a write waiting a minute or more.
+    send_timeout: PositiveFloat = 300.0
     # Requests that may wait for an upstream connection at once; the excess gets 503 at once.
     max_pending: int = Field(default=256, ge=0)
 

@@ -193,7 +193,7 @@ async def _pump(source: WebSocket, sink: WebSocket, send_timeout: float) -> None
                     return
         except TimeoutError:
             log.info(
-                "websocket relay: one side took nothing for %g s (server.body_timeout); ending it",
+                "websocket relay: one side took nothing for %g s (server.send_timeout); ending it",
                 send_timeout,
             )
             return

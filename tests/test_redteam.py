@@ -195,7 +195,7 @@ async def test_a_client_that_stops_reading_a_download_does_not_hold_a_stream_for
     api = await scripted_api(chunked_forever(0.0))
     proxy = await start_proxy(
         appcircle={"api_url": api.url, "max_streams": 1, "read_timeout": 0.3},
-        server={"body_timeout": 1.0},
+        server={"send_timeout": 1.0},
     )
     host, port = proxy.removeprefix("http://").rsplit(":", 1)
     reader, writer = await asyncio.open_connection(host, int(port))
@@ -204,7 +204,7 @@ async def test_a_client_that_stops_reading_a_download_does_not_hold_a_stream_for
     await asyncio.sleep(0.5)
     key = 'appcircle_proxy_upstream_connections{state="streams"}'
     assert (await gauges(http, proxy))[key] == 1
-    # A client that accepts no byte for server.body_timeout (1 s) loses its stream.
+    # A client that accepts no byte for server.send_timeout (1 s) loses its stream.
     await asyncio.sleep(3)
     try:
         assert (await gauges(http, proxy))[key] == 0

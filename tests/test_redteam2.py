@@ -83,13 +83,13 @@ async def test_a_websocket_close_without_a_code_reaches_the_api_as_a_close(
     assert standin.websocket_closes[0] in (1000, 1005)
 
 
-async def test_a_websocket_client_that_stops_reading_gives_its_stream_back_after_body_timeout(
+async def test_a_websocket_client_that_stops_reading_gives_its_stream_back_after_send_timeout(
     start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
     # The API echoes 8 MiB the client never reads: the relay's send to the client waits
     # for the socket to drain with no deadline, holding a stream slot (and the upstream
     # connection) for as long as the client keeps its socket open.
-    proxy = await start_proxy(server={"body_timeout": 0.3})
+    proxy = await start_proxy(server={"send_timeout": 0.3})
     reader, writer = await raw_websocket(proxy, "/_test/ws", receive_buffer=4096)
     try:
         chunk = frame(WSMsgType.BINARY, b"x" * 65536)
