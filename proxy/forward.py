@@ -30,7 +30,7 @@ from .stats import Stats
 from .tokens import TokenUnavailable
 from .upstream import Connection, Response, UpstreamError, UpstreamTimeout
 
-__all__ = ["SMALL_BODY", "Forwarder", "rewrite_location"]
+__all__ = ["SMALL_BODY", "Forwarder", "refusal", "rewrite_location"]
 
 log = logging.getLogger("appcircle_proxy.forward")
 
@@ -138,8 +138,7 @@ class Forwarder:
         except TokenUnavailable as problem:
             return errors.token_unavailable(route, problem)
         except Refused as refused:
-            self._stats.refusal(refused.kind)
-            return errors.admission_refused(refused.kind, refused.detail, refused.retry_after)
+            return refusal(self._stats, refused)
         except UpstreamError as failure:
             return self._failed(failure)
         except _BodyFailed as failed:
@@ -346,13 +345,14 @@ class Forwarder:
         if not self._pool.promote(lease) and request.method in IDEMPOTENT:
             # Safe to refuse: the request may be sent again. One the API may have acted on
             # (a POST) is relayed on its call slot instead, whatever the stream budget says.
-            self._stats.refusal("streams_full")
             streams = self._pool.streams.limit
-            return errors.admission_refused(
-                "streams_full",
-                f"all {streams} long streams to the API are in use (appcircle.max_streams); "
-                "retry shortly, or raise the limit",
-                1,
+            return refusal(
+                self._stats,
+                Refused(
+                    "streams_full",
+                    f"all {streams} long streams to the API are in use "
+                    "(appcircle.max_streams); retry shortly, or raise the limit",
+                ),
             )
         streamed = web.StreamResponse(status=response.status, reason=response.reason)
         streamed.headers.extend(headers)
@@ -372,9 +372,7 @@ class Forwarder:
                         route.name,
                         failure.reason,
                     )
-                    if request.transport is not None:
-                        request.transport.close()
-                    return streamed
+                    return _cut(request, streamed)
                 if not chunk:
                     break
                 facts.bytes_out += len(chunk)
@@ -391,9 +389,7 @@ class Forwarder:
                         request.method,
                         route.name,
                     )
-                    if request.transport is not None:
-                        request.transport.close()
-                    return streamed
+                    return _cut(request, streamed)
             await streamed.write_eof()
         except ConnectionResetError:
             log.debug("client went away during %s on route %s", request.method, route.name)
@@ -429,6 +425,20 @@ def rewrite_location(location: str, api_url: str, prefix: str, scheme: str, host
     if target.raw_fragment:
         rewritten += "#" + target.raw_fragment
     return rewritten
+
+
+def refusal(stats: Stats, refused: Refused) -> web.Response:
+    """The answer to a request upstream admission turned away, counted."""
+    stats.refusal(refused.kind)
+    return errors.admission_refused(refused.kind, refused.detail, refused.retry_after)
+
+
+def _cut(request: web.BaseRequest, response: web.StreamResponse) -> web.StreamResponse:
+    """End a streamed answer by closing the client's connection: the only way to tell the
+    client the body is incomplete (ending it cleanly would pass off a truncated body)."""
+    if request.transport is not None:
+        request.transport.close()
+    return response
 
 
 def _retrieve(task: asyncio.Future[None]) -> None:

@@ -22,7 +22,7 @@ from yarl import URL
 from . import errors, userinfo, websocket
 from .drain import Drain
 from .facts import ERROR_CODE, FACTS, Facts
-from .forward import Forwarder
+from .forward import Forwarder, refusal
 from .guard import Guard
 from .headers import request_headers
 from .paths import ADMIN_PREFIX
@@ -126,14 +126,10 @@ class Handler:
     ) -> web.StreamResponse:
         # Held to the same admission as API calls, though it goes to the auth host.
         try:
-            await self._pool.admit(self._pool.calls)
+            async with self._pool.slot(self._pool.calls):
+                answer = await self._auth_host.answer(request, route, rest)
         except Refused as refused:
-            self._stats.refusal(refused.kind)
-            return errors.admission_refused(refused.kind, refused.detail, refused.retry_after)
-        try:
-            answer = await self._auth_host.answer(request, route, rest)
-        finally:
-            self._pool.calls.give_back()
+            return refusal(self._stats, refused)
         if answer.get(ERROR_CODE) is None:  # relayed, not one of the proxy's own
             facts.upstream_status = answer.status
         return answer
@@ -142,22 +138,18 @@ class Handler:
         self, request: web.BaseRequest, facts: Facts, route: Route, target: str
     ) -> web.StreamResponse:
         try:
-            await self._pool.admit(self._pool.streams)
+            async with self._pool.slot(self._pool.streams):
+                return await websocket.relay(
+                    request,
+                    self._websocket_session,
+                    route,
+                    URL(self._forwarder.api_url + target, encoded=True),
+                    request_headers(request.headers),
+                    lambda headers: self._decorate(request, headers, facts),
+                    self._forwarder.send_timeout,
+                )
         except Refused as refused:
-            self._stats.refusal(refused.kind)
-            return errors.admission_refused(refused.kind, refused.detail, refused.retry_after)
-        try:
-            return await websocket.relay(
-                request,
-                self._websocket_session,
-                route,
-                URL(self._forwarder.api_url + target, encoded=True),
-                request_headers(request.headers),
-                lambda headers: self._decorate(request, headers, facts),
-                self._forwarder.send_timeout,
-            )
-        finally:
-            self._pool.streams.give_back()
+            return refusal(self._stats, refused)
 
     def _decorate(self, request: web.BaseRequest, headers: CIMultiDict[str], facts: Facts) -> None:
         headers[REQUEST_ID] = facts.request_id

@@ -13,6 +13,8 @@ import asyncio
 import collections
 import logging
 import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Final, Literal
 
@@ -157,6 +159,16 @@ class Pool:
         """A new connection in place of the lease's (which is closed), same slot."""
         lease.connection.close()
         return await self._open()
+
+    @asynccontextmanager
+    async def slot(self, budget: Budget) -> AsyncIterator[None]:
+        """A slot in `budget` for the block's duration (for what the pool does not carry:
+        WebSockets and the auth host's userinfo); raises Refused."""
+        await self.admit(budget)
+        try:
+            yield
+        finally:
+            budget.give_back()
 
     def promote(self, lease: Lease) -> bool:
         """Move a call that turned into a long stream to the stream budget, without
