@@ -119,11 +119,20 @@ class AccessLog:
             pass  # stderr closed under us (a pipe whose reader left): nothing to tell
 
     def _timestamp(self, now: float) -> str:
+        """As the other log lines have it (logs.py): ISO 8601 UTC in JSON, logging's local
+        `asctime` in text; the part down to the second is formatted once a second."""
         second = int(now)
         if second != self._second:
             self._second = second
-            self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        return f"{self._second_text}.{int((now - second) * 1000):03d}+00:00"
+            self._second_text = (
+                time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+                if self._json
+                else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+            )
+        millis = int((now - second) * 1000)
+        if self._json:
+            return f"{self._second_text}.{millis:03d}+00:00"
+        return f"{self._second_text},{millis:03d}"
 
 
 def access_logger(log: AccessLog, stats: Stats) -> type[AbstractAccessLogger]:
