@@ -112,10 +112,14 @@ class Forwarder:
             )
 
         try:
-            token = await tokens.get()
-            lease = await self._pool.acquire(stream=body is None)
-            # Waiting for a connection may have taken long: never send a token past usable.
-            token = await tokens.fresh(token)
+            # Without a wait when the route holds a token and a connection is idle (nearly
+            # always); otherwise waiting at most tokens.wait_timeout, then pool_timeout.
+            token = tokens.current() or await tokens.get()
+            lease = self._pool.lease_now(stream=body is None)
+            if lease is None:
+                lease = await self._pool.acquire(stream=body is None)
+                # That wait may have taken long: never send a token past usable.
+                token = await tokens.fresh(token)
             started = time.monotonic()
             idempotent = request.method in IDEMPOTENT
             response = await self._exchange(
@@ -317,28 +321,31 @@ class Forwarder:
         head_only: bool,
         decorate: Decorate,
     ) -> web.StreamResponse:
-        headers = raw_response_headers(response.headers)
-        location = headers.get(hdrs.LOCATION)
-        if location is not None:
-            headers[hdrs.LOCATION] = rewrite_location(
-                location, self.api_url, route.prefix, request.scheme, request.host
-            )
-        decorate(request, headers, facts)
+        def location(value: str) -> str:
+            return rewrite_location(value, self.api_url, route.prefix, request.scheme, request.host)
+
         connection = lease.connection
         length = response.content_length
-        if head_only or response.status in NO_BODY_STATUSES:
+        no_body = head_only or response.status in NO_BODY_STATUSES
+        whole = not no_body and length is not None and length <= SMALL_BODY
+        # A body sent whole gets its length from aiohttp; the API's must not disagree.
+        headers = raw_response_headers(response.headers, location, keep_length=not whole)
+        if no_body:
             empty = web.StreamResponse(status=response.status, reason=response.reason)
             empty.headers.extend(headers)
+            decorate(request, empty.headers, facts)
             await empty.prepare(request)
             await empty.write_eof()
             return empty
-        if length is not None and length <= SMALL_BODY:
-            try:
-                body = await connection.read_all()
-            except UpstreamError as failure:
-                return self._failed(failure)
-            # aiohttp sets the length of what is sent; the API's own must not disagree.
-            headers.popall(hdrs.CONTENT_LENGTH, None)
+        if whole:
+            # Usually all here already: a small answer tends to come in one read.
+            body = connection.body_if_complete()
+            if body is None:
+                try:
+                    body = await connection.read_all()
+                except UpstreamError as failure:
+                    return self._failed(failure)
+            # Decorated by the handler, as its own answers are, before aiohttp sends it.
             return web.Response(
                 status=response.status, reason=response.reason, headers=headers, body=body
             )
@@ -356,6 +363,7 @@ class Forwarder:
             )
         streamed = web.StreamResponse(status=response.status, reason=response.reason)
         streamed.headers.extend(headers)
+        decorate(request, streamed.headers, facts)
         try:
             await streamed.prepare(request)
             while True:

@@ -81,13 +81,13 @@ class Handler:
         return response
 
     async def _answer(self, request: web.BaseRequest, facts: Facts) -> web.StreamResponse:
-        refusal = self._guard.refusal(request)
+        path, has_query, query = request.raw_path.partition("?")
+        refusal = self._guard.refusal(request, path)
         if refusal is not None:
             return refusal
         preflight = self._guard.preflight_answer(request)
         if preflight is not None:
             return preflight
-        path, has_query, query = request.raw_path.partition("?")
         if path.startswith(ADMIN_PREFIX):
             return await self._own(request, path)
         matched = self._routes.match(path)

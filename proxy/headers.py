@@ -3,7 +3,7 @@ client's credentials never go upstream, everything else passes through untouched
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Final
 
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -80,20 +80,29 @@ def raw_request_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[bytes]:
     return lines
 
 
-def raw_response_headers(raw: list[tuple[bytes, bytes]]) -> CIMultiDict[str]:
+def raw_response_headers(
+    raw: list[tuple[bytes, bytes]],
+    location: Callable[[str], str],
+    *,
+    keep_length: bool,
+) -> list[tuple[str, str]]:
     """The API's headers as they go back to the client: hop-by-hop headers and the API's own
-    CORS headers dropped (only the proxy's CORS policy applies)."""
+    CORS headers dropped (only the proxy's CORS policy applies), a Location passed through
+    `location`, and Content-Length dropped unless `keep_length` (a body sent whole gets its
+    length from the server)."""
     listed = _raw_connection_listed(raw)
-    headers: CIMultiDict[str] = CIMultiDict()
+    headers = []
     for name, value in raw:
         lowered = name.lower()
         if (
             lowered in _RAW_RESPONSE_DROPPED
             or lowered in listed
             or lowered.startswith((b"proxy-", b"access-control-"))
+            or (lowered == b"content-length" and not keep_length)
         ):
             continue
-        headers.add(name.decode("latin-1"), _text(value))
+        text = _text(value)
+        headers.append((name.decode("latin-1"), location(text) if lowered == b"location" else text))
     return headers
 
 

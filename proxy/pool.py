@@ -99,6 +99,18 @@ class Pool:
         self.pending = 0
         self._idle: list[Connection] = []
 
+    def lease_now(self, *, stream: bool) -> Lease | None:
+        """A slot and a kept-alive connection when both are free at once; None otherwise
+        (then `acquire`, which may wait or connect)."""
+        budget = self.streams if stream else self.calls
+        if budget.in_use >= budget.limit:
+            return None
+        connection = self._idle_connection()
+        if connection is None:
+            return None
+        budget.in_use += 1
+        return Lease(budget, connection)
+
     async def acquire(self, *, stream: bool, fresh: bool = False) -> Lease:
         """A connection with a slot in the call or the stream budget; raises Refused, or
         UpstreamError when no connection can be made. With `fresh`, never a kept-alive

@@ -45,7 +45,8 @@ class Stats:
     """What the request path counts; read only by the collector."""
 
     def __init__(self) -> None:
-        self.requests: dict[tuple[str, str, str], int] = {}
+        # By (route, method, status); summed into status classes at scrape time.
+        self.requests: dict[tuple[str, str, int], int] = {}
         self.bytes_in: dict[str, int] = {}
         self.bytes_out: dict[str, int] = {}
         self.latency: dict[str, _Latency] = {}
@@ -65,7 +66,7 @@ class Stats:
     ) -> None:
         if method not in KNOWN_METHODS:
             method = "other"
-        key = (route, method, f"{status // 100}xx")
+        key = (route, method, status)
         self.requests[key] = self.requests.get(key, 0) + 1
         self.bytes_in[route] = self.bytes_in.get(route, 0) + bytes_in
         self.bytes_out[route] = self.bytes_out.get(route, 0) + bytes_out
@@ -102,7 +103,11 @@ class _Collector(Collector):
             "Requests answered, by route, method and status class",
             labels=["route", "method", "status_class"],
         )
-        for labels, count in sorted(stats.requests.items()):
+        by_class: dict[tuple[str, str, str], int] = {}
+        for (route, method, status), count in list(stats.requests.items()):
+            key = (route, method, f"{status // 100}xx")
+            by_class[key] = by_class.get(key, 0) + count
+        for labels, count in sorted(by_class.items()):
             requests.add_metric(list(labels), count)
         yield requests
         for name, what, values in (

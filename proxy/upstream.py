@@ -155,6 +155,16 @@ class Connection(asyncio.BufferedProtocol):
             self._last_data = self._loop.time()
         return chunk
 
+    def body_if_complete(self) -> bytes | None:
+        """The whole body when all of it has arrived (and reading is not paused); None
+        otherwise, and then `read_all`."""
+        if not self._complete or self._reading_paused or self._error is not None:
+            return None
+        body = b"".join(self._chunks)
+        self._chunks.clear()
+        self._buffered = 0
+        return body
+
     async def read_all(self) -> bytes:
         """The whole remaining body (for small, known-length bodies)."""
         parts = []

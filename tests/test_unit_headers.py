@@ -117,10 +117,18 @@ def test_raw_response_headers_drop_hops_and_the_apis_own_cors_and_decode_as_sent
         (b"X-Utf8", "caf\u00e9".encode()),
         (b"X-Latin1", b"caf\xe9"),
     ]
-    assert list(raw_response_headers(raw).items()) == [
+    assert raw_response_headers(raw, str, keep_length=True) == [
         ("Content-Length", "12"),
         ("Set-Cookie", "a=1"),
         ("Set-Cookie", "b=2"),
         ("X-Utf8", "caf\u00e9"),
         ("X-Latin1", "caf\u00e9"),
+    ]
+
+
+def test_raw_response_headers_rewrite_location_and_may_drop_the_length() -> None:
+    raw = [(b"Content-Length", b"12"), (b"location", b"/there"), (b"X-Other", b"/there")]
+    assert raw_response_headers(raw, "rewritten:{}".format, keep_length=False) == [
+        ("location", "rewritten:/there"),
+        ("X-Other", "/there"),
     ]
