@@ -167,7 +167,9 @@ def access_logger(log: AccessLog, stats: Stats) -> type[AbstractAccessLogger]:
             path = request.raw_path.partition("?")[0]
             if status < 300 and path in QUIET_PATHS:
                 return
-            error = response.get(ERROR_CODE)
+            # The proxy's own answers, which carry an error code, are all 4xx or 5xx; a
+            # lookup that misses raises a KeyError inside, so it is not made for the rest.
+            error = response.get(ERROR_CODE) if status >= 400 else None
             log.add(request, path, facts, status, error, bytes_in, bytes_out, time)
 
         @property

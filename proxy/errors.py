@@ -28,6 +28,7 @@ __all__ = [
 
 
 def _answer(status: int, error: str, detail: str, **extra: Any) -> web.Response:
+    assert status >= 400, "the access log looks for error codes on 4xx and 5xx only"
     response = web.json_response({"error": error, "detail": detail, **extra}, status=status)
     response.headers["Cache-Control"] = "no-store"
     response[ERROR_CODE] = error
