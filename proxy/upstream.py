@@ -128,14 +128,17 @@ class Connection(asyncio.BufferedProtocol):
         if self._timer is None:
             self._timer = self._loop.call_at(self._last_data + self._read_timeout, self._tick)
 
-    async def response(self) -> Response:
-        """The response head (interim 1xx responses are skipped)."""
+    def response(self) -> asyncio.Future[Response]:
+        """The response head (interim 1xx responses are skipped), to await. A future, not
+        a coroutine: one object and one frame fewer on every request."""
+        head = self._loop.create_future()
         if self._response is not None:
-            return self._response
-        if self._error is not None:
-            raise self._error
-        self._head = self._loop.create_future()
-        return await self._head
+            head.set_result(self._response)
+        elif self._error is not None:
+            head.set_exception(self._error)
+        else:
+            self._head = head
+        return head
 
     async def read(self) -> bytes:
         """The next chunk of the response body; b"" once it is complete."""
