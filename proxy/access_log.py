@@ -71,7 +71,6 @@ class AccessLog:
         route = facts.route if facts is not None else NO_ROUTE
         upstream_status = facts.upstream_status if facts is not None else None
         request_id = facts.request_id if facts is not None else None
-        duration_ms = round(seconds * 1000, 1)
         if self._json:
             entry = {
                 "time": self._timestamp(now),
@@ -84,7 +83,7 @@ class AccessLog:
                 "route": route,
                 "upstream_status": upstream_status,
                 "error": error,
-                "duration_ms": duration_ms,
+                "duration_ms": round(seconds * 1000, 1),
                 "bytes_in": bytes_in,
                 "bytes_out": bytes_out,
                 "client": client,
@@ -97,7 +96,7 @@ class AccessLog:
             line = (
                 f"{self._timestamp(now)} INFO {LOGGER_NAME}: {request.method} {path} {status} "
                 f"route={route} upstream_status={upstream_status or '-'} "
-                f"error={error or '-'} duration_ms={duration_ms} bytes_in={bytes_in} "
+                f"error={error or '-'} duration_ms={seconds * 1000:.1f} bytes_in={bytes_in} "
                 f"bytes_out={bytes_out} client={client} request_id={request_id or '-'}"
             )
             if self._worker is not None:
