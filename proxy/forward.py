@@ -114,7 +114,7 @@ class Forwarder:
         try:
             # Without a wait when the route holds a token and a connection is idle (nearly
             # always); otherwise waiting at most tokens.wait_timeout, then pool_timeout.
-            token = tokens.current() or await tokens.get()
+            token = tokens.to_send() or await tokens.get()
             lease = self._pool.lease_now(stream=body is None)
             if lease is None:
                 lease = await self._pool.acquire(stream=body is None)

@@ -229,14 +229,19 @@ class TokenSource:
         the renewed token replaces it as soon as there is one; a token past usable is never
         returned (waits as `get()` does; raises TokenUnavailable).
         """
-        current = self._cache.get(self.key)
-        if current is None:
-            return await self.get()
-        if current is taken and self._clock() >= taken.refresh_at:
-            # Within the refresh margin and not yet renewed: it is still usable (the cache
-            # would not hold it otherwise), so send it; make sure a renewal is under way.
+        return self.to_send() or await self.get()
+
+    def to_send(self) -> SessionToken | None:
+        """The token to send now, without waiting; None when there is none (then `get()`).
+
+        A token within its refresh margin is still usable (the cache would not hold it
+        otherwise), so it is sent, and a renewal is made sure of: the renewal loop's timer
+        may have overslept, as after a laptop's suspension, which it does not count.
+        """
+        token = self._cache.get(self.key)
+        if token is not None and self._clock() >= token.refresh_at:
             self._renew_if_idle()
-        return current
+        return token
 
     def invalidate(self, token: SessionToken) -> bool:
         """The API refused `token` with a 401. True when a replay is worth it: `get()` now

@@ -276,6 +276,27 @@ async def test_fresh_swaps_a_token_near_expiry_for_the_renewed_one_and_never_giv
         assert await route.tokens.fresh(taken) is renewed
 
 
+async def test_a_request_in_the_refresh_margin_wakes_a_renewal_loop_that_overslept(
+    standin: StandIn, write_config: WriteConfig
+) -> None:
+    # The loop sleeps on the event loop's clock; tokens age on the wall clock. A laptop's
+    # suspension moves only the second: the request path must then start the renewal.
+    standin.token_lifetime = 600.0
+    jump = [0.0]
+    settings = load_settings(write_config())
+    async with connect(settings, clock=lambda: time.time() + jump[0]) as runtime:
+        (route,) = runtime.routes
+        taken = await route.tokens.get()
+        assert route.tokens.to_send() is taken
+        await asyncio.sleep(0.1)
+        assert len(standin.exchanges) == 1  # before the margin: no renewal
+        jump[0] = (taken.refresh_at + taken.usable_until) / 2 - time.time()
+        assert route.tokens.to_send() is taken  # in the margin, still usable
+        await eventually(lambda: len(standin.exchanges) == 2)
+        renewed = route.tokens.to_send()
+        assert renewed is not None and renewed is not taken
+
+
 # -- no secret in the logs ----------------------------------------------------------------
 
 
