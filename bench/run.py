@@ -7,8 +7,10 @@ It starts, on loopback: nginx answering a fixed small JSON (the upstream for sma
 the big transfers, so the upstream is not the bottleneck); the three proxies compared, each
 in front of that same upstream and each injecting an Authorization header: nginx as a
 reverse proxy (one worker, keep-alive upstream), a naive aiohttp proxy (bench/naive.py) and
-appcircle-proxy as a real process (one worker, and a second one with --workers 2); and the
-stand-in Appcircle from the tests as the auth host. wrk is the load generator, curl moves
+appcircle-proxy as a real process (one worker, and a second one with --workers 2); for
+small GETs only, the lean floor (bench/lean.py: the proxy's server and forwarding design
+with none of its features, so the gap to it is what the features cost); and the stand-in
+Appcircle from the tests as the auth host. wrk is the load generator, curl moves
 the big bodies. nginx and wrk come from Debian's packages: the script installs them when it
 can, and says what it skips when not.
 
@@ -282,6 +284,14 @@ def naive(upstream: str) -> Iterator[Subject]:
 
 
 @contextmanager
+def lean(upstream: str) -> Iterator[Subject]:
+    port = free_port()
+    command = [sys.executable, str(ROOT / "bench" / "lean.py"), str(port), upstream]
+    with running(command, port, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as process:
+        yield Subject("lean", f"http://127.0.0.1:{port}", process.pid)
+
+
+@contextmanager
 def standin(token_lifetime: float) -> Iterator[StandIn]:
     """The stand-in Appcircle on a loop of its own, in a thread."""
     loop = asyncio.new_event_loop()
@@ -507,15 +517,16 @@ def main() -> int:
             appcircle = stack.enter_context(standin(3600))
             by_nginx = stack.enter_context(nginx_proxy(nginx_bin, work, direct.url))
             by_naive = stack.enter_context(naive(direct.url))
+            floor = stack.enter_context(lean(direct.url))
             one = stack.enter_context(proxy(work, direct.url, appcircle.auth_url))
             two = stack.enter_context(proxy(work, direct.url, appcircle.auth_url, workers=2))
             proxies: list[Subject] = [by_nginx, by_naive, one]
             for round_ in range(1, args.repeat + 1):
                 say(f"round {round_}/{args.repeat}: small GETs ...")
-                for subject in [direct, *proxies, two]:
+                for subject in [direct, *proxies, floor, two]:
                     load = wrk(wrk_bin, subject, "/small", 64, args.seconds)
                     best.keep("c64", subject.name, load)
-                for subject in [direct, *proxies]:
+                for subject in [direct, *proxies, floor]:
                     load = wrk(wrk_bin, subject, "/small", 1, args.seconds)
                     best.keep("c1", subject.name, load)
                 say(f"round {round_}/{args.repeat}: {args.size_mib} MiB down and up ...")
@@ -614,6 +625,23 @@ def main() -> int:
             f"{added['proxy'] / added['naive']:.2f}x added",
             "added ≤ 4x nginx's",
             verdict(added["proxy"] <= 4 * added["nginx"]),
+        )
+    )
+    # The floor: the same server and forwarding client with none of the proxy's features.
+    floor_c64, floor_c1 = best.load("c64", "lean"), best.load("c1", "lean")
+    floor_added = floor_c1.p50_us - c1["direct"].p50_us
+    print(
+        row(
+            "lean floor (bench/lean.py, no features): c=64 req/s, CPU µs; c=1 p50 µs",
+            "",
+            "",
+            "",
+            f"{rps(floor_c64)}, {floor_c64.cpu_us:.0f} µs; "
+            f"{floor_c1.p50_us:.0f} (+{floor_added:.0f})",
+            f"{floor_c64.rps / c64['nginx'].rps:.2f}x; {floor_added / added['nginx']:.1f}x added",
+            f"{floor_c64.rps / c64['naive'].rps:.2f}x",
+            "(not a target)",
+            "",
         )
     )
     for measure, label, target in (
