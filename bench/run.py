@@ -275,20 +275,13 @@ def nginx_proxy(binary: str, work: Path, upstream: str) -> Iterator[Subject]:
 
 
 @contextmanager
-def naive(upstream: str) -> Iterator[Subject]:
+def yardstick(name: str, upstream: str) -> Iterator[Subject]:
+    """bench/NAME.py (naive, lean) as a process in front of `upstream`."""
     port = free_port()
-    command = [sys.executable, str(ROOT / "bench" / "naive.py"), str(port), upstream]
+    command = [sys.executable, str(ROOT / "bench" / f"{name}.py"), str(port), upstream]
     # stderr too: aiohttp logs a traceback for every connection wrk cuts at the end of a run.
     with running(command, port, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as process:
-        yield Subject("naive", f"http://127.0.0.1:{port}", process.pid)
-
-
-@contextmanager
-def lean(upstream: str) -> Iterator[Subject]:
-    port = free_port()
-    command = [sys.executable, str(ROOT / "bench" / "lean.py"), str(port), upstream]
-    with running(command, port, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as process:
-        yield Subject("lean", f"http://127.0.0.1:{port}", process.pid)
+        yield Subject(name, f"http://127.0.0.1:{port}", process.pid)
 
 
 @contextmanager
@@ -516,8 +509,8 @@ def main() -> int:
             direct = stack.enter_context(nginx(nginx_bin, work, big))
             appcircle = stack.enter_context(standin(3600))
             by_nginx = stack.enter_context(nginx_proxy(nginx_bin, work, direct.url))
-            by_naive = stack.enter_context(naive(direct.url))
-            floor = stack.enter_context(lean(direct.url))
+            by_naive = stack.enter_context(yardstick("naive", direct.url))
+            floor = stack.enter_context(yardstick("lean", direct.url))
             one = stack.enter_context(proxy(work, direct.url, appcircle.auth_url))
             two = stack.enter_context(proxy(work, direct.url, appcircle.auth_url, workers=2))
             proxies: list[Subject] = [by_nginx, by_naive, one]
