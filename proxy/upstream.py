@@ -7,7 +7,7 @@ A connection carries one exchange at a time (no pipelining). `send` writes a req
 from the API pauses while more than `HIGH_WATER` bytes wait for the client, and writing to
 the API waits while the socket's buffer is full, so a slow peer on either side costs a
 bounded amount of memory. aiohttp's own client is kept for token exchanges and WebSockets;
-this one exists because it costs half as much CPU per request (see README, Performance).
+this one exists because it costs half as much CPU per request (see README, Benchmark).
 """
 
 from __future__ import annotations
