@@ -87,11 +87,12 @@ def raw_response_headers(
     keep_length: bool,
 ) -> list[tuple[str, str]]:
     """The API's headers as they go back to the client: hop-by-hop headers and the API's own
-    CORS headers dropped (only the proxy's CORS policy applies), a Location passed through
-    `location`, and Content-Length dropped unless `keep_length` (a body sent whole gets its
-    length from the server)."""
+    CORS headers dropped (only the proxy's CORS policy applies), the first Location passed
+    through `location` and any other dropped (clients refuse two), and Content-Length
+    dropped unless `keep_length` (a body sent whole gets its length from the server)."""
     listed = _raw_connection_listed(raw)
     headers = []
+    located = False
     for name, value in raw:
         lowered = name.lower()
         if (
@@ -102,7 +103,12 @@ def raw_response_headers(
         ):
             continue
         text = _text(value)
-        headers.append((name.decode("latin-1"), location(text) if lowered == b"location" else text))
+        if lowered == b"location":
+            if located:
+                continue
+            located = True
+            text = location(text)
+        headers.append((name.decode("latin-1"), text))
     return headers
 
 

@@ -434,8 +434,9 @@ async def _serve(
     # freed by reference counting when it ends. With the default first generation of 700,
     # collections run every few requests and promote the objects of requests in flight;
     # 10,000 runs them a tenth as often (measured: 3-5% less CPU per small request). What
-    # it lets wait is at most 10,000 objects of cyclic garbage.
-    gc.set_threshold(GC_FIRST_GENERATION, 20, 20)
+    # it lets wait is at most 10,000 objects of cyclic garbage; the older generations keep
+    # their default cadence (every 10 of the younger one's collections).
+    gc.set_threshold(GC_FIRST_GENERATION, 10, 10)
     try:
         # The banner once: from the only process, or the first worker's first start.
         _announce(

@@ -345,3 +345,16 @@ async def test_listening_beyond_loopback_without_client_token_warns(
     proxy = await start(load_settings(write_config()))
     await proxy.stop()
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+
+
+async def test_an_encoded_health_path_is_not_exempt_from_the_client_token(
+    start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
+) -> None:
+    """Routing reads the raw path, so the exemption does too: '/%5Fproxy/health' is not
+    the health check (it would go to the API under the '/' route), and needs the token."""
+    proxy = await start_proxy(server={"client_token": CLIENT_TOKEN})
+    reply = await request(http, "GET", URL(f"{proxy}/%5Fproxy/health", encoded=True))
+    assert reply.status == 407, reply.body
+    assert standin.api_requests == []
+    reply = await request(http, "GET", f"{proxy}/_proxy/health")
+    assert reply.status == 200

@@ -279,3 +279,30 @@ async def test_a_status_code_out_of_range_is_not_relayed_as_a_broken_status_line
     )
     # "HTTP/1.1 99 Odd" is no status line a client can parse; the API's answer is unreadable.
     assert status_of(answered) == 502, answered
+
+
+async def test_two_location_headers_from_the_api_come_back_as_one_rewritten(
+    start_proxy: StartProxy,
+    scripted_api: Callable[[Answer], Awaitable[ScriptedApi]],
+    http: aiohttp.ClientSession,
+) -> None:
+    """Browsers refuse an answer with two Location headers, and a second one could point
+    anywhere: the client gets the first, pointing back through the proxy, and only it."""
+    api_url = ""
+
+    async def answer(
+        head: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        writer.write(
+            b"HTTP/1.1 302 Found\r\n"
+            b"Location: " + api_url.encode() + b"/build/v2/profiles\r\n"
+            b"Location: https://elsewhere.example/steal\r\n"
+            b"Content-Length: 0\r\n\r\n"
+        )
+
+    api = await scripted_api(answer)
+    api_url = api.url
+    proxy = await start_proxy(appcircle={"api_url": api.url})
+    reply = await request(http, "GET", f"{proxy}/x", allow_redirects=False)
+    assert reply.status == 302
+    assert reply.headers.getall("Location") == [f"{proxy}/build/v2/profiles"]
