@@ -43,7 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from proxy.standin import StandIn
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the stand-in lives in tests/
+from tests.standin import StandIn  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 ORG = "11111111-1111-4111-8111-111111111111"

@@ -13,9 +13,9 @@ import aiohttp
 import pytest
 import tomli_w
 
-from proxy.server import Running, start
-from proxy.settings import ENV_PREFIX, load_settings
-from proxy.standin import StandIn
+from proxy.config.settings import ENV_PREFIX, load_settings
+from proxy.serve.server import Running, start
+from tests.standin import StandIn
 
 from .support import proxy_config
 

@@ -9,7 +9,7 @@ import time
 
 import aiohttp
 
-from proxy.standin import StandIn
+from tests.standin import StandIn
 
 from .conftest import StartProxy
 from .rawhttp import exchange, status_of

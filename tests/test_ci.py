@@ -14,10 +14,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from proxy.ci import child_environment
-from proxy.server import start
-from proxy.settings import load_settings
-from proxy.standin import StandIn
+from proxy.cli.ci import child_environment
+from proxy.config.settings import load_settings
+from proxy.serve.server import start
+from tests.standin import StandIn
 
 from .conftest import (
     CLIENT_TOKEN,

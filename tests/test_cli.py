@@ -14,7 +14,7 @@ import aiohttp
 import jwt
 
 from proxy import __version__
-from proxy.standin import StandIn
+from tests.standin import StandIn
 
 from .conftest import (
     CLIENT_TOKEN,

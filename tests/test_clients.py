@@ -16,11 +16,11 @@ import pytest
 import tomli_w
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy.__main__ import main
-from proxy.allow import RoutePolicy, parse_rule
-from proxy.headers import raw_request_headers, request_headers
-from proxy.settings import ConfigError, load_settings
-from proxy.standin import StandIn
+from proxy.cli.main import main
+from proxy.config.allow import RoutePolicy, parse_rule
+from proxy.config.settings import ConfigError, load_settings
+from proxy.policy.headers import raw_request_headers, request_headers
+from tests.standin import StandIn
 
 from .conftest import CLIENT_TOKEN, PERSONAL_KEY_CONFIG, ROOT_ORG, SUB_ORG, StartProxy, WriteConfig
 from .rawhttp import exchange, status_of

@@ -12,12 +12,12 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from proxy.app import connect
-from proxy.exchange import Exchanger
-from proxy.server import Running, start
-from proxy.settings import load_settings
-from proxy.standin import StandIn
-from proxy.tokens import TokenUnavailable
+from proxy.auth.exchange import Exchanger
+from proxy.auth.tokens import TokenUnavailable
+from proxy.config.settings import load_settings
+from proxy.serve.app import connect
+from proxy.serve.server import Running, start
+from tests.standin import StandIn
 
 from .conftest import PERSONAL_KEY, ROOT_ORG, SUB_ORG, StartProxy, WriteConfig
 from .support import Reply, eventually, request

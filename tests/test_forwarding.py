@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 from yarl import URL
 
-from proxy.standin import StandIn
+from tests.standin import StandIn
 
 from .conftest import ROOT_ORG, StartProxy
 from .rawhttp import exchange

@@ -12,9 +12,9 @@ import aiohttp
 import pytest
 from yarl import URL
 
-from proxy.server import start
-from proxy.settings import load_settings
-from proxy.standin import StandIn
+from proxy.config.settings import load_settings
+from proxy.serve.server import start
+from tests.standin import StandIn
 
 from .conftest import CLIENT_TOKEN, StartProxy, WriteConfig
 from .rawhttp import exchange, json_of, status_of

@@ -14,8 +14,8 @@ import aiohttp
 import pytest
 from yarl import URL
 
-from proxy.__main__ import main
-from proxy.standin import StandIn
+from proxy.cli.main import main
+from tests.standin import StandIn
 
 from .conftest import CLIENT_TOKEN, PERSONAL_KEY, StartProxy, WriteConfig
 from .rawhttp import exchange, status_of

@@ -21,9 +21,9 @@ import tomli_w
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.server import Running, start
-from proxy.settings import load_settings
-from proxy.standin import StandIn
+from proxy.config.settings import load_settings
+from proxy.serve.server import Running, start
+from tests.standin import StandIn
 
 from .conftest import StartProxy
 from .rawhttp import exchange, status_of

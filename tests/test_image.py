@@ -18,7 +18,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from proxy.standin import StandIn
+from tests.standin import StandIn
 
 from .conftest import CLIENT_TOKEN, PERSONAL_KEY
 

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Iterator
 import aiohttp
 import pytest
 
-from proxy.standin import StandIn
+from tests.standin import StandIn
 
 from .conftest import INLINE_KEY_CONFIG, StartProxy, WriteConfig
 from .processes import rss_mib, serving

@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from proxy import memory
-from proxy.pool import Budget
+from proxy.serve import memory
+from proxy.upstream.pool import Budget
 
 from .support import eventually
 

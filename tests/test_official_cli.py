@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from proxy.standin import StandIn
+from tests.standin import StandIn
 
 from .conftest import CLIENT_TOKEN, ROOT_ORG, SUB_ORG, StartProxy
 from .rawhttp import exchange, status_of

@@ -11,9 +11,9 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.server import start
-from proxy.settings import load_settings
-from proxy.standin import StandIn
+from proxy.config.settings import load_settings
+from proxy.serve.server import start
+from tests.standin import StandIn
 
 from .conftest import CLIENT_TOKEN, ROOT_ORG, SUB_ORG, StartProxy, WriteConfig
 from .support import eventually, request

@@ -20,9 +20,9 @@ import tomli_w
 import yaml
 
 from proxy import __version__
-from proxy.server import start
-from proxy.settings import ConfigError, ServerSettings, load_settings
-from proxy.standin import StandIn
+from proxy.config.settings import ConfigError, ServerSettings, load_settings
+from proxy.serve.server import start
+from tests.standin import StandIn
 
 from .conftest import (
     CLIENT_TOKEN,

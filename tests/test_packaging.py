@@ -20,8 +20,8 @@ import pytest
 import yaml
 
 from proxy import __version__
-from proxy.settings import load_settings
-from proxy.standin import StandIn
+from proxy.config.settings import load_settings
+from tests.standin import StandIn
 
 ROOT = Path(__file__).parent.parent
 DOCKERFILE = (ROOT / "Dockerfile").read_text()

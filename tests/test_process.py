@@ -11,7 +11,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from proxy.standin import StandIn
+from tests.standin import StandIn
 
 from .conftest import INLINE_KEY_CONFIG, PERSONAL_KEY, ROOT_ORG, WriteConfig
 from .processes import serving

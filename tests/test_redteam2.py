@@ -16,8 +16,8 @@ import pytest
 from aiohttp import ClientSession, WSMsgType, web
 from yarl import URL
 
-from proxy.standin import StandIn
-from proxy.userinfo import USERINFO_PATH
+from proxy.serve.userinfo import USERINFO_PATH
+from tests.standin import StandIn
 
 from . import test_redteam
 from .conftest import StartProxy

@@ -14,7 +14,7 @@ import pytest
 from multidict import CIMultiDictProxy
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.standin import StandIn
+from tests.standin import StandIn
 
 from .conftest import (
     INLINE_KEY_CONFIG,

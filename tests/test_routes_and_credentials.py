@@ -7,7 +7,7 @@ from pathlib import Path
 
 import aiohttp
 
-from proxy.standin import StandIn
+from tests.standin import StandIn
 
 from .conftest import (
     API_KEY_NAME,

@@ -8,9 +8,9 @@ import logging
 import aiohttp
 import pytest
 
-from proxy.app import connect
-from proxy.settings import load_settings
-from proxy.standin import StandIn
+from proxy.config.settings import load_settings
+from proxy.serve.app import connect
+from tests.standin import StandIn
 
 from .conftest import (
     API_KEY_SECRET,

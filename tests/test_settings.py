@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from proxy.__main__ import main
-from proxy.settings import Endpoint, load_settings
+from proxy.cli.main import main
+from proxy.config.settings import Endpoint, load_settings
 
 from .conftest import SUB_ORG
 

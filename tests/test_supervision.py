@@ -19,9 +19,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from proxy.server import start
-from proxy.settings import load_settings
-from proxy.standin import StandIn
+from proxy.config.settings import load_settings
+from proxy.serve.server import start
+from tests.standin import StandIn
 
 from .conftest import INLINE_KEY_CONFIG, WriteConfig
 from .processes import serving

@@ -13,12 +13,12 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.app import connect
-from proxy.exchange import Exchanger, SessionToken, renewal_margin
-from proxy.server import start
-from proxy.settings import load_settings
-from proxy.standin import StandIn
-from proxy.tokens import RetryPolicy
+from proxy.auth.exchange import Exchanger, SessionToken, renewal_margin
+from proxy.auth.tokens import RetryPolicy
+from proxy.config.settings import load_settings
+from proxy.serve.app import connect
+from proxy.serve.server import start
+from tests.standin import StandIn
 
 from .conftest import StartProxy, WriteConfig
 from .support import eventually, request

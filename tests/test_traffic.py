@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 import trustme
 
-from proxy.standin import StandIn, pattern
+from tests.standin import StandIn, pattern
 
 from .conftest import INLINE_KEY_CONFIG, PERSONAL_KEY, ROOT_ORG, StartProxy, WriteConfig
 from .processes import open_fds, peak_rss_mib, rss_mib, serving

@@ -10,8 +10,8 @@ import jwt
 import pytest
 from pydantic import SecretStr
 
-from proxy.credentials import Credential, _InlineSecret
-from proxy.exchange import (
+from proxy.auth.credentials import Credential, _InlineSecret
+from proxy.auth.exchange import (
     ExchangeError,
     Exchanger,
     SessionToken,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.forward import rewrite_location
+from proxy.serve.forward import rewrite_location
 
 API = "https://api.appcircle.io"
 PROXY = "http://localhost:8787"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.guard import _host_name, _path_problem
+from proxy.policy.guard import _host_name, _path_problem
 
 
 @pytest.mark.parametrize(

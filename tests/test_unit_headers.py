@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy.headers import (
+from proxy.policy.headers import (
     raw_request_headers,
     raw_response_headers,
     request_headers,

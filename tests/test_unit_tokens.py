@@ -3,8 +3,8 @@ stops being usable, and only the token a caller holds can be discarded."""
 
 from __future__ import annotations
 
-from proxy.exchange import SessionToken
-from proxy.tokens import TokenCache
+from proxy.auth.exchange import SessionToken
+from proxy.auth.tokens import TokenCache
 
 KEY = ("main", None)
 OTHER_KEY = ("main", "22222222-2222-4222-8222-222222222222")

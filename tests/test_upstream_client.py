@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from proxy.pool import Limits, Pool, Refused
-from proxy.upstream import HIGH_WATER, READ_SIZE, UpstreamError, UpstreamTimeout
+from proxy.upstream.connection import HIGH_WATER, READ_SIZE, UpstreamError, UpstreamTimeout
+from proxy.upstream.pool import Limits, Pool, Refused
 
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 MakePool = Callable[..., Awaitable[tuple[Pool, "Scripted"]]]

@@ -18,8 +18,8 @@ from typing import Final, Literal, TextIO
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
+from ..paths import HEALTH_PATH, READY_PATH
 from .facts import ERROR_CODE, FACTS, Facts
-from .paths import HEALTH_PATH, READY_PATH
 from .stats import NO_ROUTE, Stats
 
 __all__ = ["LOGGER_NAME", "AccessLog", "access_logger"]

@@ -16,11 +16,11 @@ import aiohttp
 from aiohttp import hdrs, web
 from multidict import CIMultiDict
 
-from . import errors
-from .exchange import SessionToken
-from .headers import response_headers
-from .routes import Route
-from .tokens import TokenUnavailable
+from ..auth.exchange import SessionToken
+from ..auth.tokens import TokenUnavailable
+from ..policy import errors
+from ..policy.headers import response_headers
+from ..policy.routes import Route
 
 __all__ = ["USERINFO_PATH", "Relay", "on_auth_host"]
 

@@ -1,4 +1,4 @@
-"""A local stand-in for Appcircle's auth and API hosts, for the tests (and a demo).
+"""A stand-in for Appcircle's auth and API hosts, with fault switches, for the tests.
 
 Real aiohttp servers on loopback: the auth host issues signed JWTs from the contract's four
 token endpoints; the API host demands `Authorization: Bearer <valid JWT>`, answers 401 to a

@@ -17,22 +17,22 @@ import aiohttp
 from prometheus_client import CollectorRegistry
 from yarl import URL
 
-from . import stats as stats_module
+from ..auth.credentials import Credential, credential_from_settings
+from ..auth.exchange import Exchanger
+from ..auth.tokens import Clock, TokenKey, TokenPolicy, TokenSources
+from ..config.settings import Settings
+from ..policy.guard import Guard
+from ..policy.routes import Route, RouteTable
+from ..telemetry import stats as stats_module
+from ..telemetry.access_log import AccessLog, enabled_by_level
+from ..telemetry.stats import Stats
+from ..telemetry.tracing import debug_traces
+from ..upstream.pool import Limits, Pool
 from . import userinfo
-from .access_log import AccessLog, enabled_by_level
 from .admin import admin_handlers
-from .credentials import Credential, credential_from_settings
-from .exchange import Exchanger
 from .forward import Forwarder
-from .guard import Guard
 from .handler import AdminHandler, Handler
-from .pool import Limits, Pool
-from .routes import Route, RouteTable
 from .runtime import Runtime
-from .settings import Settings
-from .stats import Stats
-from .tokens import Clock, TokenKey, TokenPolicy, TokenSources
-from .tracing import debug_traces
 
 __all__ = ["Proxy", "build", "connect"]
 

@@ -15,7 +15,7 @@ import sys
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from .settings import LogSettings
+from ..config.settings import LogSettings
 
 __all__ = ["configure", "event"]
 

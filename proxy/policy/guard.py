@@ -25,9 +25,9 @@ from aiohttp import hdrs, web
 from multidict import CIMultiDict
 from pydantic import SecretStr
 
+from ..config.settings import ServerSettings
+from ..paths import HEALTH_PATH
 from . import errors
-from .paths import HEALTH_PATH
-from .settings import ServerSettings
 
 __all__ = ["Guard"]
 

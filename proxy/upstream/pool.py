@@ -18,7 +18,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from .upstream import Connection, UpstreamError, UpstreamTimeout
+from .connection import Connection, UpstreamError, UpstreamTimeout
 
 __all__ = ["Budget", "Lease", "Limits", "Pool", "Refused"]
 

@@ -10,9 +10,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 
-from .app import connect
-from .settings import Settings
-from .tokens import TokenUnavailable
+from ..auth.tokens import TokenUnavailable
+from ..config.settings import Settings
+from ..serve.app import connect
 
 __all__ = ["check", "check_offline", "show_config", "token"]
 

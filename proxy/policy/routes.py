@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from .allow import ALLOW_EVERYTHING, RoutePolicy
-from .credentials import Credential
-from .tokens import TokenSource
+from ..auth.credentials import Credential
+from ..auth.tokens import TokenSource
+from ..config.allow import ALLOW_EVERYTHING, RoutePolicy
 
 __all__ = ["Route", "RouteTable"]
 

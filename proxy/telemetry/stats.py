@@ -21,7 +21,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from .runtime import Runtime
+    from ..serve.runtime import Runtime
 
 __all__ = ["NO_ROUTE", "Stats", "registry"]
 

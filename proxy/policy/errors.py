@@ -8,9 +8,9 @@ from typing import Any
 
 from aiohttp import web
 
-from .facts import ERROR_CODE
+from ..auth.tokens import TokenUnavailable
+from ..telemetry.facts import ERROR_CODE
 from .routes import Route
-from .tokens import TokenUnavailable
 
 __all__ = [
     "admission_refused",

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from . import errors
-from .paths import HEALTH_PATH, METRICS_PATH, READY_PATH
+from ..paths import HEALTH_PATH, METRICS_PATH, READY_PATH
+from ..policy import errors
 
 if TYPE_CHECKING:
     from .handler import AdminHandler

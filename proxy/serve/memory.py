@@ -17,7 +17,7 @@ import logging
 from collections.abc import Callable
 from typing import Final
 
-from .pool import Budget
+from ..upstream.pool import Budget
 
 __all__ = ["give_back_after_streams"]
 

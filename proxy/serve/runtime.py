@@ -8,12 +8,12 @@ from collections.abc import Callable, Mapping
 
 import aiohttp
 
-from .credentials import Credential, credential_from_settings
-from .exchange import Exchanger
-from .pool import Pool
-from .routes import RouteTable
-from .settings import Settings
-from .tokens import TokenKey, TokenSources
+from ..auth.credentials import Credential, credential_from_settings
+from ..auth.exchange import Exchanger
+from ..auth.tokens import TokenKey, TokenSources
+from ..config.settings import Settings
+from ..policy.routes import RouteTable
+from ..upstream.pool import Pool
 
 __all__ = ["Runtime"]
 

@@ -1,5 +1,5 @@
 """`appcircle-proxy demo`: the whole mechanism on one machine, with no account and no
-network. A stand-in Appcircle (the one the tests use) and the proxy in front of it, with one
+network. A small stand-in Appcircle (demo_appcircle) and the proxy in front of it, with one
 route per kind of key, and curl commands to try. It reads no file and no environment, so a
 real key exported in the shell is never used, nor can it confuse the demo."""
 
@@ -11,10 +11,10 @@ import signal
 import uuid
 from typing import Any
 
-from . import logs
-from .server import start
-from .settings import load_settings
-from .standin import StandIn
+from ..config.settings import load_settings
+from ..serve.server import start
+from ..telemetry import logs
+from .demo_appcircle import DemoAppcircle
 
 __all__ = ["demo"]
 
@@ -25,7 +25,7 @@ SUB_ORGANIZATION = str(uuid.UUID(int=0x5B0))
 async def _demo(listen: str, log: dict[str, Any]) -> None:
     personal_key = "demo_pak_" + secrets.token_hex(8)
     api_key_secret = "demo_aks_" + secrets.token_hex(8)
-    appcircle = StandIn(token_lifetime=300)
+    appcircle = DemoAppcircle(token_lifetime=300)
     appcircle.add_personal_key(personal_key, ROOT_ORGANIZATION, SUB_ORGANIZATION)
     appcircle.add_api_key("demo-bot", api_key_secret, ROOT_ORGANIZATION)
     await appcircle.start()
@@ -36,7 +36,11 @@ async def _demo(listen: str, log: dict[str, Any]) -> None:
 
 
 async def _serve_demo(
-    appcircle: StandIn, personal_key: str, api_key_secret: str, listen: str, log: dict[str, Any]
+    appcircle: DemoAppcircle,
+    personal_key: str,
+    api_key_secret: str,
+    listen: str,
+    log: dict[str, Any],
 ) -> None:
     settings = load_settings(
         None,

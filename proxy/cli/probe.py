@@ -8,8 +8,8 @@ import sys
 
 import aiohttp
 
-from .paths import HEALTH_PATH
-from .settings import Endpoint, Settings, UnixSocket
+from ..config.settings import Endpoint, Settings, UnixSocket
+from ..paths import HEALTH_PATH
 
 __all__ = ["health", "health_url"]
 

@@ -18,9 +18,9 @@ from aiohttp import WSMsgType, web
 from multidict import CIMultiDict
 from yarl import URL
 
-from . import errors
-from .routes import Route
-from .tokens import TokenUnavailable
+from ..auth.tokens import TokenUnavailable
+from ..policy import errors
+from ..policy.routes import Route
 
 __all__ = ["Session", "is_upgrade", "relay"]
 

@@ -28,14 +28,15 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.log import server_logger as aiohttp_server_log
 
-from . import __version__, logs
-from .access_log import LOGGER_NAME, access_logger
+from .. import __version__
+from ..auth.tokens import Clock
+from ..config.settings import ConfigError, Endpoint, Settings, UnixSocket
+from ..telemetry import logs
+from ..telemetry.access_log import LOGGER_NAME, access_logger
 from .admin import create_admin_server
 from .app import Proxy, build, connect
 from .inbound import Connections, head_limit
 from .memory import give_back_after_streams
-from .settings import ConfigError, Endpoint, Settings, UnixSocket
-from .tokens import Clock
 
 __all__ = ["Running", "serve", "start"]
 

@@ -20,15 +20,15 @@ from aiohttp import hdrs, web
 from multidict import CIMultiDict
 from yarl import URL
 
-from . import errors
-from .exchange import SessionToken
-from .facts import Facts
-from .headers import raw_request_headers, raw_response_headers
-from .pool import Lease, Pool, Refused
-from .routes import Route
-from .stats import Stats
-from .tokens import TokenUnavailable
-from .upstream import Connection, Response, UpstreamError, UpstreamTimeout
+from ..auth.exchange import SessionToken
+from ..auth.tokens import TokenUnavailable
+from ..policy import errors
+from ..policy.headers import raw_request_headers, raw_response_headers
+from ..policy.routes import Route
+from ..telemetry.facts import Facts
+from ..telemetry.stats import Stats
+from ..upstream.connection import Connection, Response, UpstreamError, UpstreamTimeout
+from ..upstream.pool import Lease, Pool, Refused
 
 __all__ = ["SMALL_BODY", "Forwarder", "refusal", "rewrite_location"]
 

@@ -13,7 +13,7 @@ from typing import Final
 
 from pydantic import SecretStr
 
-from .settings import CredentialSettings, read_secret_file
+from ..config.settings import CredentialSettings, read_secret_file
 
 __all__ = ["Credential", "SecretUnavailable", "credential_from_settings"]
 

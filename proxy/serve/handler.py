@@ -19,16 +19,17 @@ from aiohttp import hdrs, web
 from multidict import CIMultiDict
 from yarl import URL
 
-from . import errors, userinfo, websocket
+from ..paths import ADMIN_PREFIX
+from ..policy import errors
+from ..policy.guard import Guard
+from ..policy.headers import request_headers
+from ..policy.routes import Route, RouteTable
+from ..telemetry.facts import ERROR_CODE, FACTS, Facts
+from ..telemetry.stats import Stats
+from ..upstream.pool import Pool, Refused
+from . import userinfo, websocket
 from .drain import Drain
-from .facts import ERROR_CODE, FACTS, Facts
 from .forward import Forwarder, refusal
-from .guard import Guard
-from .headers import request_headers
-from .paths import ADMIN_PREFIX
-from .pool import Pool, Refused
-from .routes import Route, RouteTable
-from .stats import Stats
 
 __all__ = ["AdminHandler", "Handler"]
 

@@ -22,10 +22,7 @@ from typing import Any, Final
 import aiohttp
 from yarl import URL
 
-from . import logs
-from .routes import Route
-from .server import start
-from .settings import (
+from ..config.settings import (
     ENV_PREFIX,
     ZERO_CONFIG_API_KEY_SECRET,
     ZERO_CONFIG_KEYS,
@@ -35,6 +32,9 @@ from .settings import (
     UnixSocket,
     load_settings,
 )
+from ..policy.routes import Route
+from ..serve.server import start
+from ..telemetry import logs
 
 __all__ = ["child_environment", "run", "wait"]
 

@@ -26,9 +26,9 @@ from typing import Final
 
 from cachetools import TLRUCache
 
+from ..config.settings import TokenSettings
 from .credentials import SecretUnavailable
 from .exchange import ExchangeError, Exchanger, SessionToken
-from .settings import TokenSettings
 
 __all__ = [
     "Clock",
