@@ -261,3 +261,29 @@ async def test_demo_serves_its_three_curl_commands_with_no_account(unused_tcp_po
     finally:
         process.send_signal(signal.SIGINT)
         assert await asyncio.wait_for(process.wait(), 20) == 0
+
+
+async def test_an_aiohttp_without_the_private_attributes_read_stops_start_up_in_one_line(
+    write_config: WriteConfig,
+) -> None:
+    """serve/aiohttp_private checks, at import, every aiohttp private attribute the head bound
+    reads; an aiohttp that lost one (simulated here) stops `serve` with one clear line."""
+    config = write_config()
+    script = (
+        "import sys; from aiohttp import web_protocol; del web_protocol.RequestHandler._payload_parser; "
+        "from proxy.cli.main import main; sys.exit(main(sys.argv[1:]))"
+    )
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        script,
+        "--config",
+        str(config),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 20)
+    lines = err.decode().strip().splitlines()
+    assert process.returncode == 2, err
+    assert len(lines) == 1 and "Traceback" not in err.decode()
+    assert "aiohttp" in lines[0] and "_payload_parser" in lines[0] and "<3.15" in lines[0]

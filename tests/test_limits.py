@@ -106,6 +106,35 @@ async def test_an_endless_head_after_a_declined_websocket_upgrade_is_cut(
         writer.close()
 
 
+async def test_a_body_pipelined_behind_a_full_request_queue_is_not_counted_as_a_head(
+    start_proxy: StartProxy,
+) -> None:
+    """aiohttp parses at most 32 queued requests at once and parses the rest later from its
+    own code (not from data_received); a request parsed that way must still start a body,
+    so its large body is never counted as an endless head (the head bound is fenced in
+    serve/aiohttp_private.py, which sees every queued request)."""
+    proxy = await start_proxy(server=SMALL)
+    size = 200_000  # far beyond the head bound of SMALL (about 5 KiB)
+    reader, writer = await asyncio.open_connection(*endpoint(proxy))
+    try:
+        gets = b"".join(b"GET /g/%d HTTP/1.1\r\nHost: localhost\r\n\r\n" % n for n in range(40))
+        post = b"POST /upload HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n" % size
+        writer.write(gets + post)
+        # Once the 40 GETs are answered, aiohttp has parsed the POST from its own buffer.
+        answered = b""
+        while answered.count(b"HTTP/1.1 200 ") < 40:
+            answered += await asyncio.wait_for(reader.read(65536), 5)
+        for _ in range(size // 10_000):
+            writer.write(b"b" * 10_000)
+            await writer.drain()
+        writer.write(b"GET /last HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        answers = answered + await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    assert answers.count(b"HTTP/1.1 200 ") == 42
+    assert b'"body_length": %d' % size in answers
+
+
 async def test_bodies_and_websocket_messages_larger_than_a_head_pass(
     start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:

@@ -343,5 +343,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         wanted = getattr(args, "log_format", None) or os.environ.get(f"{ENV_PREFIX}LOG__FORMAT", "")
         logs.refusal(str(err), json_lines=wanted.lower() == "json")
         return 2
+    except ImportError as err:
+        # Raised by aiohttp_private, too, for an aiohttp not of the shape it was checked on.
+        logs.refusal(f"cannot start: {err}", json_lines=False)
+        return 2
     except KeyboardInterrupt:
         return 130

@@ -18,6 +18,8 @@ from typing import Final, cast
 
 from aiohttp import StreamReader, web
 
+from .aiohttp_private import carries_frames, watch_requests
+
 __all__ = ["Connections", "head_limit"]
 
 # A refused client gets its answer, then this long to stop sending before the socket is
@@ -114,12 +116,11 @@ class _Bounded(asyncio.Protocol):
     A head is in progress whenever the connection is not carrying a body or a WebSocket:
     counting starts after the last parsed request's body has ended and stops when the next
     request is parsed. Chunks that straddle that boundary may be counted short, by at most
-    one read (256 KiB), never long. aiohttp has no public view of this, so three of its
-    RequestHandler's attributes are read here; the tests of test_limits.py fail if they
-    change.
+    one read (256 KiB), never long. What aiohttp does not show publicly (when a request is
+    parsed, whether frames flow) comes from `aiohttp_private`.
     """
 
-    __slots__ = ("_connections", "_handler", "_transport", "_head", "_payload")
+    __slots__ = ("_connections", "_handler", "_transport", "_head", "_payload", "_parsed")
 
     def __init__(self, connections: Connections, handler: web.RequestHandler) -> None:
         self._connections = connections
@@ -127,6 +128,15 @@ class _Bounded(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._head = 0
         self._payload: StreamReader | None = None  # the last request's body
+        self._parsed = 0  # requests parsed so far on this connection
+        watch_requests(handler, self._request_parsed)
+
+    def _request_parsed(self, payload: StreamReader) -> None:
+        # Whichever aiohttp code path parsed it (data_received, or its own re-parse of
+        # buffered bytes later): the head is done, and what follows is this body.
+        self._payload = payload
+        self._parsed += 1
+        self._head = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._connections.open += 1
@@ -151,22 +161,14 @@ class _Bounded(asyncio.Protocol):
         if self._transport is None:  # refused: read on and drop, until the linger ends
             return
         handler = self._handler
-        # A WebSocket, or an upgrade not yet accepted or declined (aiohttp holds at most a
-        # read buffer of it): frames, not heads. A declined upgrade counts heads again.
-        if handler._upgraded or handler._payload_parser is not None:
+        # A declined upgrade counts heads again.
+        if carries_frames(handler):
             handler.data_received(data)
             return
         in_body = self._payload is not None and not self._payload.is_eof()
-        # aiohttp queues parsed requests here until its task takes them; the task cannot
-        # run during this call, so new entries are this chunk's.
-        queued = handler._messages
-        before = len(queued)
+        parsed = self._parsed
         handler.data_received(data)
-        if len(queued) > before:
-            self._payload = queued[-1][1]
-            self._head = 0
-            return
-        if in_body:
+        if self._parsed != parsed or in_body:
             return
         self._head += len(data)
         if self._head > self._connections.head_limit:

@@ -1,27 +1,19 @@
-"""Serving: bind the listeners, say where, run until SIGINT or SIGTERM and drain in-flight
-requests within shutdown_timeout; reload credentials on SIGHUP; with --workers, keep N
-processes on the port, re-forking any that dies."""
+"""Serving, start to stop: build the proxy, start its listeners, say where, run until SIGINT
+or SIGTERM and drain in-flight requests within shutdown_timeout; reload on SIGHUP. The
+sockets are `listeners`'; the --workers supervisor is `workers`'."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import gc
-import ipaddress
 import logging
-import multiprocessing
-import multiprocessing.connection
 import os
 import signal
-import socket
-import stat
 import time
 from collections.abc import Callable, Coroutine
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
-from multiprocessing.process import BaseProcess
-from pathlib import Path
 from typing import Final, TextIO
 
 from aiohttp import web
@@ -30,13 +22,15 @@ from aiohttp.log import server_logger as aiohttp_server_log
 
 from .. import __version__
 from ..auth.tokens import Clock
-from ..config.settings import ConfigError, Endpoint, Settings, UnixSocket
+from ..config.settings import ConfigError, Endpoint, Settings
 from ..telemetry import logs
 from ..telemetry.access_log import LOGGER_NAME, access_logger
 from .admin import create_admin_server
 from .app import Proxy, build, connect
 from .inbound import Connections, head_limit
+from .listeners import Listener, addresses, is_loopback, listen, why
 from .memory import give_back_after_streams
+from .workers import Supervisor, WorkerRole
 
 __all__ = ["Running", "serve", "start"]
 
@@ -45,11 +39,6 @@ log = logging.getLogger("appcircle_proxy.server")
 # Once shutdown_timeout is spent, requests still running are cancelled and given this long
 # to unwind (aiohttp waits twice: for the handler, then for its cancellation).
 CUT_GRACE: Final = 0.1
-# A worker that dies is re-forked after RESTART_INITIAL seconds, doubling up to RESTART_MAX
-# while it keeps dying within STABLE_SECONDS of its start.
-RESTART_INITIAL: Final = 0.5
-RESTART_MAX: Final = 30.0
-STABLE_SECONDS: Final = 10.0
 GC_FIRST_GENERATION: Final = 10_000
 
 _LOOP_FACTORY: Callable[[], asyncio.AbstractEventLoop] | None
@@ -132,43 +121,23 @@ _QUIET_PARSER_ERRORS = _ParserErrorsInOneLine()
 
 
 @dataclass(frozen=True, slots=True)
-class _Listener:
-    server: asyncio.Server
-    # A Unix socket file this process created, and its identity, to remove it on exit.
-    socket_file: tuple[Path, int, int] | None = None
-
-    def close(self) -> None:
-        self.server.close()
-        if self.socket_file is None:
-            return
-        path, device, inode = self.socket_file
-        try:
-            found = path.lstat()
-            # Only ours: a later process may have replaced the file meanwhile.
-            if (found.st_dev, found.st_ino) == (device, inode):
-                path.unlink()
-        except OSError:
-            pass
-
-
-@dataclass(frozen=True, slots=True)
 class Running:
     """A started proxy: its parts, its runners and listeners (the API ones first)."""
 
     proxy: Proxy
     runners: tuple[web.BaseRunner, ...]
     resources: AsyncExitStack
-    listeners: tuple[tuple[_Listener, ...], ...]
+    listeners: tuple[tuple[Listener, ...], ...]
     shutdown_timeout: float
 
     @property
     def urls(self) -> list[str]:
         """Where the API listener listens, as URLs (unix:/path for a Unix socket)."""
-        return _addresses(self.listeners[0])
+        return addresses(self.listeners[0])
 
     @property
     def admin_urls(self) -> list[str]:
-        return [url for listeners in self.listeners[1:] for url in _addresses(listeners)]
+        return [url for listeners in self.listeners[1:] for url in addresses(listeners)]
 
     async def stop(self) -> int:
         """Stop accepting and let in-flight requests finish, all within shutdown_timeout;
@@ -185,33 +154,16 @@ class Running:
             if server is not None:
                 # Idle keep-alive connections end now; busy ones after their answer.
                 server.pre_shutdown()
-                while _busy(server) and loop.time() < deadline:
+                stats = self.proxy.stats
+                while stats.in_flight and loop.time() < deadline:
                     await asyncio.sleep(0.02)
-                cut = _busy(server)
+                cut = stats.in_flight
             for runner in reversed(self.runners):
                 await runner.cleanup()
         finally:
             self.proxy.access_log.flush()
             await self.resources.aclose()
         return cut
-
-
-def _busy(server: web.Server) -> int:
-    """Requests being handled now. aiohttp has no public count; its request handlers
-    keep this flag (read at shutdown only; the drain test fails if it goes away)."""
-    return sum(1 for handler in server.connections if handler._request_in_progress)
-
-
-def _addresses(listeners: tuple[_Listener, ...]) -> list[str]:
-    return [_url(sock.getsockname()) for listener in listeners for sock in listener.server.sockets]
-
-
-def _url(address: object) -> str:
-    if isinstance(address, str):
-        return f"unix:{address}"
-    assert isinstance(address, tuple)
-    host, port = address[0], address[1]
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 async def start(
@@ -259,12 +211,12 @@ async def start(
         head_limit=head_limit(server.max_url_length, server.max_header_bytes),
     )
     runners: list[web.BaseRunner] = [runner]
-    listeners: list[tuple[_Listener, ...]] = []
+    listeners: list[tuple[Listener, ...]] = []
     address, setting = server.endpoint, "--listen or server.listen"
     try:
         await runner.setup()
         listeners.append(
-            await _listen(runner, connections, server.endpoint, server.socket_mode, reuse_port)
+            await listen(runner, connections, server.endpoint, server.socket_mode, reuse_port)
         )
         if server.admin_endpoint is not None:
             address, setting = server.admin_endpoint, "--admin-listen or server.admin_listen"
@@ -277,7 +229,7 @@ async def start(
             # not make the proxy look dead.
             admin_connections = Connections(limit=64, head_limit=connections.head_limit)
             listeners.append(
-                await _listen(
+                await listen(
                     admin_runner,
                     admin_connections,
                     server.admin_endpoint,
@@ -294,10 +246,10 @@ async def start(
         await resources.aclose()
         if isinstance(err, SystemExit):  # a Unix socket path refused, already said why
             raise
-        log.error("cannot listen on %s: %s; choose another with %s", address, _why(err), setting)
+        log.error("cannot listen on %s: %s; choose another with %s", address, why(err), setting)
         raise SystemExit(2) from None
     endpoint = server.endpoint
-    if isinstance(endpoint, Endpoint) and not _is_loopback(endpoint.host):
+    if isinstance(endpoint, Endpoint) and not is_loopback(endpoint.host):
         if server.client_secret() is None:
             log.warning(
                 "LISTENING ON %s, BEYOND LOOPBACK, WITHOUT A CLIENT TOKEN: anyone who can "
@@ -307,91 +259,6 @@ async def start(
                 endpoint,
             )
     return Running(proxy, tuple(runners), resources, tuple(listeners), server.shutdown_timeout)
-
-
-async def _listen(
-    runner: web.BaseRunner,
-    connections: Connections,
-    endpoint: Endpoint | UnixSocket,
-    mode: int,
-    reuse_port: bool,
-) -> tuple[_Listener, ...]:
-    assert runner.server is not None
-    factory = connections.factory(runner.server)
-    loop = asyncio.get_running_loop()
-    if isinstance(endpoint, Endpoint):
-        server = await loop.create_server(
-            factory, endpoint.host, endpoint.port, reuse_address=True, reuse_port=reuse_port
-        )
-        return (_Listener(server),)
-    path = endpoint.path
-    _claim_socket_path(path)
-    if mode & 0o002:
-        log.warning(
-            "THE UNIX SOCKET %s IS WORLD-WRITABLE (server.socket_mode %04o): every local user "
-            "can use the Appcircle key(s) through it. Use 0600, or 0660 and a group.",
-            path,
-            mode,
-        )
-    # Created under a restrictive umask, so there is no moment when others could connect.
-    previous = os.umask(0o777 & ~mode)
-    try:
-        server = await loop.create_unix_server(factory, str(path))
-    finally:
-        os.umask(previous)
-    os.chmod(path, mode)
-    created = path.lstat()
-    return (_Listener(server, (path, created.st_dev, created.st_ino)),)
-
-
-def _claim_socket_path(path: Path) -> None:
-    """Refuse a socket path another process is listening on (binding would silently take
-    it over); remove a stale socket file left by a process that died."""
-    try:
-        found = path.lstat()
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(found.st_mode):
-        raise SystemExit(
-            f"appcircle-proxy: {path} exists and is not a socket; remove it or choose "
-            "another path in server.listen"
-        )
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(1.0)
-    try:
-        probe.connect(str(path))
-    except ConnectionRefusedError:
-        log.info("replacing the stale socket file %s (no process listens on it)", path)
-        path.unlink()
-        return
-    except OSError as err:
-        raise SystemExit(
-            f"appcircle-proxy: cannot check whether another process listens on {path} "
-            f"({err.strerror or type(err).__name__}); choose another path in server.listen"
-        ) from None
-    finally:
-        probe.close()
-    raise SystemExit(
-        f"appcircle-proxy: another process is listening on unix:{path}; stop it, or choose "
-        "another path in server.listen"
-    )
-
-
-def _why(err: OSError) -> str:
-    if isinstance(err, socket.gaierror):
-        return f"the host name does not resolve ({err.strerror})"
-    if isinstance(err, FileNotFoundError):
-        return f"its directory does not exist ({err.strerror})"
-    return err.strerror or str(err)
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _reload(running: Running, load: Callable[[], Settings]) -> None:
@@ -404,17 +271,6 @@ def _reload(running: Running, load: Callable[[], Settings]) -> None:
     running.proxy.runtime.reload(settings)
 
 
-@dataclass(frozen=True, slots=True)
-class _WorkerRole:
-    """Which of several processes this is: its slot, how often the slot was re-forked,
-    and the pipe on which it tells the parent it is serving. (A pipe, not a lock-based
-    multiprocessing.Event: a worker killed while holding that lock would hang the parent.)"""
-
-    index: int
-    restarts: int
-    ready: Connection
-
-
 async def _cancel(task: asyncio.Task[None]) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
@@ -422,7 +278,7 @@ async def _cancel(task: asyncio.Task[None]) -> None:
 
 
 async def _serve(
-    settings: Settings, load: Callable[[], Settings], role: _WorkerRole | None = None
+    settings: Settings, load: Callable[[], Settings], role: WorkerRole | None = None
 ) -> None:
     running = await start(
         settings, reuse_port=role is not None, worker=None if role is None else role.index
@@ -491,7 +347,7 @@ def _run(main: Coroutine[None, None, None]) -> None:
         runner.run(main)
 
 
-def _worker(settings: Settings, load: Callable[[], Settings], role: _WorkerRole) -> None:
+def _worker(settings: Settings, load: Callable[[], Settings], role: WorkerRole) -> None:
     # The parent relays SIGINT/SIGTERM; a terminal's Ctrl-C must not hit workers directly.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # The parent's handlers were inherited; until the worker's event loop installs its own,
@@ -511,129 +367,4 @@ def serve(settings: Settings, load: Callable[[], Settings], workers: int = 1) ->
     if not isinstance(endpoint, Endpoint) or endpoint.port == 0:
         log.error("--workers needs a fixed TCP port to share (server.listen)")
         return 2
-    return _Supervisor(settings, load, workers).run()
-
-
-@dataclass(slots=True)
-class _Slot:
-    """One of the N places on the port, and the process that holds it now."""
-
-    index: int
-    process: BaseProcess
-    ready: Connection  # the read end of the worker's pipe
-    started: float
-    restarts: int = 0
-    delay: float = RESTART_INITIAL
-    # Set once the supervisor has seen the process exit; then, unless stopping, when to
-    # fork its replacement.
-    exited: bool = False
-    restart_at: float = 0.0
-
-
-class _Supervisor:
-    """The parent of --workers: forks them, relays signals, and re-forks one that dies
-    (after a backoff) so the port keeps all N. A first worker that exits with an error
-    before it ever served is a start-up error (a port in use, say): all stop, exit 1."""
-
-    def __init__(self, settings: Settings, load: Callable[[], Settings], workers: int) -> None:
-        # fork, not spawn: workers inherit the validated settings and the loader as they are.
-        self._context = multiprocessing.get_context("fork")
-        self._settings = settings
-        self._load = load
-        self._workers = workers
-        self._stopping = False
-        self._failed = False
-        self._slots: list[_Slot] = []
-
-    def _fork(self, index: int, restarts: int) -> _Slot:
-        ready, told = self._context.Pipe(duplex=False)
-        role = _WorkerRole(index, restarts, told)
-        process = self._context.Process(
-            target=_worker, args=(self._settings, self._load, role), name=f"worker-{index}"
-        )
-        process.start()
-        told.close()  # the worker's end; later workers must not inherit it
-        return _Slot(index, process, ready, time.monotonic(), restarts)
-
-    def _relay(self, signum: int, _frame: object) -> None:
-        if signum in (signal.SIGINT, signal.SIGTERM):
-            self._stopping = True
-            signum = signal.SIGTERM
-        for slot in self._slots:
-            if slot.process.pid is not None and slot.process.exitcode is None:
-                os.kill(slot.process.pid, signum)
-
-    def run(self) -> int:
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(signum, self._relay)
-        for index in range(self._workers):
-            self._slots.append(self._fork(index, 0))
-        if self._stopping:  # a signal arrived while forking
-            self._relay(signal.SIGTERM, None)
-        while True:
-            for slot in self._slots:
-                self._tend(slot)
-            # Every process not yet seen to exit is watched, so no exit goes unnoticed.
-            watched = [slot.process.sentinel for slot in self._slots if not slot.exited]
-            if self._stopping and not watched:
-                break
-            due = [slot.restart_at for slot in self._slots if slot.exited]
-            timeout = None if self._stopping or not due else max(0.0, min(due) - time.monotonic())
-            multiprocessing.connection.wait(watched, timeout)
-        if self._failed:
-            log.error("a worker could not start; see above")
-            return 1
-        return 0
-
-    def _tend(self, slot: _Slot) -> None:
-        process = slot.process
-        if not slot.exited:
-            code = process.exitcode
-            if code is None:
-                return
-            slot.exited = True
-            if self._stopping:
-                return
-            # An error exit before serving is a start-up error; a signal is not.
-            if code > 0 and slot.restarts == 0 and not _served(slot.ready):
-                log.error("worker %d %s before serving", slot.index, _how(process))
-                self._failed = True
-                self._relay(signal.SIGTERM, None)
-                return
-            now = time.monotonic()
-            if now - slot.started >= STABLE_SECONDS:
-                slot.delay = RESTART_INITIAL
-            slot.restart_at = now + slot.delay
-            log.error(
-                "worker %d (pid %s) %s; re-forking it in %.1f s (restart %d)",
-                slot.index,
-                process.pid,
-                _how(process),
-                slot.delay,
-                slot.restarts + 1,
-            )
-            return
-        if self._stopping or time.monotonic() < slot.restart_at:
-            return
-        slot.ready.close()
-        replacement = self._fork(slot.index, slot.restarts + 1)
-        replacement.delay = min(slot.delay * 2, RESTART_MAX)
-        self._slots[self._slots.index(slot)] = replacement
-        if self._stopping:  # a signal arrived while forking: the new worker missed it
-            self._relay(signal.SIGTERM, None)
-
-
-def _served(ready: Connection) -> bool:
-    """Whether a worker that has exited said it was serving (so reading cannot block)."""
-    try:
-        return ready.poll() and ready.recv_bytes() == b"serving"
-    except EOFError:
-        return False
-
-
-def _how(process: BaseProcess) -> str:
-    code = process.exitcode
-    assert code is not None
-    if code < 0:
-        return f"was killed by {signal.Signals(-code).name}"
-    return f"exited with status {code}"
+    return Supervisor(settings, load, workers, _worker).run()
