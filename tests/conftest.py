@@ -13,7 +13,8 @@ import aiohttp
 import pytest
 import tomli_w
 
-from proxy.config.settings import ENV_PREFIX, load_settings
+from proxy.config.load import load_settings
+from proxy.config.settings import ENV_PREFIX
 from proxy.serve.server import Running, start
 from tests.standin import StandIn
 

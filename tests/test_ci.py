@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 
 from proxy.cli.ci import child_environment
-from proxy.config.settings import load_settings
+from proxy.config.load import load_settings
 from proxy.serve.server import start
 from tests.standin import StandIn
 

@@ -270,7 +270,7 @@ async def test_an_aiohttp_without_the_private_attributes_read_stops_start_up_in_
     reads; an aiohttp that lost one (simulated here) stops `serve` with one clear line."""
     config = write_config()
     script = (
-        "import sys; from aiohttp import web_protocol; del web_protocol.RequestHandler._payload_parser; "
+        "import sys; from aiohttp import web_protocol as p; del p.RequestHandler._payload_parser; "
         "from proxy.cli.main import main; sys.exit(main(sys.argv[1:]))"
     )
     process = await asyncio.create_subprocess_exec(

@@ -18,7 +18,8 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.cli.main import main
 from proxy.config.allow import RoutePolicy, parse_rule
-from proxy.config.settings import ConfigError, load_settings
+from proxy.config.errors import ConfigError
+from proxy.config.load import load_settings
 from proxy.policy.headers import raw_request_headers, request_headers
 from tests.standin import StandIn
 

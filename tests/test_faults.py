@@ -14,7 +14,7 @@ import pytest
 
 from proxy.auth.exchange import Exchanger
 from proxy.auth.tokens import TokenUnavailable
-from proxy.config.settings import load_settings
+from proxy.config.load import load_settings
 from proxy.serve.app import connect
 from proxy.serve.server import Running, start
 from tests.standin import StandIn

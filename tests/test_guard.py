@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 from yarl import URL
 
-from proxy.config.settings import load_settings
+from proxy.config.load import load_settings
 from proxy.serve.server import start
 from tests.standin import StandIn
 

@@ -21,7 +21,7 @@ import tomli_w
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.config.settings import load_settings
+from proxy.config.load import load_settings
 from proxy.serve.server import Running, start
 from tests.standin import StandIn
 

@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.config.settings import load_settings
+from proxy.config.load import load_settings
 from proxy.serve.server import start
 from tests.standin import StandIn
 

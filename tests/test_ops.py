@@ -20,7 +20,9 @@ import tomli_w
 import yaml
 
 from proxy import __version__
-from proxy.config.settings import ConfigError, ServerSettings, load_settings
+from proxy.config.errors import ConfigError
+from proxy.config.load import load_settings
+from proxy.config.settings import ServerSettings
 from proxy.serve.server import start
 from tests.standin import StandIn
 

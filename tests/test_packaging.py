@@ -20,7 +20,8 @@ import pytest
 import yaml
 
 from proxy import __version__
-from proxy.config.settings import load_settings
+from proxy.config.load import load_settings
+from proxy.config.secrets import read_client_token
 from tests.standin import StandIn
 
 ROOT = Path(__file__).parent.parent
@@ -154,7 +155,7 @@ def test_compose_example_is_a_valid_sidecar_setup(
         assert f"/run/secrets/{secret}" in proxy["environment"].values()
     settings = load_environment(proxy["environment"], tmp_path, monkeypatch)
     assert "appcircle-proxy" in settings.server.allowed_hosts
-    assert settings.server.client_secret() is not None
+    assert read_client_token(settings.server) is not None
     assert settings.credentials["default"].kind == "personal-access-key"
 
 

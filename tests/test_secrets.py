@@ -8,7 +8,7 @@ import logging
 import aiohttp
 import pytest
 
-from proxy.config.settings import load_settings
+from proxy.config.load import load_settings
 from proxy.serve.app import connect
 from tests.standin import StandIn
 

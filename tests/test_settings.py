@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from proxy.cli.main import main
-from proxy.config.settings import Endpoint, load_settings
+from proxy.config.addresses import Endpoint
+from proxy.config.load import load_settings
 
 from .conftest import SUB_ORG
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from proxy.config.settings import load_settings
+from proxy.config.load import load_settings
 from proxy.serve.server import start
 from tests.standin import StandIn
 

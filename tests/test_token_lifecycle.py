@@ -15,7 +15,7 @@ import pytest
 
 from proxy.auth.exchange import Exchanger, SessionToken, renewal_margin
 from proxy.auth.tokens import RetryPolicy
-from proxy.config.settings import load_settings
+from proxy.config.load import load_settings
 from proxy.serve.app import connect
 from proxy.serve.server import start
 from tests.standin import StandIn

@@ -13,7 +13,8 @@ from typing import Final
 
 from pydantic import SecretStr
 
-from ..config.settings import CredentialSettings, read_secret_file
+from ..config.secrets import read_secret_file
+from ..config.settings import CredentialSettings
 
 __all__ = ["Credential", "SecretUnavailable", "credential_from_settings"]
 

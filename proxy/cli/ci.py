@@ -22,16 +22,12 @@ from typing import Any, Final
 import aiohttp
 from yarl import URL
 
-from ..config.settings import (
-    ENV_PREFIX,
-    ZERO_CONFIG_API_KEY_SECRET,
-    ZERO_CONFIG_KEYS,
-    ConfigError,
-    Endpoint,
-    Settings,
-    UnixSocket,
-    load_settings,
-)
+from ..config.addresses import Endpoint, UnixSocket, probe_target, reachable
+from ..config.errors import ConfigError
+from ..config.load import load_settings
+from ..config.secrets import read_client_token
+from ..config.settings import ENV_PREFIX, Settings
+from ..config.sources import ZERO_CONFIG_API_KEY_SECRET, ZERO_CONFIG_KEYS
 from ..policy.routes import Route
 from ..serve.server import start
 from ..telemetry import logs
@@ -95,7 +91,7 @@ def child_environment(
     dropped = key_variables(settings, environ)
     environment = {name: value for name, value in environ.items() if name not in dropped}
     environment[PROXY_URL_ENV] = environment[API_URL_ENV] = proxy_url
-    client_token = settings.server.client_secret()
+    client_token = read_client_token(settings.server)
     if client_token is not None:
         environment[CLIENT_TOKEN_ENV] = client_token.get_secret_value()
     return environment
@@ -230,11 +226,9 @@ def _in_terminal_foreground() -> bool:
 def _client_url(listening: str) -> str:
     """Where a local client reaches a listener: the wildcard addresses by loopback."""
     url = URL(listening)
-    if url.host == "0.0.0.0":
-        return str(url.with_host("127.0.0.1"))
-    if url.host == "::":
-        return str(url.with_host("::1"))
-    return listening
+    if url.host is None or url.port is None:
+        return listening
+    return reachable(Endpoint(url.host, url.port)).url
 
 
 # -- wait -------------------------------------------------------------------------------
@@ -269,29 +263,26 @@ def wait(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
             print(f"appcircle-proxy: {err}\n(or name the proxy with --url)", file=sys.stderr)
             return 2
         # The admin listener, when there is one, serves readiness without a client token.
-        endpoint = settings.server.admin_endpoint or settings.server.endpoint
+        target = probe_target(settings.server.endpoint, settings.server.admin_endpoint)
+        endpoint = target.endpoint
         if isinstance(endpoint, UnixSocket):
             socket_path, base = str(endpoint.path), "http://localhost"
         elif endpoint.port == 0:
             print(
-                "appcircle-proxy wait: the configuration listens on port 0 (any free port); "
+                f"appcircle-proxy wait: {target.setting} is port 0 (any free port); "
                 "name the proxy with --url",
                 file=sys.stderr,
             )
             return 2
         else:
-            base = _client_url(f"http://{_url_host(endpoint)}:{endpoint.port}")
+            base = endpoint.url
         try:
-            secret = settings.server.client_secret()
+            secret = read_client_token(settings.server)
         except (KeyError, ValueError):
             secret = None  # not readable here; the answer will say a token is wanted
-        if settings.server.admin_endpoint is None and secret is not None:
+        if target.needs_client_token and secret is not None:
             headers["Proxy-Authorization"] = f"Bearer {secret.get_secret_value()}"
     return asyncio.run(_wait(base, headers, socket_path, timeout))
-
-
-def _url_host(endpoint: Endpoint) -> str:
-    return f"[{endpoint.host}]" if ":" in endpoint.host else endpoint.host
 
 
 async def _wait(base: str, headers: dict[str, str], socket_path: str | None, timeout: float) -> int:

@@ -11,7 +11,7 @@ import signal
 import uuid
 from typing import Any
 
-from ..config.settings import load_settings
+from ..config.load import load_settings
 from ..serve.server import start
 from ..telemetry import logs
 from .demo_appcircle import DemoAppcircle

@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..config.settings import ENV_PREFIX, ConfigError, Settings, load_settings
+from ..config.errors import ConfigError
+from ..config.load import load_settings
+from ..config.settings import ENV_PREFIX, Settings
 from ..telemetry import logs
 
 __all__ = ["main"]

@@ -8,21 +8,18 @@ import sys
 
 import aiohttp
 
-from ..config.settings import Endpoint, Settings, UnixSocket
+from ..config.addresses import Endpoint, UnixSocket, probe_target
+from ..config.settings import Settings
 from ..paths import HEALTH_PATH
 
 __all__ = ["health", "health_url"]
 
-# A wildcard listener is reached on loopback, from inside its own container or host.
-_LOOPBACK_FOR = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}
-
 
 def health_url(endpoint: Endpoint | UnixSocket) -> str:
-    """Where the health endpoint of a proxy listening on `endpoint` answers."""
+    """Where the health endpoint of a proxy reached at `endpoint` answers."""
     if isinstance(endpoint, UnixSocket):
         return f"unix:{endpoint.path}"
-    host = _LOOPBACK_FOR.get(endpoint.host, endpoint.host)
-    return f"http://{Endpoint(host, endpoint.port)}{HEALTH_PATH}"
+    return f"{endpoint.url}{HEALTH_PATH}"
 
 
 async def _ask(endpoint: Endpoint | UnixSocket, timeout: float) -> int:
@@ -43,9 +40,8 @@ async def _ask(endpoint: Endpoint | UnixSocket, timeout: float) -> int:
 
 def health(settings: Settings, timeout: float) -> int:
     """Exit status 0 when the proxy answers 200 on its health endpoint, else 1 and one line."""
-    server = settings.server
-    endpoint = server.admin_endpoint or server.endpoint
-    setting = "server.admin_listen" if server.admin_endpoint else "server.listen"
+    target = probe_target(settings.server.endpoint, settings.server.admin_endpoint)
+    endpoint, setting = target.endpoint, target.setting
     if isinstance(endpoint, Endpoint) and endpoint.port == 0:
         print(
             f"appcircle-proxy health: {setting} is port 0 (chosen at start), so the proxy "

@@ -1,16 +1,12 @@
-"""Configuration: the TOML file, the environment and the command line, validated once into
-frozen objects. Everything a user can get wrong is caught here, at start-up."""
+"""The configuration's models: what each setting may hold, validated into frozen objects.
+Pure data: nothing here reads a file or the environment (`sources` and `secrets` do, and
+`load` puts them together)."""
 
 from __future__ import annotations
 
 import json
-import os
-import tomllib
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
-from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal
 
@@ -24,102 +20,37 @@ from pydantic import (
     PlainValidator,
     PositiveFloat,
     SecretStr,
-    ValidationError,
     ValidationInfo,
     field_serializer,
     field_validator,
     model_validator,
 )
-from pydantic_core import ErrorDetails
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
-    PydanticBaseSettingsSource,
     SettingsConfigDict,
-    SettingsError,
-    TomlConfigSettingsSource,
 )
 from yarl import URL
 
+from .addresses import Endpoint, UnixSocket, parse_endpoint, same_address
 from .allow import AllowRule, RoutePolicy, parse_rule
 
 __all__ = [
     "ENV_PREFIX",
-    "CONFIG_ENV",
-    "ConfigError",
+    "AppcircleSettings",
     "CredentialSettings",
-    "Endpoint",
     "LogSettings",
-    "UnixSocket",
     "RouteSettings",
+    "ServerSettings",
     "Settings",
-    "load_settings",
-    "read_secret_file",
+    "TokenSettings",
+    "check_org_id",
+    "check_utf8",
 ]
 
 ENV_PREFIX: Final = "APPCIRCLE_PROXY_"
-CONFIG_ENV: Final = "APPCIRCLE_PROXY_CONFIG"
 
 CredentialKind = Literal["personal-access-key", "personal-api-token", "api-key"]
-
-# Zero-config: with no file, these variables (the names Appcircle's own tools use) make one route.
-ZERO_CONFIG_KEYS: Final = (
-    ("APPCIRCLE_PERSONAL_ACCESS_KEY", "personal-access-key"),
-    ("APPCIRCLE_PERSONAL_API_TOKEN", "personal-api-token"),
-)
-ZERO_CONFIG_API_KEY_NAME: Final = "APPCIRCLE_API_KEY_NAME"
-ZERO_CONFIG_API_KEY_SECRET: Final = "APPCIRCLE_API_KEY_SECRET"
-ZERO_CONFIG_SUB_ORGANIZATION: Final = "APPCIRCLE_SUB_ORGANIZATION"
-
-# Set while validating offline (`check --offline`, `health`): secrets, secret files and the
-# CA bundle are where the deployment puts them, not necessarily here, so they are not read.
-_OFFLINE: ContextVar[bool] = ContextVar("offline", default=False)
-
-
-def _reads_secrets() -> bool:
-    return not _OFFLINE.get()
-
-
-class ConfigError(Exception):
-    """A configuration the proxy cannot start with; the text is for the user, secret-free."""
-
-
-@dataclass(frozen=True, slots=True)
-class Endpoint:
-    """A TCP listen address."""
-
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
-
-
-@dataclass(frozen=True, slots=True)
-class UnixSocket:
-    """A Unix socket listen address: only local users with access to the file can connect."""
-
-    path: Path
-
-    def __str__(self) -> str:
-        return f"unix:{self.path}"
-
-
-def _parse_endpoint(value: str) -> Endpoint | UnixSocket:
-    if value.startswith("unix:"):
-        path = value.removeprefix("unix:")
-        if not path.startswith("/"):
-            raise ValueError(f"'{value}' needs an absolute path, e.g. 'unix:/run/appcircle.sock'")
-        return UnixSocket(Path(path))
-    host, sep, port = value.rpartition(":")
-    host = host.removeprefix("[").removesuffix("]")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(
-            f"'{value}' is not a listen address; write host:port (e.g. '127.0.0.1:8787') "
-            "or unix:/path/to.sock"
-        )
-    return Endpoint(host, int(port))
 
 
 def _parse_base_url(value: object) -> object:
@@ -153,8 +84,20 @@ def _list_from_env(value: object) -> object:
 StringList = Annotated[tuple[str, ...], NoDecode, BeforeValidator(_list_from_env)]
 
 # Kept a string in the model (so an environment variable needs no JSON), checked here.
-ListenAddress = Annotated[str, AfterValidator(lambda value: str(_parse_endpoint(value)))]
+ListenAddress = Annotated[str, AfterValidator(lambda value: str(parse_endpoint(value)))]
 BaseUrl = Annotated[str, BeforeValidator(_parse_base_url)]
+
+
+def check_utf8(value: str, where: str) -> None:
+    """The environment hands undecodable bytes over as surrogates, which no HTTP request can
+    carry; refuse them, naming where the value came from and never the value."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(
+            f"{where} is not valid UTF-8 (an invalid byte at position {err.start}); "
+            "set it to the key exactly as it was given to you"
+        ) from None
 
 
 class _Section(BaseModel):
@@ -209,19 +152,23 @@ class ServerSettings(_Section):
     def _octal(self, mode: int) -> str:
         return f"{mode:04o}"
 
-    @property
+    @cached_property
     def endpoint(self) -> Endpoint | UnixSocket:
-        return _parse_endpoint(self.listen)
+        return parse_endpoint(self.listen)
 
-    @property
+    @cached_property
     def admin_endpoint(self) -> Endpoint | UnixSocket | None:
-        return None if self.admin_listen is None else _parse_endpoint(self.admin_listen)
+        return None if self.admin_listen is None else parse_endpoint(self.admin_listen)
 
     @field_validator("admin_listen")
     @classmethod
     def _admin_apart(cls, admin_listen: str | None, info: ValidationInfo) -> str | None:
         listen = info.data.get("listen")
-        if listen is not None and _same_address(listen, admin_listen):
+        if (
+            listen is not None
+            and admin_listen is not None
+            and same_address(parse_endpoint(listen), parse_endpoint(admin_listen))
+        ):
             raise ValueError(
                 f"admin_listen ({admin_listen}) is the listen address ({listen}); "
                 "give the admin listener a port of its own, e.g. 0.0.0.0:9090"
@@ -254,78 +201,9 @@ class ServerSettings(_Section):
         ]
         if len(given) > 1:
             raise ValueError(f"set at most one of {', '.join(given)}")
-        if not _reads_secrets():
-            return self
-        if self.client_token_env is not None:
-            if not os.environ.get(self.client_token_env):
-                raise ValueError(
-                    f"the environment variable {self.client_token_env} (client_token_env) is "
-                    "not set or empty"
-                )
-            _check_utf8(
-                os.environ[self.client_token_env],
-                f"the environment variable {self.client_token_env} (client_token_env)",
-            )
         if self.client_token is not None:
-            _check_utf8(self.client_token.get_secret_value(), "client_token")
-        if self.client_token_file is not None:
-            read_secret_file(self.client_token_file, "client_token_file")
+            check_utf8(self.client_token.get_secret_value(), "client_token")
         return self
-
-    def client_secret(self) -> SecretStr | None:
-        """The client token, read from wherever it is configured (validated above)."""
-        if self.client_token_env is not None:
-            return SecretStr(os.environ[self.client_token_env].strip())
-        if self.client_token_file is not None:
-            return SecretStr(read_secret_file(self.client_token_file, "client_token_file"))
-        if self.client_token is not None:
-            return SecretStr(self.client_token.get_secret_value().strip())
-        return None
-
-
-def _check_utf8(value: str, where: str) -> None:
-    """The environment hands undecodable bytes over as surrogates, which no HTTP request can
-    carry; refuse them here, naming where the value came from and never the value."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as err:
-        raise ValueError(
-            f"{where} is not valid UTF-8 (an invalid byte at position {err.start}); "
-            "set it to the key exactly as it was given to you"
-        ) from None
-
-
-def _same_address(listen: str, admin_listen: str | None) -> bool:
-    """Whether the two listeners would claim one socket (port 0 is a fresh port each time)."""
-    if admin_listen is None:
-        return False
-    first, second = _parse_endpoint(listen), _parse_endpoint(admin_listen)
-    if isinstance(first, Endpoint) and isinstance(second, Endpoint):
-        wildcard = {"0.0.0.0", "::", ""}
-        return first.port == second.port != 0 and (
-            first.host == second.host or bool({first.host, second.host} & wildcard)
-        )
-    return first == second
-
-
-def read_secret_file(path: Path, setting: str = "secret file") -> str:
-    """A secret held in a file, stripped; ValueError (naming the file, never the content)
-    when it cannot be read or is empty."""
-    try:
-        content = path.read_text(encoding="utf-8").strip()
-    except UnicodeDecodeError as err:
-        raise ValueError(
-            f"the {setting} '{path}' is not UTF-8 text (an invalid byte at offset {err.start}); "
-            "write the key as it was given to you, as plain text"
-        ) from None
-    except OSError as err:
-        raise ValueError(
-            f"the {setting} '{path}' cannot be read ({err.strerror or type(err).__name__}); "
-            "check the path and its permissions"
-        ) from None
-    if not content:
-        raise ValueError(f"the {setting} '{path}' is empty")
-    return content
 
 
 class AppcircleSettings(_Section):
@@ -343,13 +221,6 @@ class AppcircleSettings(_Section):
     max_streams: int = Field(default=100, ge=1)
     # Turns off TLS verification for the auth and API hosts. Logged loudly; prefer ca_file.
     insecure_skip_verify: bool = False
-
-    @field_validator("ca_file")
-    @classmethod
-    def _ca_file_readable(cls, path: Path | None) -> Path | None:
-        if path is not None and _reads_secrets() and not os.access(path, os.R_OK):
-            raise ValueError(f"the CA bundle '{path}' does not exist or is not readable")
-        return path
 
     @model_validator(mode="after")
     def _one_way_to_trust(self) -> AppcircleSettings:
@@ -408,22 +279,11 @@ class CredentialSettings(_Section):
         if self.secret is not None:
             if not self.secret.get_secret_value().strip():
                 raise ValueError("secret is empty")
-            _check_utf8(self.secret.get_secret_value(), "secret")
+            check_utf8(self.secret.get_secret_value(), "secret")
         if self.kind == "api-key" and not self.name:
             raise ValueError("an api-key credential needs name (the API key's name)")
         if self.kind != "api-key" and self.name is not None:
             raise ValueError(f"name is only for api-key credentials, not {self.kind}")
-        if not _reads_secrets():
-            return self
-        if self.secret_env is not None:
-            if not os.environ.get(self.secret_env, "").strip():
-                raise ValueError(
-                    f"the environment variable {self.secret_env} (secret_env) is not set or "
-                    "empty; export it or point secret_env at the variable that holds the key"
-                )
-            _check_utf8(os.environ[self.secret_env], f"the environment variable {self.secret_env}")
-        if self.secret_file is not None:
-            read_secret_file(self.secret_file, "secret file")
         return self
 
 
@@ -437,7 +297,7 @@ def _normalise_prefix(value: object) -> object:
     return value.rstrip("/") or "/"
 
 
-def _check_org_id(value: object) -> object:
+def check_org_id(value: object) -> object:
     if value is None or not isinstance(value, str):
         return value
     try:
@@ -464,7 +324,7 @@ AllowRuleSetting = Annotated[AllowRule, PlainValidator(_parse_allow_rule), Plain
 class RouteSettings(_Section):
     prefix: Annotated[str, BeforeValidator(_normalise_prefix)]
     credential: str
-    sub_organization: Annotated[str | None, BeforeValidator(_check_org_id)] = None
+    sub_organization: Annotated[str | None, BeforeValidator(check_org_id)] = None
     # Least privilege: when set, only requests matching one of these rules pass (403 else).
     allow: tuple[AllowRuleSetting, ...] | None = None
     # GET, HEAD and OPTIONS only (with `allow`, both must let a request through).
@@ -548,219 +408,3 @@ class Settings(BaseSettings):
                 )
             seen[route.prefix] = name
         return self
-
-
-def _secret_source(variable: str) -> dict[str, str]:
-    """VARIABLE holds the secret; VARIABLE_FILE names a file holding it (the Docker and
-    Kubernetes secrets convention). Empty when neither is set."""
-    if os.environ.get(variable) and os.environ.get(f"{variable}_FILE"):
-        raise ConfigError(f"{variable} and {variable}_FILE are both set; keep one of them")
-    if os.environ.get(variable):
-        return {"secret_env": variable}
-    if path := os.environ.get(f"{variable}_FILE"):
-        return {"secret_file": path}
-    return {}
-
-
-def _zero_config_variables() -> list[str]:
-    """The zero-config variables set in the environment, as the user named them."""
-    names = [
-        *(variable for variable, _kind in ZERO_CONFIG_KEYS),
-        ZERO_CONFIG_API_KEY_SECRET,
-    ]
-    candidates = [name for variable in names for name in (variable, f"{variable}_FILE")] + [
-        ZERO_CONFIG_API_KEY_NAME,
-        ZERO_CONFIG_SUB_ORGANIZATION,
-    ]
-    return [name for name in candidates if os.environ.get(name)]
-
-
-class _ZeroConfigSource(PydanticBaseSettingsSource):
-    """With no config file: one credential and one route `/` from Appcircle's own variables.
-    Mistakes are reported with the variables the user set, and ambiguity is refused."""
-
-    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
-        return None, field_name, False
-
-    def __call__(self) -> dict[str, Any]:
-        kinds = {
-            kind: [name for name in (variable, f"{variable}_FILE") if os.environ.get(name)]
-            for variable, kind in ZERO_CONFIG_KEYS
-        }
-        kinds["api-key"] = [
-            name
-            for name in (
-                ZERO_CONFIG_API_KEY_NAME,
-                ZERO_CONFIG_API_KEY_SECRET,
-                f"{ZERO_CONFIG_API_KEY_SECRET}_FILE",
-            )
-            if os.environ.get(name)
-        ]
-        present = {kind: names for kind, names in kinds.items() if names}
-        if len(present) > 1:
-            raise ConfigError(
-                "more than one kind of key is set ("
-                + ", ".join(name for names in present.values() for name in names)
-                + "); unset all but one, or write a config file with a route for each"
-            )
-        credential: dict[str, Any] | None = None
-        for variable, kind in ZERO_CONFIG_KEYS:
-            if source := _secret_source(variable):
-                credential = {"kind": kind, **source}
-        name = os.environ.get(ZERO_CONFIG_API_KEY_NAME)
-        secret = _secret_source(ZERO_CONFIG_API_KEY_SECRET)
-        if name and not secret:
-            raise ConfigError(
-                f"{ZERO_CONFIG_API_KEY_NAME} is set but not {ZERO_CONFIG_API_KEY_SECRET} (or "
-                f"{ZERO_CONFIG_API_KEY_SECRET}_FILE): an API key needs its name and its secret"
-            )
-        if secret and not name:
-            raise ConfigError(
-                f"{ZERO_CONFIG_API_KEY_SECRET} is set but not {ZERO_CONFIG_API_KEY_NAME}: "
-                "an API key needs its name and its secret"
-            )
-        if name:
-            credential = {"kind": "api-key", "name": name, **secret}
-        if credential is None:
-            return {}
-        route: dict[str, Any] = {"prefix": "/", "credential": "default"}
-        if sub_organization := os.environ.get(ZERO_CONFIG_SUB_ORGANIZATION):
-            try:
-                route["sub_organization"] = _check_org_id(sub_organization)
-            except ValueError as err:
-                raise ConfigError(f"{ZERO_CONFIG_SUB_ORGANIZATION}: {err}") from None
-        return {"credentials": {"default": credential}, "routes": {"default": route}}
-
-
-def _refuse_ignored_zero_config(settings: Settings, config_file: Path) -> None:
-    """A zero-config variable beside a config file would be silently ignored: refuse it,
-    unless the file itself reads that variable (secret_env = "APPCIRCLE_PERSONAL_ACCESS_KEY")."""
-    used = {credential.secret_env for credential in settings.credentials.values()}
-    used.add(settings.server.client_token_env)
-    ignored = [name for name in _zero_config_variables() if name not in used]
-    if ignored:
-        raise ConfigError(
-            f"{', '.join(ignored)} set beside the config file '{config_file}', which decides "
-            "the credentials and routes and would ignore it; unset it, or use it in the file "
-            '(e.g. secret_env = "APPCIRCLE_PERSONAL_ACCESS_KEY")'
-        )
-
-
-def _settings_class(config_file: Path | None, environment: bool = True) -> type[Settings]:
-    """Settings whose sources are: flags, then environment, then the file (or zero-config);
-    without `environment`, the flags alone."""
-
-    class _Loaded(Settings):
-        @classmethod
-        def settings_customise_sources(
-            cls,
-            settings_cls: type[BaseSettings],
-            init_settings: PydanticBaseSettingsSource,
-            env_settings: PydanticBaseSettingsSource,
-            dotenv_settings: PydanticBaseSettingsSource,
-            file_secret_settings: PydanticBaseSettingsSource,
-        ) -> tuple[PydanticBaseSettingsSource, ...]:
-            base: PydanticBaseSettingsSource
-            if not environment:
-                return (init_settings,)
-            if config_file is None:
-                base = _ZeroConfigSource(settings_cls)
-            else:
-                base = TomlConfigSettingsSource(settings_cls, toml_file=config_file)
-            return init_settings, env_settings, base
-
-    return _Loaded
-
-
-def _describe(error: ErrorDetails, config_file: Path | None) -> str:
-    location = [str(part) for part in error["loc"]]
-    message = str(error["msg"]).removeprefix("Value error, ")
-    if error["type"] == "extra_forbidden":
-        message = "unknown setting; config.example.toml lists the valid ones"
-    elif error["type"] == "missing":
-        message = "required setting is missing"
-    if not location:
-        return message
-    dotted = ".".join(location)
-    zero_config = location[0] in ("credentials", "routes") and location[1:2] == ["default"]
-    if config_file is None and zero_config and _zero_config_variables():
-        # Made by zero-config: name what the user set, not the internal setting.
-        return f"{', '.join(_zero_config_variables())}: {message}"
-    variable = ENV_PREFIX + "__".join(location).upper()
-    where = f"{config_file} or {variable}" if config_file else variable
-    return f"{dotted}: {message} (set in {where})"
-
-
-def load_settings(
-    config_file: Path | None = None,
-    overrides: dict[str, Any] | None = None,
-    *,
-    offline: bool = False,
-    environment: bool = True,
-) -> Settings:
-    """Read and validate the configuration; raise ConfigError with a user-facing message.
-
-    `config_file` defaults to $APPCIRCLE_PROXY_CONFIG; `overrides` are command-line flags,
-    as nested dicts, and beat the environment. `offline` validates everything but the
-    secrets, secret files and CA bundle, which need not exist here. Without `environment`,
-    neither the environment nor a file is read: `overrides` are the whole configuration.
-    """
-    if environment and config_file is None and os.environ.get(CONFIG_ENV):
-        config_file = Path(os.environ[CONFIG_ENV])
-    if config_file is not None:
-        if not config_file.is_file():
-            raise ConfigError(
-                f"config file '{config_file}' does not exist or is not a file; "
-                "check --config / APPCIRCLE_PROXY_CONFIG"
-            )
-        try:
-            with config_file.open("rb") as stream:
-                tomllib.load(stream)
-        except OSError as err:
-            raise ConfigError(
-                f"config file '{config_file}' cannot be read: {err.strerror}"
-            ) from None
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"config file '{config_file}' is not valid TOML: {err}") from None
-        except UnicodeDecodeError as err:
-            raise ConfigError(
-                f"config file '{config_file}' is not UTF-8 text (an invalid byte at offset "
-                f"{err.start}); save it as UTF-8"
-            ) from None
-    with _offline(offline):
-        try:
-            settings = _settings_class(config_file, environment)(**(overrides or {}))
-        except SettingsError as err:
-            raise ConfigError(_undecodable(err)) from None
-        except ValidationError as err:
-            problems = [_describe(e, config_file) for e in err.errors(include_input=False)]
-            source = f"config file '{config_file}'" if config_file else "configuration"
-            raise ConfigError(f"{source} is invalid:\n  " + "\n  ".join(problems)) from None
-    if config_file is not None:
-        _refuse_ignored_zero_config(settings, config_file)
-    return settings
-
-
-@contextmanager
-def _offline(offline: bool) -> Iterator[None]:
-    reset = _OFFLINE.set(offline)
-    try:
-        yield
-    finally:
-        _OFFLINE.reset(reset)
-
-
-def _undecodable(err: SettingsError) -> str:
-    """pydantic-settings names the top-level field ("server"), not the variable, and never
-    says what it wanted: name the variables under that field and the format."""
-    field = str(err).partition('field "')[2].partition('"')[0]
-    prefix = f"{ENV_PREFIX}{field.upper()}"
-    variables = sorted(name for name in os.environ if name.upper().startswith(prefix)) or [
-        f"{prefix}*"
-    ]
-    return (
-        f"{', '.join(variables)}: not a value the proxy can read; a list takes a "
-        'comma-separated list (a,b) or JSON (["a", "b"]), a table takes a JSON object '
-        '({"key": "value"}), and any setting can be set alone as '
-        f"{ENV_PREFIX}<SECTION>__<KEY>"
-    )

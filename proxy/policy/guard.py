@@ -25,6 +25,7 @@ from aiohttp import hdrs, web
 from multidict import CIMultiDict
 from pydantic import SecretStr
 
+from ..config.secrets import read_client_token
 from ..config.settings import ServerSettings
 from ..paths import HEALTH_PATH
 from . import errors
@@ -158,7 +159,7 @@ class Guard:
         return cls(
             allowed_hosts=LOOPBACK_NAMES | frozenset(server.allowed_hosts),
             allowed_origins=frozenset(server.allowed_origins),
-            client_token=server.client_secret(),
+            client_token=read_client_token(server),
             max_url_length=server.max_url_length,
             max_header_bytes=server.max_header_bytes,
             max_header_count=server.max_header_count,

@@ -4,7 +4,6 @@ socket path claimed safely and removed on exit; where a listener listens, as URL
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import os
 import socket
@@ -14,10 +13,10 @@ from pathlib import Path
 
 from aiohttp import web
 
-from ..config.settings import Endpoint, UnixSocket
+from ..config.addresses import Endpoint, UnixSocket
 from .inbound import Connections
 
-__all__ = ["Listener", "addresses", "is_loopback", "listen", "url_of", "why"]
+__all__ = ["Listener", "addresses", "listen", "url_of", "why"]
 
 log = logging.getLogger("appcircle_proxy.server")
 
@@ -130,12 +129,3 @@ def why(err: OSError) -> str:
     if isinstance(err, FileNotFoundError):
         return f"its directory does not exist ({err.strerror})"
     return err.strerror or str(err)
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

@@ -22,13 +22,16 @@ from aiohttp.log import server_logger as aiohttp_server_log
 
 from .. import __version__
 from ..auth.tokens import Clock
-from ..config.settings import ConfigError, Endpoint, Settings
+from ..config.addresses import Endpoint, is_loopback
+from ..config.errors import ConfigError
+from ..config.secrets import read_client_token
+from ..config.settings import Settings
 from ..telemetry import logs
 from ..telemetry.access_log import LOGGER_NAME, access_logger
 from .admin import create_admin_server
 from .app import Proxy, build, connect
 from .inbound import Connections, head_limit
-from .listeners import Listener, addresses, is_loopback, listen, why
+from .listeners import Listener, addresses, listen, why
 from .memory import give_back_after_streams
 from .workers import Supervisor, WorkerRole
 
@@ -250,7 +253,7 @@ async def start(
         raise SystemExit(2) from None
     endpoint = server.endpoint
     if isinstance(endpoint, Endpoint) and not is_loopback(endpoint.host):
-        if server.client_secret() is None:
+        if read_client_token(server) is None:
             log.warning(
                 "LISTENING ON %s, BEYOND LOOPBACK, WITHOUT A CLIENT TOKEN: anyone who can "
                 "reach this address can use the Appcircle key(s) with their full rights. "
