@@ -8,8 +8,8 @@ families when /_proxy/metrics is read, as it does for the token and pool state.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Final
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Final, Protocol
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
@@ -20,8 +20,53 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-if TYPE_CHECKING:
-    from ..serve.runtime import Runtime
+
+# What the scrape reads of the running proxy, as the shapes it needs: telemetry sits below
+# the layers that own routes, tokens and the pool, and imports none of them.
+class _Token(Protocol):
+    @property
+    def expires_at(self) -> float: ...
+
+
+class _TokenSource(Protocol):
+    @property
+    def outcomes(self) -> Mapping[str, int]: ...
+    @property
+    def waits(self) -> int: ...
+    def current(self) -> _Token | None: ...
+
+
+class _Route(Protocol):
+    @property
+    def name(self) -> str: ...
+    @property
+    def tokens(self) -> _TokenSource: ...
+
+
+class _Budget(Protocol):
+    @property
+    def in_use(self) -> int: ...
+
+
+class _Pool(Protocol):
+    @property
+    def idle(self) -> int: ...
+    @property
+    def pending(self) -> int: ...
+    @property
+    def calls(self) -> _Budget: ...
+    @property
+    def streams(self) -> _Budget: ...
+
+
+class Runtime(Protocol):
+    """The running proxy as the metrics see it."""
+
+    @property
+    def routes(self) -> Iterable[_Route]: ...
+    @property
+    def pool(self) -> _Pool: ...
+
 
 __all__ = ["NO_ROUTE", "Stats", "registry"]
 
