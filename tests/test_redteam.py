@@ -103,6 +103,9 @@ async def test_a_101_from_the_api_is_a_clean_502_without_a_traceback(
     http: aiohttp.ClientSession,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    """A 101 Switching Protocols the API sends to a plain GET is answered 502 to the client, with no
+    error or traceback in the log."""
+
     async def answer(
         head: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
@@ -121,6 +124,9 @@ async def test_a_second_response_pipelined_by_the_api_never_reaches_the_client(
     start_proxy: StartProxy,
     scripted_api: Callable[[Answer], Awaitable[ScriptedApi]],
 ) -> None:
+    """Extra response bytes the API writes after its answer are dropped: a pipelined client gets the
+    first answer's 5-byte body and never the API's unsolicited second response."""
+
     async def answer(
         head: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
@@ -175,6 +181,8 @@ async def test_a_post_the_api_carried_out_is_never_answered_retry_later(
     scripted_api: Callable[[Answer], Awaitable[ScriptedApi]],
     http: aiohttp.ClientSession,
 ) -> None:
+    """A POST the API received and answered 201 reaches the client as 201 even while max_streams is
+    taken, never as a retry-later refusal that would make the client create it twice."""
     api = await scripted_api(chunked_forever(0.05))
     proxy = await start_proxy(
         appcircle={"api_url": api.url, "max_streams": 1, "max_connections": 4}
@@ -192,6 +200,9 @@ async def test_a_client_that_stops_reading_a_download_does_not_hold_a_stream_for
     scripted_api: Callable[[Answer], Awaitable[ScriptedApi]],
     http: aiohttp.ClientSession,
 ) -> None:
+    """A client that stops reading a streamed download loses its stream slot after
+    server.send_timeout, so the streams gauge drops back to 0 instead of one stalled client holding
+    max_streams forever."""
     api = await scripted_api(chunked_forever(0.0))
     proxy = await start_proxy(
         appcircle={"api_url": api.url, "max_streams": 1, "read_timeout": 0.3},
@@ -216,6 +227,9 @@ async def test_a_small_chunked_upload_is_replayed_after_a_401_like_any_small_bod
     start_proxy: StartProxy,
     scripted_api: Callable[[Answer], Awaitable[ScriptedApi]],
 ) -> None:
+    """A small body sent with Transfer-Encoding: chunked is replayed with a renewed token after the
+    API's 401, as a Content-Length body would be, so the client gets 200 and not the 401."""
+
     async def answer(
         head: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
@@ -246,6 +260,10 @@ async def test_header_bytes_that_are_not_utf8_pass_through_unchanged(
     start_proxy: StartProxy,
     scripted_api: Callable[[Answer], Awaitable[ScriptedApi]],
 ) -> None:
+    """Records the known limit (strict xfail): a non-UTF-8 byte in an API header such as
+    Content-Disposition leaves the proxy re-encoded; it fails loudly if aiohttp starts passing it.
+    """
+
     async def answer(
         head: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
@@ -267,6 +285,9 @@ async def test_a_status_code_out_of_range_is_not_relayed_as_a_broken_status_line
     start_proxy: StartProxy,
     scripted_api: Callable[[Answer], Awaitable[ScriptedApi]],
 ) -> None:
+    """An API status outside 100-599 (here 099) becomes a 502, not a status line the client cannot
+    parse."""
+
     async def answer(
         head: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
