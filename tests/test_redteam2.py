@@ -68,6 +68,8 @@ async def raw_websocket(
 async def test_a_websocket_close_without_a_code_reaches_the_api_as_a_close(
     start_proxy: StartProxy, standin: StandIn
 ) -> None:
+    """A client WebSocket close frame with no code reaches the API as a normal close (1000 or 1005),
+    not as the invalid code 0 the API would read as a protocol error."""
     # A close frame may carry no code (RFC 6455 5.5.1; aiohttp reads it as code 0). The
     # proxy relays it as close(code=0), a code no endpoint may send, so the API sees a
     # protocol error instead of the client's close.
@@ -86,6 +88,8 @@ async def test_a_websocket_close_without_a_code_reaches_the_api_as_a_close(
 async def test_a_websocket_client_that_stops_reading_gives_its_stream_back_after_send_timeout(
     start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
+    """A WebSocket client that stops reading the API's messages is cut off after
+    server.send_timeout, so its stream slot and upstream connection are given back."""
     # The API echoes 8 MiB the client never reads: the relay's send to the client waits
     # for the socket to drain with no deadline, holding a stream slot (and the upstream
     # connection) for as long as the client keeps its socket open.
@@ -109,6 +113,8 @@ async def _streams_idle(http: aiohttp.ClientSession, proxy: str) -> bool:
 async def test_a_websocket_client_gone_while_the_relay_writes_to_it_logs_no_traceback(
     start_proxy: StartProxy, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """A WebSocket client that hangs up while the relay is blocked writing to it frees its stream
+    and leaves no error or traceback in the log."""
     # The relay is blocked sending the API's echo to a client that reads nothing; the
     # client then hangs up. The send raises ConnectionError, which _pump does not expect,
     # and aiohttp logs "Error handling request" with a traceback.
@@ -135,6 +141,8 @@ CI_ROUTE = {
 async def test_a_fragment_in_the_target_cannot_carry_a_request_past_an_allow_rule(
     start_proxy: StartProxy, standin: StandIn
 ) -> None:
+    """A '#' in the request target cannot make a path match a route's allow rule: the request is
+    refused with 400 or 403 and never reaches an endpoint the rule does not allow."""
     # The rule allows POST .../profiles/{id}/app-versions only. '#' is matched as part of
     # a segment ('p1#' fits '*'), the target goes upstream as sent, and the API, which
     # drops the fragment, reads a POST to /distribution/v2/profiles/p1: an endpoint the
@@ -155,6 +163,9 @@ async def test_an_api_websocket_that_drops_without_a_close_is_not_a_normal_close
     scripted_api: Callable[[Answer], Awaitable[ScriptedApi]],
     http: aiohttp.ClientSession,
 ) -> None:
+    """When the API's WebSocket connection drops without a close frame, the client is closed with a
+    code other than 1000, so it can tell a lost session from a finished one."""
+
     # The API accepts the upgrade, then its connection is gone with no close frame. The
     # relay's upstream receive() gives CLOSED, _pump returns quietly, and the client is
     # closed with 1000 (normal closure): it cannot tell a finished session from a lost one.
@@ -186,6 +197,8 @@ async def test_an_api_websocket_that_drops_without_a_close_is_not_a_normal_close
 async def test_userinfo_requests_are_bounded_like_api_calls(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
+    """Userinfo requests are admitted through the same pool as API calls: no more than
+    appcircle.max_connections of them reach the auth host at once, the rest get 503."""
     # The userinfo relay runs on the WebSocket session (connector limit=0) and never asks
     # the pool for admission: any number of clients open as many connections to the auth
     # host at once, past max_connections and max_pending.
@@ -243,6 +256,9 @@ async def test_a_websocket_handshake_the_api_never_answers_times_out(
     scripted_api: Callable[[Answer], Awaitable[ScriptedApi]],
     http: aiohttp.ClientSession,
 ) -> None:
+    """A WebSocket upgrade the API never answers fails with 504 after appcircle.read_timeout and
+    gives its stream slot back, instead of holding the client forever."""
+
     # The upstream handshake runs on a session with only sock_connect set (total=None, no
     # sock_read): an API that takes the upgrade request and says nothing holds the client
     # and a stream slot forever, whatever appcircle.read_timeout says.
