@@ -53,6 +53,8 @@ async def test_a_key_changed_in_the_config_is_used_for_every_exchange_after_sigh
     write_config: WriteConfig,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """After SIGHUP with a changed key (inline secret or secret_env), the proxy renews at once with
+    the new key and uses it for every later exchange, never the old one."""
     # A process's environment is fixed at its start: a secret_env changes by naming
     # another variable, one the process was given from the start.
     monkeypatch.setenv("TEST_ROTATED_KEY", ROTATED_KEY)
@@ -78,6 +80,8 @@ async def test_a_key_changed_in_the_config_is_used_for_every_exchange_after_sigh
 async def test_a_client_hanging_up_during_a_shared_exchange_fails_no_other_waiter(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
+    """A client hanging up while other requests wait on the same cold token exchange cancels nothing
+    shared: the five others get 200 from a single exchange."""
     proxy = await start_proxy()
     standin.gate = asyncio.Event()  # the cold exchange is held until released
     host, port = proxy.removeprefix("http://").rsplit(":", 1)
@@ -101,6 +105,8 @@ async def test_a_client_hanging_up_during_a_shared_exchange_fails_no_other_waite
 async def test_a_sub_organization_route_refuses_a_token_without_an_organization_claim(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
+    """A route with sub_organization refuses a token with no organization claim with 503
+    wrong_organization, and the token is never sent to the API."""
     standin.organization_claim = False
     proxy = await start_proxy(
         routes={"eu": {"prefix": "/eu", "credential": "main", "sub_organization": SUB_ORG}}
@@ -119,6 +125,8 @@ async def test_a_sub_organization_route_refuses_a_token_without_an_organization_
 async def test_the_byte_metrics_count_exactly_the_body_bytes_of_each_route(
     start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
+    """appcircle_proxy_request_bytes_total and response_bytes_total count exactly the body bytes per
+    route, for sized, chunked, upload and refused answers (route "-")."""
     proxy = await start_proxy()
     replies = [
         await request(http, "GET", f"{proxy}/_test/download?size=12345&length=1"),
@@ -147,6 +155,8 @@ async def test_the_byte_metrics_count_exactly_the_body_bytes_of_each_route(
 async def test_a_same_site_page_request_without_origin_is_refused(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
+    """A request with Sec-Fetch-Site: same-site and no Origin is refused 403 origin_not_allowed
+    before reaching the API, while Sec-Fetch-Site: none (the user's own navigation) passes."""
     proxy = await start_proxy()
     # A page on another port or subdomain of the same site: fetch metadata, no Origin.
     reply = await request(http, "GET", f"{proxy}/x", headers={"Sec-Fetch-Site": "same-site"})
@@ -164,6 +174,8 @@ async def test_a_same_site_page_request_without_origin_is_refused(
 async def test_an_api_url_with_a_path_keeps_it_upstream_and_out_of_rewritten_locations(
     start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
+    """An api_url with a path (/api) is prefixed to every upstream request and stripped from
+    Location headers rewritten to the proxy; locations outside that path are left as they are."""
     gateway = StandIn(api_base_path="/api")  # the API only answers under /api
     gateway.add_personal_key(PERSONAL_KEY, ROOT_ORG)
     await gateway.start()
@@ -199,6 +211,8 @@ async def test_an_api_url_with_a_path_keeps_it_upstream_and_out_of_rewritten_loc
 async def test_the_apis_own_cors_headers_never_reach_the_client(
     start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
+    """The API's own Access-Control-* headers are dropped; an allowed Origin gets only the proxy's
+    Access-Control-Allow-Origin for that origin, never the API's wildcard."""
     origin = "http://localhost:3000"
     proxy = await start_proxy(server={"allowed_origins": [origin]})
 
@@ -223,6 +237,8 @@ async def test_the_apis_own_cors_headers_never_reach_the_client(
 async def test_expect_100_continue_is_answered_by_the_proxy_and_not_forwarded(
     start_proxy: StartProxy, standin: StandIn
 ) -> None:
+    """The proxy itself answers Expect: 100-continue, receives the body, and forwards the request
+    without the Expect header."""
     proxy = await start_proxy()
     host, port = proxy.removeprefix("http://").rsplit(":", 1)
     reader, writer = await asyncio.open_connection(host, int(port))
@@ -256,6 +272,8 @@ async def test_expect_100_continue_is_answered_by_the_proxy_and_not_forwarded(
 async def test_a_refused_request_gets_its_refusal_instead_of_100_continue(
     start_proxy: StartProxy, standin: StandIn
 ) -> None:
+    """A request with Expect: 100-continue that the guard refuses gets its 403 before sending a
+    body, and an unknown expectation gets 417 expectation_failed; neither reaches the API."""
     proxy = await start_proxy()
     head = b"POST /upload HTTP/1.1\r\nContent-Length: 5\r\n"
     # Refused by the guard: the client learns it before sending its body.
@@ -278,6 +296,8 @@ async def test_a_refused_request_gets_its_refusal_instead_of_100_continue(
 async def test_a_scheme_relative_or_unreadable_location_is_relayed_not_a_500(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
+    """A scheme-relative Location to the API host is rewritten to the proxy, and one to another host
+    or one that cannot be parsed is relayed unchanged with the 302, not turned into a 500."""
     proxy = await start_proxy()
     api_host = standin.api_url.removeprefix("http://")
     expectations = {
