@@ -124,6 +124,8 @@ def json_lines(text: str) -> list[dict[str, object]]:
 async def test_the_demo_ignores_a_real_key_in_the_shell_and_logs_its_traffic(
     unused_tcp_port: int, http: aiohttp.ClientSession
 ) -> None:
+    """`demo` ignores APPCIRCLE_PERSONAL_ACCESS_KEY and APPCIRCLE_PROXY_ variables in the shell,
+    serves on its --listen address, logs token and access lines, and never prints the real key."""
     url = f"http://127.0.0.1:{unused_tcp_port}"
 
     process = await asyncio.create_subprocess_exec(
@@ -168,6 +170,8 @@ async def test_the_demo_ignores_a_real_key_in_the_shell_and_logs_its_traffic(
     ],
 )
 async def test_the_demo_refuses_flags_it_cannot_honour(args: tuple[str, ...], named: str) -> None:
+    """`demo` refuses --config, --workers and --api-url with exit 2 and a one-line message naming
+    the flag, rather than silently ignoring them."""
     code, out, err = await run(*args)
     assert code == 2
     assert named in err
@@ -180,6 +184,8 @@ async def test_the_demo_refuses_flags_it_cannot_honour(args: tuple[str, ...], na
 async def test_in_json_every_line_from_start_to_exit_is_one_object_with_lifecycle_events(
     standin: StandIn, write_config: WriteConfig, http: aiohttp.ClientSession
 ) -> None:
+    """With --log-format json every stdout and stderr line is a JSON object, and stdout carries
+    exactly the listening (with routes) and stopped (with request and exchange counts) events."""
     config = write_config()
 
     async def traffic(url: str) -> None:
@@ -211,6 +217,9 @@ async def test_in_json_every_line_from_start_to_exit_is_one_object_with_lifecycl
 async def test_in_text_the_banner_and_the_stopped_line_stay_readable(
     standin: StandIn, write_config: WriteConfig, http: aiohttp.ClientSession
 ) -> None:
+    """In text format the first line is the version and listen address, then the routes, and the
+    last line sums up requests, token exchanges, failures and uptime."""
+
     async def traffic(url: str) -> None:
         assert (await request(http, "GET", f"{url}/x")).status == 200
         assert (await request(http, "GET", f"{url}/y")).status == 200
@@ -228,6 +237,8 @@ async def test_in_text_the_banner_and_the_stopped_line_stay_readable(
 async def test_with_workers_every_line_says_which_worker(
     standin: StandIn, write_config: WriteConfig, unused_tcp_port: int, http: aiohttp.ClientSession
 ) -> None:
+    """With --workers 2 and JSON logs every line carries its worker number, each worker logs its own
+    listening and stopped events, and their request counts add up to the traffic sent."""
     config = write_config()
 
     async def traffic(url: str) -> None:
@@ -259,6 +270,8 @@ async def test_with_workers_every_line_says_which_worker(
 async def test_debug_logs_upstream_connections_and_exchange_timings(
     start_proxy: StartProxy, caplog: pytest.LogCaptureFixture, http: aiohttp.ClientSession
 ) -> None:
+    """At debug level the upstream logger records each token exchange with its timing and each new
+    connection, and two API requests open one kept-alive API connection."""
     proxy = await start_proxy()  # every test logs at debug level
     assert (await request(http, "GET", f"{proxy}/build/v2/profiles")).status == 200
     assert (await request(http, "GET", f"{proxy}/build/v2/profiles")).status == 200
@@ -276,6 +289,8 @@ async def test_debug_logs_upstream_connections_and_exchange_timings(
 def test_a_list_setting_in_the_environment_takes_commas_or_json(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """A list setting such as APPCIRCLE_PROXY_SERVER__ALLOWED_HOSTS takes a comma-separated list or
+    a JSON array from the environment, with host names lower-cased."""
     monkeypatch.setenv("APPCIRCLE_PERSONAL_ACCESS_KEY", "pak_example")
     monkeypatch.setenv("APPCIRCLE_PROXY_SERVER__ALLOWED_HOSTS", "appcircle-proxy, Proxy.Internal")
     assert load_settings().server.allowed_hosts == ("appcircle-proxy", "proxy.internal")
@@ -295,6 +310,8 @@ def test_a_list_setting_in_the_environment_takes_commas_or_json(
 def test_an_unreadable_environment_value_names_the_variable_and_the_format(
     monkeypatch: pytest.MonkeyPatch, variable: str, value: str, expected: str
 ) -> None:
+    """An environment value that cannot be parsed raises a ConfigError naming the variable and the
+    expected format, not pydantic's internal EnvSettingsSource."""
     monkeypatch.setenv("APPCIRCLE_PERSONAL_ACCESS_KEY", "pak_example")
     monkeypatch.setenv(variable, value)
     with pytest.raises(ConfigError) as raised:
@@ -322,6 +339,9 @@ def test_an_unreadable_environment_value_names_the_variable_and_the_format(
 def test_zero_config_mistakes_name_the_variables_the_user_set(
     monkeypatch: pytest.MonkeyPatch, variables: dict[str, str], named: str
 ) -> None:
+    """A half-set or wrong zero-config environment (API key name without secret, sub-organization
+    with a personal key, a missing key file) names the APPCIRCLE_ variable, not APPCIRCLE_PROXY_
+    ones."""
     for name, value in variables.items():
         monkeypatch.setenv(name, value)
     with pytest.raises(ConfigError) as raised:
@@ -342,6 +362,8 @@ def test_zero_config_mistakes_name_the_variables_the_user_set(
 def test_two_keys_at_once_are_refused_in_one_line_naming_both(
     monkeypatch: pytest.MonkeyPatch, variables: dict[str, str]
 ) -> None:
+    """Two zero-config keys set at once are refused with a one-line ConfigError naming both
+    variables, instead of one silently winning."""
     for name, value in variables.items():
         monkeypatch.setenv(name, value)
     with pytest.raises(ConfigError) as raised:
@@ -355,6 +377,8 @@ def test_two_keys_at_once_are_refused_in_one_line_naming_both(
 def test_zero_config_variables_beside_a_config_file_are_refused_unless_it_uses_them(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
+    """An APPCIRCLE_ zero-config variable set beside a config file is refused unless the file names
+    it (as a secret_env), so the user is never unsure which key is in use."""
     config = tmp_path / "proxy.toml"
     config.write_text(tomli_w.dumps({"credentials": PERSONAL_KEY_CONFIG}))  # TEST_APPCIRCLE_KEY
     monkeypatch.setenv("APPCIRCLE_PERSONAL_ACCESS_KEY", "pak_other")
@@ -374,6 +398,8 @@ def test_zero_config_variables_beside_a_config_file_are_refused_unless_it_uses_t
 async def test_check_and_token_promise_no_retry_they_will_not_make(
     standin: StandIn, write_config: WriteConfig
 ) -> None:
+    """When the auth host answers 503, `check` and `token` exit 1 without saying "retrying in":
+    one-shot commands promise no retry they will not make."""
     standin.always = 503
     config = str(write_config())
     code, out, err = await run("check", "--config", config)
@@ -395,6 +421,8 @@ async def test_check_and_token_promise_no_retry_they_will_not_make(
 async def test_a_listen_failure_names_the_address_and_the_setting(
     write_config: WriteConfig, flags: tuple[str, str], named: str
 ) -> None:
+    """A --listen or --admin-listen address that cannot be bound exits 2 with one line naming the
+    address and the flag, not a traceback."""
     code, out, err = await run("--config", str(write_config()), *flags)
     assert code == 2
     assert named in err and flags[0] in err
@@ -404,6 +432,8 @@ async def test_a_listen_failure_names_the_address_and_the_setting(
 async def test_admin_listen_on_the_listen_address_is_refused_at_validation(
     write_config: WriteConfig,
 ) -> None:
+    """server.admin_listen on the same port as server.listen is refused by `config` with exit 2 and
+    a message naming both, before anything tries to bind."""
     config = str(write_config())
     args = ("--listen", "0.0.0.0:8999", "--admin-listen", "127.0.0.1:8999")
     code, _, err = await run("config", "--config", config, *args)
@@ -417,6 +447,8 @@ async def test_admin_listen_on_the_listen_address_is_refused_at_validation(
 async def test_check_offline_validates_a_deployment_config_without_its_secrets(
     tmp_path: Path,
 ) -> None:
+    """`check --offline` validates config.example.toml without its secrets, saying where each secret
+    will come from; online `check` needs them, and a structural error still exits 2 offline."""
     config = tmp_path / "deploy.toml"
     config.write_text((ROOT / "config.example.toml").read_text())  # its secrets are not here
     code, out, err = await run("check", "--offline", "--config", str(config))
@@ -434,6 +466,8 @@ async def test_check_offline_validates_a_deployment_config_without_its_secrets(
 async def test_health_finds_the_running_proxy_from_the_same_configuration(
     standin: StandIn, write_config: WriteConfig, unused_tcp_port_factory: Callable[[], int]
 ) -> None:
+    """`health` finds the running proxy from the same config: on server.admin_listen when set,
+    otherwise on the API listener past its client token, without needing the secrets."""
     port, admin_port = unused_tcp_port_factory(), unused_tcp_port_factory()
     listen = {"server": {"listen": f"127.0.0.1:{port}"}}
     env = environment(APPCIRCLE_PROXY_SERVER__LISTEN=f"127.0.0.1:{port}")
@@ -464,6 +498,8 @@ async def test_health_finds_the_running_proxy_from_the_same_configuration(
 
 
 async def test_each_command_has_its_own_help_with_only_its_flags() -> None:
+    """Each command's --help lists only the flags it takes, a flag for another command exits 2
+    naming it, and -V prints the version."""
     code, out, _ = await run("token", "--help")
     assert code == 0
     assert "Obtain one session token" in out
@@ -479,6 +515,8 @@ async def test_each_command_has_its_own_help_with_only_its_flags() -> None:
 
 
 async def test_every_setting_a_user_reaches_for_has_a_flag(tmp_path: Path) -> None:
+    """--log-format, --admin-listen and --client-token-file reach the effective config shown by
+    `config`, and the client token itself is never printed."""
     token_file = tmp_path / "client-token"
     token_file.write_text(CLIENT_TOKEN)
     code, out, err = await run(
@@ -505,6 +543,9 @@ async def test_every_setting_a_user_reaches_for_has_a_flag(tmp_path: Path) -> No
 def test_the_compose_recipe_makes_secrets_the_container_user_can_read_and_git_ignores(
     tmp_path: Path,
 ) -> None:
+    """The shell recipe in examples/docker-compose.yml, run as written, makes a 0700 secrets
+    directory with files the container user can read where compose looks, ignored by git and Docker.
+    """
     compose_text = (ROOT / "examples" / "docker-compose.yml").read_text()
     recipe = [
         line.removeprefix("#   ").split("  #")[0].strip()
@@ -538,6 +579,8 @@ def test_the_compose_recipe_makes_secrets_the_container_user_can_read_and_git_ig
 def test_compose_gives_the_drain_time_to_finish_and_does_not_claim_the_host_cannot_connect() -> (
     None
 ):
+    """The compose example's stop_grace_period is longer than server.shutdown_timeout, so Docker
+    does not kill the proxy mid-drain."""
     text = (ROOT / "examples" / "docker-compose.yml").read_text()
     proxy = yaml.safe_load(text)["services"]["appcircle-proxy"]
     grace = int(proxy["stop_grace_period"].removesuffix("s"))
@@ -546,6 +589,9 @@ def test_compose_gives_the_drain_time_to_finish_and_does_not_claim_the_host_cann
 
 
 def test_kubernetes_probes_never_restart_the_sidecar_for_an_appcircle_outage() -> None:
+    """The Kubernetes example probes liveness and startup on /_proxy/health and readiness on
+    /_proxy/ready, so an Appcircle outage never restarts the sidecar, and its grace period covers
+    the drain."""
     (deployment,) = yaml.safe_load_all((ROOT / "examples" / "kubernetes.yaml").read_text())
     pod = deployment["spec"]["template"]["spec"]
     (sidecar,) = pod["initContainers"]
@@ -556,6 +602,8 @@ def test_kubernetes_probes_never_restart_the_sidecar_for_an_appcircle_outage() -
 
 
 async def test_in_json_mode_even_a_refusal_to_start_is_one_json_object(tmp_path: Path) -> None:
+    """In JSON log mode a config error that stops start-up is written as exactly one JSON line at
+    level error, naming the setting, with exit 2."""
     broken = tmp_path / "broken.toml"
     broken.write_text("[server]\nlisten = 42\n", encoding="utf-8")
     code, out, err = await run("--log-format", "json", "--config", str(broken))
@@ -568,6 +616,8 @@ async def test_in_json_mode_even_a_refusal_to_start_is_one_json_object(tmp_path:
 async def test_in_json_mode_the_supervisors_own_refusal_is_json(
     standin: StandIn, write_config: WriteConfig
 ) -> None:
+    """In JSON log mode the supervisor's own refusal (--workers without a fixed TCP port) is logged
+    as JSON too, with exit 2."""
     config = write_config(credentials=INLINE_KEY_CONFIG, log={"format": "json"})
     code, _, err = await run("--config", str(config), "--workers", "2")
     assert code == 2
