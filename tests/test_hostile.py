@@ -70,6 +70,9 @@ async def test_malformed_requests_get_400_and_no_traceback(
     standin: StandIn,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    """Malformed requests (garbage, a bad version, NUL or control bytes, obsolete line folding, a
+    TLS hello) get a 400 or a closed connection, nothing is forwarded, and no traceback is logged.
+    """
     caplog.set_level(logging.DEBUG)
     proxy = await start_proxy()
     answer = await exchange(proxy, request_bytes, read_for=0.5)
@@ -82,6 +85,8 @@ async def test_malformed_requests_get_400_and_no_traceback(
 async def test_truncated_body_is_dropped_and_the_proxy_keeps_serving(
     start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """A client that hangs up partway through a declared Content-Length body leaves no traceback and
+    the proxy keeps serving others."""
     proxy = await start_proxy()
     host, port = proxy.removeprefix("http://").rsplit(":", 1)
     _, writer = await asyncio.open_connection(host, int(port))
@@ -98,6 +103,8 @@ async def test_truncated_body_is_dropped_and_the_proxy_keeps_serving(
 async def test_body_longer_than_declared_never_reaches_the_api_beyond_its_length(
     start_proxy: StartProxy, standin: StandIn
 ) -> None:
+    """Bytes past the declared Content-Length are read as a next request and refused 400; if the
+    first request was forwarded, it carried exactly its 5 declared bytes."""
     proxy = await start_proxy()
     answer = await exchange(
         proxy,
@@ -117,6 +124,8 @@ async def test_body_longer_than_declared_never_reaches_the_api_beyond_its_length
 
 
 async def test_slowloris_header_trickle_is_cut_off(start_proxy: StartProxy) -> None:
+    """A client trickling its request head one byte at a time is disconnected within
+    server.header_timeout (well under 3 s), and the proxy keeps serving."""
     proxy = await start_proxy(server=QUICK_TIMEOUT)
     host, port = proxy.removeprefix("http://").rsplit(":", 1)
     reader, writer = await asyncio.open_connection(host, int(port))
@@ -144,6 +153,8 @@ async def test_slowloris_header_trickle_is_cut_off(start_proxy: StartProxy) -> N
 async def test_a_thousand_idle_connections_do_not_stop_service_and_are_closed(
     start_proxy: StartProxy,
 ) -> None:
+    """A thousand idle connections do not stop the proxy answering others, and each is closed once
+    server.header_timeout passes."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < 4096:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(4096, hard), hard))
@@ -225,6 +236,9 @@ headers = st.lists(st.tuples(header_names, header_values), max_size=8)
 def test_any_request_is_forwarded_faithfully_or_refused_cleanly(
     threaded_proxy: str, method: str, path: str, query: str, extra: list[tuple[str, str]]
 ) -> None:
+    """Property test: any generated method, path, query and headers are either forwarded with method
+    and raw path unchanged or refused with a 4xx (with a JSON error), and the proxy keeps serving.
+    """
     lines = [f"{method} {path}{query} HTTP/1.1", "Host: localhost", "Connection: close"]
     lines += [
         f"{name}: {value}"
@@ -265,6 +279,8 @@ def test_any_request_is_forwarded_faithfully_or_refused_cleanly(
 async def test_clients_hanging_up_before_the_answer_leave_no_traceback(
     start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """Fifty clients aborting their connection right after asking for a download leave no traceback,
+    and the proxy keeps serving."""
     proxy = await start_proxy()
     host, port = proxy.removeprefix("http://").rsplit(":", 1)
     for _ in range(50):
