@@ -23,6 +23,8 @@ from .support import request
 async def test_get_reaches_api_with_bearer_session_token(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
+    """A GET reaches the API at the same path with Authorization: Bearer and the session token of
+    the configured organization, obtained by a single token exchange."""
     proxy = await start_proxy()
     reply = await request(http, "GET", f"{proxy}/build/v2/profiles")
     assert reply.status == 200, reply.body
@@ -37,6 +39,8 @@ async def test_get_reaches_api_with_bearer_session_token(
 async def test_path_and_query_go_upstream_byte_for_byte(
     start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
+    """Path and query reach the API byte for byte: percent-escapes, ';' parameters, empty and
+    repeated query parameters are neither decoded nor reordered."""
     proxy = await start_proxy()
     raw = "/build/v1/queue/my-dashboard?page=1&size=1000&q=a%20b%2Fc&empty=&dup=1&dup=2"
     reply = await request(http, "GET", URL(proxy + raw, encoded=True))
@@ -52,6 +56,8 @@ async def test_path_and_query_go_upstream_byte_for_byte(
 async def test_every_method_is_forwarded(
     start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
+    """GET, POST, PUT, PATCH, DELETE, OPTIONS and HEAD are all forwarded with their method
+    unchanged."""
     proxy = await start_proxy()
     for method in ("GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"):
         reply = await request(
@@ -66,6 +72,8 @@ async def test_every_method_is_forwarded(
 async def test_client_credentials_and_hop_by_hop_headers_do_not_go_upstream(
     start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
+    """The client's Authorization is replaced by the proxy's, Proxy-Authorization and hop-by-hop
+    headers (including those named in Connection) are dropped, and end-to-end headers pass."""
     proxy = await start_proxy()
     reply = await request(
         http,
@@ -112,6 +120,8 @@ async def test_client_credentials_and_hop_by_hop_headers_do_not_go_upstream(
 async def test_host_header_is_the_upstreams(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
+    """The Host header sent upstream is the API's host, not the one the client used for the
+    proxy."""
     proxy = await start_proxy()
     reply = await request(http, "GET", f"{proxy}/x", headers={"Host": "localhost:1234"})
     assert reply.status == 200, reply.body
@@ -123,6 +133,8 @@ async def test_host_header_is_the_upstreams(
 async def test_response_hop_by_hop_headers_are_removed(
     start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
+    """Hop-by-hop response headers (Keep-Alive, Proxy-Authenticate, those named in Connection)
+    are removed from the API's answer while end-to-end ones pass."""
     proxy = await start_proxy()
     reply = await request(http, "GET", f"{proxy}/_test/hop-by-hop")
     assert reply.status == 200
@@ -134,6 +146,8 @@ async def test_response_hop_by_hop_headers_are_removed(
 async def test_content_encoding_passes_through_undecoded(
     start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
+    """A gzip answer reaches the client still compressed with Content-Encoding: gzip, not decoded
+    by the proxy."""
     proxy = await start_proxy()
     reply = await request(http, "GET", f"{proxy}/_test/gzip", headers={"Accept-Encoding": "gzip"})
     assert reply.headers["Content-Encoding"] == "gzip"
@@ -143,6 +157,8 @@ async def test_content_encoding_passes_through_undecoded(
 async def test_large_and_chunked_bodies_stream_intact(
     start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
+    """A 3 MiB upload with a length and the same bytes sent chunked both reach the API intact
+    (same SHA-256), the chunked one still chunked."""
     proxy = await start_proxy()
     payload = os.urandom(3 * 1024 * 1024)
     reply = await request(
@@ -168,6 +184,8 @@ async def test_large_and_chunked_bodies_stream_intact(
 async def test_redirect_is_not_followed_and_location_points_back_at_the_proxy(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
+    """A 302 from the API is relayed, not followed; a Location on the API is rewritten to the
+    proxy under the route's prefix, and one to another host is left unchanged."""
     proxy = await start_proxy(routes={"eu": {"prefix": "/eu", "credential": "main"}})
     redirect = f"{proxy}/eu/_test/redirect"
     reply = await request(http, "GET", redirect, allow_redirects=False)
@@ -185,6 +203,7 @@ async def test_redirect_is_not_followed_and_location_points_back_at_the_proxy(
 async def test_upstream_status_and_body_come_back_unchanged(
     start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
+    """An unusual API status (418) and its body come back to the client unchanged."""
     proxy = await start_proxy()
     reply = await request(http, "GET", f"{proxy}/_test/status/418")
     assert reply.status == 418
@@ -194,6 +213,8 @@ async def test_upstream_status_and_body_come_back_unchanged(
 async def test_unknown_prefix_gets_404_listing_the_prefixes(
     start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
+    """A path under no route's prefix gets 404 no_route listing the configured prefixes; a prefix
+    matches whole segments only (/eux is not /eu)."""
     proxy = await start_proxy(
         routes={
             "eu": {"prefix": "/eu", "credential": "main"},
@@ -212,6 +233,7 @@ async def test_unknown_prefix_gets_404_listing_the_prefixes(
 async def test_unreachable_api_gets_502(
     start_proxy: StartProxy, http: aiohttp.ClientSession, unused_tcp_port: int
 ) -> None:
+    """An API nobody listens for gets 502 upstream_unreachable with a detail naming api_url."""
     proxy = await start_proxy(appcircle={"api_url": f"http://127.0.0.1:{unused_tcp_port}"})
     reply = await request(http, "GET", f"{proxy}/build/v2/profiles")
     assert reply.status == 502
@@ -223,6 +245,8 @@ async def test_unreachable_api_gets_502(
 async def test_slow_api_gets_504_after_the_read_timeout(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
+    """An API slower than appcircle.read_timeout gets 504 upstream_timeout naming the API, and
+    the request is sent once, not retried."""
     proxy = await start_proxy(appcircle={"read_timeout": 0.2})
     reply = await request(http, "GET", f"{proxy}/_test/slow", params={"seconds": "2"})
     assert reply.status == 504
@@ -235,6 +259,8 @@ async def test_slow_api_gets_504_after_the_read_timeout(
 async def test_api_failing_mid_response_cuts_the_client_connection(
     start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
+    """An API connection failing partway through a streamed body cuts the client's connection, so
+    a truncated body is never passed off as complete, and the proxy keeps serving."""
     proxy = await start_proxy()
     async with http.get(f"{proxy}/_test/cut") as response:
         assert response.status == 200
@@ -253,6 +279,8 @@ async def test_api_failing_mid_response_cuts_the_client_connection(
 async def test_the_apis_status_line_comes_back_reason_phrase_included(
     start_proxy: StartProxy,
 ) -> None:
+    """The API's status line, custom reason phrase included, reaches the client for small,
+    streamed, HEAD and 204 answers."""
     proxy = await start_proxy()
     custom = "/_test/status/299?reason=Custom%20Reason"
     for method, target, status_line in [
@@ -272,6 +300,8 @@ async def test_the_apis_status_line_comes_back_reason_phrase_included(
 async def test_answers_without_a_body_leave_the_connection_reusable(
     start_proxy: StartProxy,
 ) -> None:
+    """204 and HEAD answers carry no body and leave the keep-alive connection usable for the next
+    request; a HEAD keeps the Content-Length the GET's body would have."""
     proxy = await start_proxy()
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as one_connection:
         for method, path, status in [
@@ -292,6 +322,8 @@ async def test_answers_without_a_body_leave_the_connection_reusable(
 async def test_an_api_failing_inside_a_small_answer_gets_502_before_anything_is_sent(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
+    """An API failing inside a small answer with a Content-Length is reported as 502
+    upstream_unreachable naming the API, since nothing was sent to the client yet."""
     proxy = await start_proxy()
     reply = await request(http, "GET", f"{proxy}/_test/cut", params={"length": "5000"})
     assert reply.status == 502
@@ -302,6 +334,8 @@ async def test_an_api_failing_inside_a_small_answer_gets_502_before_anything_is_
 async def test_an_api_failing_inside_a_chunked_answer_cuts_the_client_connection(
     start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
+    """An API failing inside a chunked answer cuts the client's connection (a payload error, not
+    a clean end), and the proxy keeps serving."""
     # With no length to fall short of, only a cut connection tells the client.
     proxy = await start_proxy()
     with pytest.raises(aiohttp.ClientPayloadError):
