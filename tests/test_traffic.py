@@ -38,6 +38,8 @@ async def gigabyte() -> AsyncIterator[bytes]:
 async def test_gigabyte_upload_and_download_pass_intact_in_bounded_memory(
     standin: StandIn, write_config: WriteConfig
 ) -> None:
+    """A 1 GiB upload and a 1 GiB download pass through a separate proxy process byte-exact (same
+    SHA-256) while its peak RSS stays under 120 MiB: bodies are streamed, never held whole."""
     async with serving(write_config(credentials=INLINE_KEY_CONFIG)) as (proxy, process):
         async with aiohttp.ClientSession() as http:
             reply = await request(http, "PUT", f"{proxy}/upload", data=gigabyte())
@@ -70,6 +72,8 @@ async def test_gigabyte_upload_and_download_pass_intact_in_bounded_memory(
 async def test_200_aborted_transfers_leave_no_descriptor_or_upstream_connection_behind(
     standin: StandIn, write_config: WriteConfig
 ) -> None:
+    """Two hundred uploads and downloads aborted midway leave no open descriptor, API connection or
+    in-flight upstream request behind, and the proxy keeps serving."""
     async with serving(write_config(credentials=INLINE_KEY_CONFIG)) as (proxy, process):
         host, port = proxy.removeprefix("http://").rsplit(":", 1)
         async with aiohttp.ClientSession() as http:
@@ -117,6 +121,8 @@ async def test_200_aborted_transfers_leave_no_descriptor_or_upstream_connection_
 async def test_client_hanging_up_cancels_the_upstream_request_at_once(
     start_proxy: StartProxy, standin: StandIn
 ) -> None:
+    """A client hanging up during a slow request cancels its upstream request within a second,
+    instead of leaving it running to completion."""
     proxy = await start_proxy()
     host, port = proxy.removeprefix("http://").rsplit(":", 1)
     reader, writer = await asyncio.open_connection(host, int(port))
@@ -133,6 +139,8 @@ async def test_client_hanging_up_cancels_the_upstream_request_at_once(
 async def test_server_sent_events_arrive_one_by_one_as_they_are_sent(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
+    """Server-sent events (text/event-stream) reach the client one at a time as the API sends them,
+    with no buffering that would hold one back."""
     standin.events_gate = asyncio.Event()
     proxy = await start_proxy()
     async with http.get(f"{proxy}/_test/events", params={"count": "3"}) as response:
@@ -147,6 +155,8 @@ async def test_server_sent_events_arrive_one_by_one_as_they_are_sent(
 async def test_websocket_is_relayed_both_ways_with_the_token(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
+    """A WebSocket is relayed both ways with its subprotocol, text and binary messages and the
+    client's close code (4001), after the upgrade passed the API's token check."""
     proxy = await start_proxy()
     async with http.ws_connect(f"{proxy}/_test/ws", protocols=("appcircle.v1",)) as socket_:
         assert socket_.protocol == "appcircle.v1"
@@ -162,6 +172,8 @@ async def test_websocket_is_relayed_both_ways_with_the_token(
 async def test_websocket_closed_by_the_api_closes_the_client_with_its_code(
     start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
+    """A WebSocket the API closes reaches the client as a close with the API's code and reason
+    (4000, "bye")."""
     proxy = await start_proxy()
     async with http.ws_connect(f"{proxy}/_test/ws") as socket_:
         await socket_.send_str("close-me")
@@ -173,6 +185,8 @@ async def test_websocket_closed_by_the_api_closes_the_client_with_its_code(
 async def test_websocket_handshake_refused_with_401_renews_the_token(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
+    """A WebSocket handshake the API refuses with 401 (token revoked) renews the token and succeeds,
+    with exactly one extra exchange."""
     proxy = await start_proxy()
     assert (await request(http, "GET", f"{proxy}/x")).status == 200
     standin.revoke_all()
@@ -185,6 +199,8 @@ async def test_websocket_handshake_refused_with_401_renews_the_token(
 async def test_connect_timeout_gives_504(
     start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
+    """An API host that never completes the TCP handshake gets 504 after appcircle.connect_timeout,
+    well within 3 s."""
     # A listener that never accepts, its backlog full: new connections hang in SYN.
     silent = socket.socket()
     silent.bind(("127.0.0.1", 0))
@@ -212,6 +228,8 @@ async def test_connect_timeout_gives_504(
 async def test_slow_client_does_not_make_the_proxy_buffer_the_download(
     standin: StandIn, write_config: WriteConfig
 ) -> None:
+    """A client that stops reading a 1 GiB download does not make the proxy buffer it: the process's
+    RSS grows by less than 30 MiB in 2 s."""
     async with serving(write_config(credentials=INLINE_KEY_CONFIG)) as (proxy, process):
         host, port = proxy.removeprefix("http://").rsplit(":", 1)
         reader, writer = await asyncio.open_connection(host, int(port), limit=2**16)
@@ -227,6 +245,8 @@ async def test_slow_client_does_not_make_the_proxy_buffer_the_download(
 async def test_idle_read_timeout_does_not_cut_a_long_healthy_download(
     start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
+    """appcircle.read_timeout bounds silence, not total time: a 50 MiB download that takes longer
+    than the timeout but keeps flowing is received in full."""
     proxy = await start_proxy(appcircle={"read_timeout": 0.5})
     received = 0
     async with http.get(f"{proxy}/_test/download", params={"size": str(50 * 1024**2)}) as response:
@@ -258,6 +278,8 @@ async def test_self_hosted_behind_a_private_ca_is_trusted_through_ca_file(
     http: aiohttp.ClientSession,
     private_ca: tuple[trustme.CA, Path],
 ) -> None:
+    """A self-hosted Appcircle with a private CA is reached over TLS when appcircle.ca_file names
+    the CA, and without it the client gets 503 auth_unreachable mentioning the certificate."""
     ca, bundle = private_ca
     appcircle = await tls_standin(ca)
     try:
@@ -280,6 +302,8 @@ async def test_insecure_skip_verify_works_but_is_logged_loudly(
     private_ca: tuple[trustme.CA, Path],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    """appcircle.insecure_skip_verify lets the proxy reach an untrusted TLS host, and a warning "TLS
+    VERIFICATION IS OFF" is logged."""
     appcircle = await tls_standin(private_ca[0])
     try:
         proxy = await start_proxy(
@@ -299,6 +323,8 @@ async def test_insecure_skip_verify_works_but_is_logged_loudly(
 async def test_full_connection_pool_makes_requests_wait_not_fail(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
+    """With appcircle.max_connections = 2, six concurrent requests all get 200 by waiting their
+    turn, and the API never sees more than two at once."""
     proxy = await start_proxy(appcircle={"max_connections": 2})
     replies = await asyncio.gather(
         *(request(http, "GET", f"{proxy}/_test/slow?seconds=0.2") for _ in range(6))
@@ -310,6 +336,8 @@ async def test_full_connection_pool_makes_requests_wait_not_fail(
 async def test_workers_share_the_port_each_with_its_own_token_cache(
     standin: StandIn, write_config: WriteConfig, unused_tcp_port: int
 ) -> None:
+    """With --workers 2 both workers serve the same port, each exchanges its token once (eagerly)
+    and reuses it, and the supervisor exits 0 on SIGTERM."""
     config = write_config(
         credentials=INLINE_KEY_CONFIG,
         server={"eager": True, "listen": f"127.0.0.1:{unused_tcp_port}"},
