@@ -81,6 +81,9 @@ def basic(user: str, password: str) -> str:
 async def test_the_official_cli_with_the_client_token_as_its_access_token_gets_through(
     start_proxy: StartProxy, standin: StandIn
 ) -> None:
+    """The official CLI, with the client token as AC_ACCESS_TOKEN in Authorization, gets 200 on
+    root and sub-organization routes; its own headers pass, and its Authorization becomes the
+    proxy's."""
     proxy = await start_proxy(routes=SUB_ORGANIZATION_ROUTES, server=WITH_CLIENT_TOKEN)
     host = proxy.removeprefix("http://")
     for path, organization in (
@@ -103,6 +106,8 @@ async def test_the_official_cli_with_the_client_token_as_its_access_token_gets_t
 
 
 def test_neither_authorization_header_is_among_the_headers_sent_upstream() -> None:
+    """Neither Authorization nor Proxy-Authorization from the client is among the headers built
+    for upstream, whether from parsed headers or raw header bytes."""
     incoming = CIMultiDict(
         [
             ("Authorization", f"Bearer {CLIENT_TOKEN}"),
@@ -127,6 +132,8 @@ def test_neither_authorization_header_is_among_the_headers_sent_upstream() -> No
 async def test_the_client_token_is_accepted_in_either_header_as_bearer_or_basic_password(
     header: str, value: str, start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
+    """server.client_token is accepted in Authorization or Proxy-Authorization, as Bearer (any
+    case, extra spaces) or as a Basic password, and never reaches the API."""
     proxy = await start_proxy(server=WITH_CLIENT_TOKEN)
     reply = await request(http, "GET", f"{proxy}/build/v2/profiles", headers={header: value})
     assert reply.status == 200
@@ -162,6 +169,9 @@ async def test_the_client_token_is_accepted_in_either_header_as_bearer_or_basic_
 async def test_a_wrong_token_in_authorization_gets_401_with_www_authenticate(
     value: str, start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
+    """A wrong client token in Authorization (wrong value, suffix, Basic user name, other scheme)
+    gets 401 client_token_required with WWW-Authenticate and a hint about AC_ACCESS_TOKEN, before
+    any exchange."""
     proxy = await start_proxy(server=WITH_CLIENT_TOKEN)
     reply = await request(
         http, "GET", f"{proxy}/build/v2/profiles", headers={"Authorization": value}
@@ -177,6 +187,8 @@ async def test_a_wrong_token_in_authorization_gets_401_with_www_authenticate(
 async def test_no_token_or_a_wrong_proxy_authorization_gets_407(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
+    """No client token, or a wrong one in Proxy-Authorization, gets 407
+    proxy_authentication_required with Proxy-Authenticate, and nothing reaches the API."""
     proxy = await start_proxy(server=WITH_CLIENT_TOKEN)
     for headers in (
         {},
@@ -193,6 +205,8 @@ async def test_no_token_or_a_wrong_proxy_authorization_gets_407(
 async def test_the_token_in_one_header_lets_the_other_carry_anything_and_neither_goes_upstream(
     start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
+    """With the client token in one of Authorization or Proxy-Authorization, the other may hold
+    anything; the request passes and neither header's value reaches the API."""
     proxy = await start_proxy(server=WITH_CLIENT_TOKEN)
     for headers in (
         {"Proxy-Authorization": f"Bearer {CLIENT_TOKEN}", "Authorization": "Bearer the-tools"},
@@ -209,6 +223,8 @@ async def test_the_token_in_one_header_lets_the_other_carry_anything_and_neither
 async def test_a_cors_preflight_from_an_allowed_origin_needs_no_client_token(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
+    """A CORS preflight (OPTIONS) from an allowed origin gets 204 without the client token, the
+    request that follows still needs it (407 without), and a foreign origin's preflight gets 403."""
     origin = "http://localhost:3000"
     proxy = await start_proxy(server={**WITH_CLIENT_TOKEN, "allowed_origins": [origin]})
     preflight = {"Origin": origin, "Access-Control-Request-Method": "GET"}
@@ -238,6 +254,9 @@ async def test_a_cors_preflight_from_an_allowed_origin_needs_no_client_token(
 async def test_userinfo_goes_to_the_auth_host_with_the_routes_session_token(
     start_proxy: StartProxy, standin: StandIn
 ) -> None:
+    """The OpenID userinfo path, under each route's prefix, goes to the auth host with that
+    route's session token, so the CLI sees the route's organization; the client token never goes
+    along."""
     proxy = await start_proxy(routes=SUB_ORGANIZATION_ROUTES, server=WITH_CLIENT_TOKEN)
     host = proxy.removeprefix("http://")
     for prefix, organization in (("", ROOT_ORG), ("/eu", SUB_ORG)):
@@ -260,6 +279,8 @@ async def test_userinfo_goes_to_the_auth_host_with_the_routes_session_token(
 async def test_userinfo_access_line_names_the_auth_hosts_answer(
     start_proxy: StartProxy, http: aiohttp.ClientSession, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """The JSON access line for a userinfo request records the auth host's status as
+    upstream_status, with no error."""
     proxy = await start_proxy(log={"format": "json"})
     assert (await request(http, "GET", proxy + USERINFO)).status == 200
     written: list[str] = []
@@ -296,6 +317,8 @@ async def test_nothing_else_on_the_auth_host_is_reachable(
     standin: StandIn,
     http: aiohttp.ClientSession,
 ) -> None:
+    """Only GET userinfo is relayed to the auth host: token endpoints, other methods and other
+    auth paths get 404 not_forwarded_to_auth_host, and no exchange or upstream request happens."""
     proxy = await start_proxy(routes=SUB_ORGANIZATION_ROUTES)
     reply = await request(http, method, proxy + path, data=b"personalAccessKey=x")
     assert reply.status == 404
@@ -308,6 +331,8 @@ async def test_nothing_else_on_the_auth_host_is_reachable(
 async def test_a_userinfo_token_the_auth_host_refuses_is_renewed_and_retried_once(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
+    """A userinfo request whose token the auth host refuses (revoked) is retried once with a
+    renewed token and answered 200."""
     proxy = await start_proxy()
     assert (await request(http, "GET", proxy + USERINFO)).status == 200
     standin.revoke_all()
@@ -321,6 +346,8 @@ async def test_a_userinfo_token_the_auth_host_refuses_is_renewed_and_retried_onc
 async def test_userinfo_from_an_auth_host_that_cannot_be_reached_is_a_502(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
+    """Userinfo from an auth host that is down gets 502 auth_unreachable with a detail naming
+    appcircle.auth_url."""
     proxy = await start_proxy()
     assert (await request(http, "GET", f"{proxy}/x")).status == 200  # a token, while it is up
     await standin.close()
@@ -333,6 +360,8 @@ async def test_userinfo_from_an_auth_host_that_cannot_be_reached_is_a_502(
 async def test_an_answer_too_large_to_be_userinfo_is_not_relayed(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
+    """A userinfo answer over 65536 bytes is not relayed: the client gets 502 auth_unreachable
+    saying it was too large."""
     standin.userinfo_padding = 100_000
     proxy = await start_proxy()
     reply = await request(http, "GET", proxy + USERINFO)
@@ -356,6 +385,8 @@ CI_ROUTES = {
 async def test_an_allow_list_lets_matching_requests_through_and_refuses_the_rest_before_a_token(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
+    """A route's allow list passes only matching method and path; the rest get 403
+    not_allowed_by_route naming the route and its rules, before any token exchange."""
     proxy = await start_proxy(routes=CI_ROUTES)
     for method, path in (
         ("DELETE", "/ci/build/v2/profiles/1"),
@@ -388,6 +419,8 @@ async def test_an_allow_list_lets_matching_requests_through_and_refuses_the_rest
 async def test_a_read_only_route_allows_get_head_and_options_only(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
+    """A read_only route passes GET, HEAD and OPTIONS (userinfo too) and refuses POST, PUT, PATCH
+    and DELETE with 403 saying read-only."""
     proxy = await start_proxy(routes=CI_ROUTES)
     for method in ("GET", "HEAD", "OPTIONS"):
         assert (await request(http, method, f"{proxy}/viewer/build/v2/profiles")).status == 200
@@ -403,6 +436,8 @@ async def test_a_read_only_route_allows_get_head_and_options_only(
 async def test_routes_without_rules_let_everything_through(
     start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
+    """A route without allow or read_only forwards every method, even with restricted routes
+    beside it."""
     proxy = await start_proxy(routes={**CI_ROUTES, "root": {"prefix": "/", "credential": "main"}})
     for method in ("GET", "POST", "DELETE"):
         assert (await request(http, method, f"{proxy}/anything/at/all")).status == 200
@@ -434,6 +469,8 @@ async def test_routes_without_rules_let_everything_through(
 def test_allow_rules_match_segments_as_written(
     rule: str, method: str, path: str, allowed: bool
 ) -> None:
+    """Allow rules match whole segments: '*' is one segment, '**' zero or more, the method must
+    match exactly (GET does not cover HEAD), and a prefix never matches a longer segment."""
     assert RoutePolicy((parse_rule(rule),)).allows(method, path) is allowed
 
 
@@ -451,6 +488,8 @@ def test_allow_rules_match_segments_as_written(
 def test_a_bad_rule_stops_start_up_with_one_line_naming_it(
     rules: object, problem: str, tmp_path: Path
 ) -> None:
+    """A malformed allow rule (relative path, partial wildcard, no method, bad method, empty or
+    not a list) stops loading with a ConfigError naming routes.ci.allow and the problem."""
     path = tmp_path / "proxy.toml"
     write_toml(path, routes={"ci": {"prefix": "/ci", "credential": "main", "allow": rules}})
     with pytest.raises(ConfigError) as raised:
@@ -462,6 +501,8 @@ def test_a_bad_rule_stops_start_up_with_one_line_naming_it(
 def test_config_prints_the_rules_as_written(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """`config` prints each route's allow rules (method upper-cased) and read_only flag, so the
+    user sees what is enforced."""
     path = tmp_path / "proxy.toml"
     routes = copy.deepcopy(CI_ROUTES)
     routes["ci"]["allow"][1] = "post /distribution/v2/profiles/*/app-versions"
@@ -479,6 +520,8 @@ def test_config_prints_the_rules_as_written(
 def test_check_offline_prints_the_rules_under_their_route(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """`check --offline` prints each restricted route's allow rules, or read-only with its
+    methods, on the line under the route."""
     path = tmp_path / "proxy.toml"
     write_toml(path, routes=CI_ROUTES)
     assert main(["check", "--offline", "--config", str(path)]) == 0
@@ -494,6 +537,8 @@ def test_check_offline_prints_the_rules_under_their_route(
 async def test_check_prints_the_rules_of_each_restricted_route(
     standin: StandIn, write_config: WriteConfig
 ) -> None:
+    """Online `check` prints one rule line per restricted route with its allow rules or read-only
+    methods, and exits 0."""
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "proxy", "check", "--config", str(write_config(routes=CI_ROUTES)),
         stdout=asyncio.subprocess.PIPE,
