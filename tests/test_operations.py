@@ -29,6 +29,8 @@ async def wait_until_ready(http: aiohttp.ClientSession, proxy: str) -> None:
 async def test_health_is_always_ok_and_never_forwarded(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
+    """/_proxy/health answers 200 {"status": "ok"} even while the auth host fails, other /_proxy/
+    paths get 404 not_found, and none of them is forwarded to the API."""
     standin.always = 500  # even with the auth host failing, the process is alive
     proxy = await start_proxy()
     health = await request(http, "GET", f"{proxy}/_proxy/health")
@@ -41,6 +43,8 @@ async def test_health_is_always_ok_and_never_forwarded(
 async def test_ready_names_each_route_without_a_token_then_turns_green(
     start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
+    """/_proxy/ready answers 503 naming each route that has no session token yet, and 200 listing
+    the routes once a request has obtained one."""
     proxy = await start_proxy()  # lazy: no token until the first request
     ready = await request(http, "GET", f"{proxy}/_proxy/ready")
     assert ready.status == 503
@@ -53,6 +57,8 @@ async def test_ready_names_each_route_without_a_token_then_turns_green(
 async def test_eager_start_gets_tokens_before_any_request(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
+    """With server.eager the proxy obtains its token at start-up, so /_proxy/ready turns 200
+    before any request is forwarded."""
     proxy = await start_proxy(server={"eager": True})
     await wait_until_ready(http, proxy)
     assert len(standin.exchanges) == 1 and standin.api_requests == []
@@ -61,6 +67,9 @@ async def test_eager_start_gets_tokens_before_any_request(
 async def test_eager_start_with_auth_down_serves_keeps_retrying_and_reports_why(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
+    """With server.eager and the auth host answering 502, the proxy still starts, retries the
+    exchange on its own, reports "HTTP 502" per route on /_proxy/ready, and turns ready once auth
+    recovers."""
     standin.always = 502
     proxy = await start_proxy(server={"eager": True})
     await asyncio.sleep(0.3)
@@ -84,6 +93,9 @@ def metric_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], f
 async def test_metrics_count_requests_bytes_latency_exchanges_and_token_expiry(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
+    """/_proxy/metrics counts requests by method, route and status class (refused ones under
+    route "-"), bytes, upstream latency, exchanges, token waits, token expiry and in-flight
+    requests."""
     proxy = await start_proxy()
     for _ in range(3):
         await request(http, "GET", f"{proxy}/x")
@@ -131,6 +143,8 @@ async def test_metrics_count_requests_bytes_latency_exchanges_and_token_expiry(
 async def test_exchange_outcomes_and_token_waits_are_counted_one_by_one(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
+    """appcircle_proxy_token_exchanges_total counts each exchange by outcome (auth_error, ok) and
+    token_waits_total counts each request that had to wait for a token, once each."""
     standin.script = [500, 503]
     proxy = await start_proxy()
 
@@ -167,6 +181,8 @@ async def test_each_exchange_logs_one_line_with_its_routes_credential_and_outcom
     http: aiohttp.ClientSession,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    """Each token exchange logs one line with the routes sharing it, the credential, the outcome
+    (auth_error, ok, refused) and, where set, the sub-organization."""
     standin.script = [500]
     proxy = await start_proxy(
         routes={
@@ -201,6 +217,8 @@ async def test_each_exchange_logs_one_line_with_its_routes_credential_and_outcom
 async def test_admin_listener_serves_only_the_proxys_endpoints(
     standin: StandIn, write_config: WriteConfig, http: aiohttp.ClientSession
 ) -> None:
+    """server.admin_listen serves /_proxy/ endpoints without Host check or client token and
+    forwards nothing; the API listener then answers /_proxy/health 404 pointing to admin_listen."""
     config = write_config(server={"admin_listen": "127.0.0.1:0", "client_token": CLIENT_TOKEN})
     running = await start(load_settings(config))
     try:
@@ -222,6 +240,8 @@ async def test_admin_listener_serves_only_the_proxys_endpoints(
 async def test_health_needs_no_client_token_but_everything_else_does(
     start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
+    """With server.client_token set, /_proxy/health answers without it (for probes) while
+    /_proxy/ready and /_proxy/metrics get 407."""
     proxy = await start_proxy(server={"client_token": CLIENT_TOKEN})
     assert (await request(http, "GET", f"{proxy}/_proxy/health")).status == 200
     assert (await request(http, "GET", f"{proxy}/_proxy/ready")).status == 407
@@ -231,6 +251,9 @@ async def test_health_needs_no_client_token_but_everything_else_does(
 async def test_access_log_has_one_line_per_request_without_query_string(
     start_proxy: StartProxy, http: aiohttp.ClientSession, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """Each request writes one JSON access line with route, method, path, statuses, byte counts,
+    X-Request-Id, client and duration, and the query string (which may hold secrets) is never
+    logged."""
     proxy = await start_proxy(log={"format": "json"})
     reply = await request(
         http,
