@@ -26,6 +26,8 @@ async def stderr_of(process: asyncio.subprocess.Process) -> str:
 async def test_sigterm_lets_in_flight_requests_finish_then_exits_0(
     standin: StandIn, write_config: WriteConfig
 ) -> None:
+    """On SIGTERM an in-flight request still gets its 200, then the process exits 0 with no
+    traceback and accepts no new connections."""
     config = write_config(credentials=INLINE_KEY_CONFIG, server={"shutdown_timeout": 10})
     async with serving(config) as (proxy, process), aiohttp.ClientSession() as http:
         slow = asyncio.create_task(
@@ -45,6 +47,8 @@ async def test_sigterm_lets_in_flight_requests_finish_then_exits_0(
 async def test_sighup_reloads_a_rotated_key_without_downtime(
     standin: StandIn, write_config: WriteConfig, tmp_path: Path
 ) -> None:
+    """SIGHUP keeps the token when the key file is unchanged, renews at once when it changed, and
+    keeps the running config when the file is broken, serving throughout and never logging a key."""
     secret_file = tmp_path / "key"
     secret_file.write_text(PERSONAL_KEY)
     config = write_config(
@@ -82,6 +86,8 @@ async def test_sighup_reloads_a_rotated_key_without_downtime(
 async def test_json_logs_are_one_object_per_line(
     standin: StandIn, write_config: WriteConfig
 ) -> None:
+    """With log.format json a request writes one access entry with path, status, route and timing
+    fields, and the token exchange one entry with routes and outcome."""
     config = write_config(credentials=INLINE_KEY_CONFIG, log={"format": "json"})
     async with serving(config) as (proxy, process), aiohttp.ClientSession() as http:
         assert (await request(http, "GET", f"{proxy}/build/v2/profiles?page=2")).status == 200
