@@ -48,6 +48,9 @@ SLOW_RETRIES = {"retry_initial": 10, "retry_max": 10, "retry_max_without_token":
 async def test_a_hung_auth_host_gets_requests_their_503_within_wait_timeout(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
+    """With the auth host hanging, every request waiting for a token gets 503 auth_unreachable
+    with Retry-After within tokens.wait_timeout, all sharing one exchange attempt, and service
+    resumes once it answers."""
     standin.gate = asyncio.Event()  # every exchange hangs
     proxy = await start_proxy(tokens={"wait_timeout": 0.3, "exchange_timeout": 30})
     answers = await asyncio.wait_for(
@@ -70,6 +73,9 @@ async def test_a_hung_auth_host_gets_requests_their_503_within_wait_timeout(
 async def test_a_route_recovers_quickly_however_long_the_outage_was(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
+    """However long the failure streak, a route without a token retries at most
+    tokens.retry_max_without_token apart, so it gets a token within a second of the auth host
+    recovering."""
     # retry_max is a minute: only the low ceiling without a token keeps retries close.
     standin.always = 500
     proxy = await start_proxy(
@@ -97,6 +103,8 @@ async def failed_attempts(http: aiohttp.ClientSession, proxy: str, route: str) -
 async def test_every_route_is_back_soon_after_a_killed_auth_host_returns(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
+    """After the auth host was down long enough for long failure streaks, every route (root and
+    sub-organization) gets a new token within 0.6 s of its return."""
     standin.token_lifetime = 1.0
     proxy = await start_proxy(
         routes={
@@ -124,6 +132,8 @@ async def test_every_route_is_back_soon_after_a_killed_auth_host_returns(
 async def test_a_request_brings_the_next_attempt_forward(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
+    """A request arriving while the renewal loop waits out a long backoff triggers an exchange at
+    once, so it gets 200 quickly after the auth host recovers."""
     standin.always = 500
     proxy = await start_proxy(tokens=SLOW_RETRIES)  # the loop alone: 5 s or more
     assert await status(http, f"{proxy}/x") == 503
@@ -137,6 +147,8 @@ async def test_a_request_brings_the_next_attempt_forward(
 async def test_a_flood_of_requests_does_not_hammer_a_failing_auth_host(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
+    """A flood of requests against a failing auth host gets quick 503s while exchanges stay at
+    about one per half second, so the proxy does not hammer the auth host."""
     standin.always = 500
     proxy = await start_proxy(tokens=SLOW_RETRIES)
     started = time.monotonic()
@@ -154,6 +166,8 @@ async def test_a_flood_of_requests_does_not_hammer_a_failing_auth_host(
 async def test_an_endpoint_refusing_every_token_costs_a_handful_of_exchanges(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
+    """An endpoint that answers 401 to every token costs at most a renewal per
+    tokens.min_renew_interval, not one per request, and the route's other endpoints keep working."""
     proxy = await start_proxy(tokens={"min_renew_interval": 30})
     assert await status(http, f"{proxy}/x") == 200
     for _ in range(6):
@@ -168,6 +182,8 @@ async def test_an_endpoint_refusing_every_token_costs_a_handful_of_exchanges(
 async def test_a_401_renews_again_once_min_renew_interval_has_passed(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
+    """A 401 renews and replays; a second 401 within tokens.min_renew_interval is relayed without
+    a replay, and once the interval has passed a 401 renews again."""
     proxy = await start_proxy(tokens={"min_renew_interval": 0.3})
     assert await status(http, f"{proxy}/x") == 200
     standin.revoke_all()
@@ -206,6 +222,9 @@ async def test_a_rejected_new_key_keeps_the_running_token(
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    """A reload whose new key the auth host rejects keeps the running token serving, logs an
+    error and shows reload_failed on /_proxy/ready; once the key works, a reload switches to it
+    at once."""
     proxy = running.urls[0]
     assert await status(http, f"{proxy}/x") == 200
     first_token = standin.api_requests[-1].token_id
@@ -233,6 +252,8 @@ async def test_a_rejected_new_key_keeps_the_running_token(
 async def test_after_a_rejected_reload_the_old_token_serves_until_it_expires_never_after(
     running: Running, standin: StandIn, http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
+    """After a reload with a rejected key the old token serves for its whole lifetime and then
+    the proxy answers 503, never sending the expired token to the API."""
     standin.token_lifetime = 1.0
     proxy = running.urls[0]
     assert await status(http, f"{proxy}/x") == 200
@@ -255,6 +276,9 @@ async def test_after_a_rejected_reload_the_old_token_serves_until_it_expires_nev
 async def test_fresh_swaps_a_token_near_expiry_for_the_renewed_one_and_never_gives_a_dead_one(
     standin: StandIn, write_config: WriteConfig
 ) -> None:
+    """tokens.fresh() keeps a token in its refresh margin, raises TokenUnavailable within
+    wait_timeout once it is past usable_until with the renewal hung, and returns the renewed
+    token after."""
     standin.token_lifetime = 1.0  # renewal due at 0.8 s, unusable from 0.95 s
     settings = load_settings(write_config(tokens={"wait_timeout": 0.2}))
     async with connect(settings) as runtime:
@@ -279,6 +303,8 @@ async def test_fresh_swaps_a_token_near_expiry_for_the_renewed_one_and_never_giv
 async def test_a_request_in_the_refresh_margin_wakes_a_renewal_loop_that_overslept(
     standin: StandIn, write_config: WriteConfig
 ) -> None:
+    """When the wall clock jumps into a token's refresh margin (a laptop resumed from sleep), a
+    request's to_send() starts the renewal the sleeping loop missed."""
     # The loop sleeps on the event loop's clock; tokens age on the wall clock. A laptop's
     # suspension moves only the second: the request path must then start the renewal.
     standin.token_lifetime = 600.0
@@ -306,6 +332,9 @@ async def test_an_unexpected_exchange_error_logs_its_type_never_its_text(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    """An unexpected exception during an exchange gives 503 auth_error and logs the exception
+    type only, never its text, which may contain the key (the autouse leak check enforces it)."""
+
     async def broken(self: Exchanger) -> None:
         raise RuntimeError(f"form was personalAccessKey={PERSONAL_KEY}")
 
