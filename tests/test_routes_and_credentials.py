@@ -24,6 +24,9 @@ from .support import eventually, request
 async def test_each_credential_kind_uses_its_endpoint_and_fields(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
+    """Each credential kind exchanges at its own endpoint with its own form fields: a personal
+    access key at /auth/v3/token, a personal API token at /auth/v2/token, an API key at
+    /auth/v1/api-key/token."""
     proxy = await start_proxy(
         credentials=EVERY_KIND_CREDENTIALS,
         routes={
@@ -68,6 +71,9 @@ def sub_org_routes(beta_organization: str = OTHER_ORG) -> dict[str, dict[str, st
 async def test_each_sub_organization_route_has_its_own_token_longest_prefix_wins(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
+    """The longest matching route prefix wins on whole segments, its prefix is stripped upstream,
+    and each (credential, sub_organization) pair gets its own token with the sub-organization
+    fields."""
     proxy = await start_proxy(credentials=SUB_ORG_CREDENTIALS, routes=sub_org_routes())
     expectations = {
         "/build/v2/profiles": (ROOT_ORG, "/build/v2/profiles"),
@@ -98,6 +104,8 @@ async def test_each_sub_organization_route_has_its_own_token_longest_prefix_wins
 async def test_servers_honouring_either_sub_organization_field_work(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
+    """A server that honours only subOrganizationId still yields a token for the route's
+    sub-organization."""
     standin.sub_organization_field = "subOrganizationId"
     proxy = await start_proxy(credentials=SUB_ORG_CREDENTIALS, routes=sub_org_routes())
     reply = await request(http, "GET", f"{proxy}/eu/x")
@@ -107,6 +115,8 @@ async def test_servers_honouring_either_sub_organization_field_work(
 async def test_token_for_another_organization_is_refused_naming_both_ids(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
+    """A token for the wrong organization on a sub_organization route is refused with 503
+    wrong_organization naming both ids, never sent to the API, while the root route still works."""
     standin.sub_organization_field = None  # this server ignores the sub-organization
     proxy = await start_proxy(credentials=SUB_ORG_CREDENTIALS, routes=sub_org_routes())
     reply = await request(http, "GET", f"{proxy}/eu/x")
@@ -123,6 +133,8 @@ async def test_token_for_another_organization_is_refused_naming_both_ids(
 async def test_key_without_access_to_the_sub_organization_is_reported_as_rejected(
     start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
+    """A key the auth host refuses for a sub-organization (HTTP 403) gets 503 key_rejected saying
+    HTTP 403."""
     unknown = "44444444-4444-4444-8444-444444444444"
     proxy = await start_proxy(credentials=SUB_ORG_CREDENTIALS, routes=sub_org_routes(unknown))
     reply = await request(http, "GET", f"{proxy}/eu/beta/x")
@@ -135,6 +147,8 @@ async def test_key_without_access_to_the_sub_organization_is_reported_as_rejecte
 async def test_routes_sharing_a_credential_and_organization_share_one_token(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
+    """Two routes with the same credential and organization share one token: a single exchange
+    serves both."""
     proxy = await start_proxy(
         routes={
             "a": {"prefix": "/a", "credential": "main"},
@@ -149,6 +163,8 @@ async def test_routes_sharing_a_credential_and_organization_share_one_token(
 async def test_secret_file_is_reread_so_a_rotated_key_takes_effect(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
+    """A secret_file is read again at each exchange, so a key rotated on disk is used when the
+    old token is revoked, without a restart."""
     secret_file = tmp_path / "appcircle-key"
     secret_file.write_text(PERSONAL_KEY + "\n")
     proxy = await start_proxy(
@@ -168,6 +184,8 @@ async def test_secret_file_is_reread_so_a_rotated_key_takes_effect(
 async def test_secret_file_gone_is_a_clear_failure_then_recovers(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
+    """A secret_file that disappears gives 503 secret_unavailable naming the file, and the route
+    recovers once the file is back."""
     secret_file = tmp_path / "appcircle-key"
     secret_file.write_text(PERSONAL_KEY)
     proxy = await start_proxy(
