@@ -27,6 +27,8 @@ from .support import request
 async def test_loopback_host_names_are_accepted(
     host: str, start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
+    """A Host of localhost, 127.0.0.1 or [::1], with or without a port and in any case, is
+    accepted."""
     proxy = await start_proxy()
     assert (await request(http, "GET", f"{proxy}/x", headers={"Host": host})).status == 200
 
@@ -35,6 +37,8 @@ async def test_loopback_host_names_are_accepted(
 async def test_other_host_names_get_403_naming_the_setting(
     host: str, start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
+    """Any other Host (a foreign name, 127.0.0.2, empty) gets 403 host_not_allowed naming
+    server.allowed_hosts, before any exchange: DNS rebinding cannot reach the API."""
     proxy = await start_proxy()
     reply = await request(http, "GET", f"{proxy}/x", headers={"Host": host})
     assert reply.status == 403
@@ -46,6 +50,8 @@ async def test_other_host_names_get_403_naming_the_setting(
 async def test_allowed_hosts_adds_a_sidecar_name(
     start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
+    """A name in server.allowed_hosts (a sidecar's service name) is accepted with any port, while
+    other names still get 403."""
     proxy = await start_proxy(server={"allowed_hosts": ["appcircle-proxy"]})
     sidecar = await request(http, "GET", f"{proxy}/x", headers={"Host": "appcircle-proxy:8787"})
     assert sidecar.status == 200
@@ -59,6 +65,8 @@ async def test_allowed_hosts_adds_a_sidecar_name(
 async def test_web_pages_are_refused_and_get_no_cors_headers(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
+    """A request from a web page (an Origin, or Sec-Fetch-Site: cross-site) or its preflight gets
+    403 origin_not_allowed naming server.allowed_origins, with no Access-Control-* headers."""
     proxy = await start_proxy()
     reply = await request(http, "GET", f"{proxy}/x", headers={"Origin": "https://evil.example"})
     assert reply.status == 403
@@ -81,6 +89,9 @@ async def test_web_pages_are_refused_and_get_no_cors_headers(
 async def test_allowed_origin_gets_cors_and_its_preflight_is_answered_locally(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
+    """An origin in server.allowed_origins gets its preflight answered 204 by the proxy, its
+    requests get Access-Control-Allow-Origin and one Vary: Origin, matching without trailing
+    slash or case."""
     origin = "http://localhost:3000"
     proxy = await start_proxy(server={"allowed_origins": [origin]})
     reply = await request(
@@ -117,6 +128,8 @@ async def test_allowed_origin_gets_cors_and_its_preflight_is_answered_locally(
 async def test_only_a_real_preflight_is_answered_locally(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
+    """Only an OPTIONS with both Origin and Access-Control-Request-Method is answered locally as
+    a preflight; anything short of that is forwarded to the API."""
     origin = "http://localhost:3000"
     proxy = await start_proxy(server={"allowed_origins": [origin]})
     # A preflight is an OPTIONS with both Origin and Access-Control-Request-Method;
@@ -138,6 +151,9 @@ async def test_only_a_real_preflight_is_answered_locally(
 async def test_client_token_is_required_compared_and_never_forwarded(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
+    """With server.client_token set, a missing or wrong Proxy-Authorization gets 407 with
+    Proxy-Authenticate, the right Bearer token passes in any case and spacing, and never reaches
+    the API."""
     proxy = await start_proxy(server={"client_token": CLIENT_TOKEN})
     reply = await request(http, "GET", f"{proxy}/x")
     assert reply.status == 407
@@ -164,6 +180,8 @@ async def test_client_token_is_required_compared_and_never_forwarded(
 async def test_client_token_from_a_file(
     start_proxy: StartProxy, http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
+    """server.client_token_file is read (trailing newline stripped) and enforced like
+    client_token."""
     token_file = tmp_path / "client-token"
     token_file.write_text(CLIENT_TOKEN + "\n")
     proxy = await start_proxy(server={"client_token_file": str(token_file)})
@@ -178,6 +196,8 @@ async def test_client_token_from_a_file(
 async def test_absolute_form_and_connect_are_refused(
     start_proxy: StartProxy, standin: StandIn
 ) -> None:
+    """An absolute-form target gets 400 absolute_form and CONNECT gets 405, so the proxy can
+    never be used as an open proxy to other hosts."""
     proxy = await start_proxy()
     answer = await exchange(
         proxy, b"GET http://other.example/x HTTP/1.1\r\nHost: other.example\r\n\r\n", read_for=0.5
@@ -218,6 +238,9 @@ async def test_absolute_form_and_connect_are_refused(
 async def test_path_tricks_are_refused(
     path: str, start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
+    """Dot segments (plain or encoded), encoded slashes and backslashes, empty segments and NUL
+    in the path get 400 bad_path and never reach the API, so no request escapes its route's
+    prefix."""
     proxy = await start_proxy()
     reply = await request(http, "GET", URL(proxy + path, encoded=True))
     assert (reply.status, reply.json()["error"]) == (400, "bad_path"), path
@@ -226,6 +249,7 @@ async def test_path_tricks_are_refused(
 
 
 async def test_backslash_and_raw_nul_are_refused(start_proxy: StartProxy) -> None:
+    """A raw backslash or NUL byte in the request target gets 400."""
     proxy = await start_proxy()
     for target in (b"/eu\\..\\x", b"/eu/a\x00b"):
         answer = await exchange(
@@ -237,6 +261,8 @@ async def test_backslash_and_raw_nul_are_refused(start_proxy: StartProxy) -> Non
 async def test_dots_inside_names_and_encoded_characters_elsewhere_are_fine(
     start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
+    """Dots inside segment names, encoded spaces, dots and slashes in the query, and a trailing
+    slash are not mistaken for path tricks."""
     proxy = await start_proxy()
     for path in ("/build/v2/app.v1.2/..x", "/a%20b/c", "/x/?q=../..%2F", "/trailing/"):
         reply = await request(http, "GET", URL(proxy + path, encoded=True))
@@ -258,6 +284,8 @@ async def test_dots_inside_names_and_encoded_characters_elsewhere_are_fine(
 async def test_ambiguous_body_framing_is_refused(
     head: bytes, start_proxy: StartProxy, standin: StandIn
 ) -> None:
+    """Ambiguous body framing (Content-Length with Transfer-Encoding, two lengths, a length list,
+    chunked not last) gets 400 and is never forwarded, so no request can be smuggled."""
     proxy = await start_proxy()
     answer = await exchange(
         proxy, b"POST /x HTTP/1.1\r\nHost: localhost\r\n" + head + b"\r\nhello!", read_for=0.5
@@ -269,6 +297,8 @@ async def test_ambiguous_body_framing_is_refused(
 async def test_long_url_gets_414_and_many_or_big_headers_get_431(
     start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
+    """A URL past server.max_url_length gets 414 url_too_long, headers past max_header_count or
+    max_header_bytes get 431 headers_too_large, each naming the limit, and service continues."""
     proxy = await start_proxy(
         server={"max_url_length": 1000, "max_header_bytes": 4096, "max_header_count": 20}
     )
@@ -287,6 +317,8 @@ async def test_long_url_gets_414_and_many_or_big_headers_get_431(
 
 
 async def test_the_size_limits_are_inclusive(start_proxy: StartProxy) -> None:
+    """max_url_length, max_header_count and max_header_bytes are inclusive: a request exactly at
+    each limit passes, one byte or header more is refused."""
     proxy = await start_proxy(
         server={"max_url_length": 256, "max_header_bytes": 1024, "max_header_count": 8}
     )
@@ -308,6 +340,7 @@ async def test_the_size_limits_are_inclusive(start_proxy: StartProxy) -> None:
 async def test_a_request_without_a_host_header_is_refused_not_an_error(
     start_proxy: StartProxy, standin: StandIn
 ) -> None:
+    """An HTTP/1.0 request without a Host header gets 403 host_not_allowed, not a server error."""
     proxy = await start_proxy()
     answer = await exchange(proxy, b"GET /x HTTP/1.0\r\n\r\n", read_for=0.5)
     assert status_of(answer) == 403
@@ -321,6 +354,7 @@ async def test_a_request_without_a_host_header_is_refused_not_an_error(
 async def test_unix_socket_listener_is_private_and_serves(
     standin: StandIn, write_config: WriteConfig, tmp_path: Path
 ) -> None:
+    """A unix: listen address creates a socket with mode 0600 that serves requests."""
     socket_path = tmp_path / "proxy.sock"
     proxy = await start(load_settings(write_config(server={"listen": f"unix:{socket_path}"})))
     try:
@@ -337,6 +371,8 @@ async def test_unix_socket_listener_is_private_and_serves(
 async def test_listening_beyond_loopback_without_client_token_warns(
     standin: StandIn, write_config: WriteConfig, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """Listening on 0.0.0.0 without server.client_token logs a WITHOUT A CLIENT TOKEN warning;
+    the default loopback listener logs no warning."""
     proxy = await start(load_settings(write_config(server={"listen": "0.0.0.0:0"})))
     await proxy.stop()
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
