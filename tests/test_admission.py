@@ -19,6 +19,8 @@ from .support import eventually, request
 async def test_a_request_waits_at_most_pool_timeout_then_gets_503(
     start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
+    """With appcircle.max_connections taken, a request waits at most appcircle.pool_timeout and
+    then gets 503 pool_timeout with Retry-After: 1 and a detail naming max_connections."""
     proxy = await start_proxy(appcircle={"max_connections": 1, "pool_timeout": 0.3})
     holder = asyncio.ensure_future(http.get(f"{proxy}/_test/slow?seconds=1.5"))
     await asyncio.sleep(0.2)
@@ -36,6 +38,8 @@ async def test_a_request_waits_at_most_pool_timeout_then_gets_503(
 async def test_beyond_max_pending_a_request_is_refused_at_once(
     start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
+    """Once server.max_pending requests already wait for a connection, the next one is refused at
+    once with 503 pool_full instead of joining the queue."""
     proxy = await start_proxy(
         appcircle={"max_connections": 1, "pool_timeout": 5}, server={"max_pending": 0}
     )
@@ -52,6 +56,8 @@ async def test_beyond_max_pending_a_request_is_refused_at_once(
 async def test_slow_streams_cannot_starve_a_small_call(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
+    """Long streams draw on appcircle.max_streams: a stream beyond it gets 503 streams_full at
+    once, while short calls keep getting 200 with every stream slot held."""
     standin.events_gate = asyncio.Event()  # the event streams stay open until released
     proxy = await start_proxy(
         appcircle={"max_connections": 2, "max_streams": 2, "pool_timeout": 0.5}
@@ -72,6 +78,8 @@ async def test_slow_streams_cannot_starve_a_small_call(
 async def test_a_trickling_upload_is_cut_with_408(
     start_proxy: StartProxy, standin: StandIn
 ) -> None:
+    """An upload that stops sending its body for server.body_timeout gets 408 body_timeout within
+    2 s, and its upstream request and API connection are dropped with it."""
     proxy = await start_proxy(server={"body_timeout": 0.3})
     head = (
         b"POST /distribution/v2/profiles/p/app-versions HTTP/1.1\r\nHost: localhost\r\n"
@@ -91,6 +99,7 @@ async def test_a_trickling_upload_is_cut_with_408(
 
 
 async def test_a_stalled_small_body_is_cut_with_408(start_proxy: StartProxy) -> None:
+    """A small body that stalls short of its Content-Length gets 408 after server.body_timeout."""
     proxy = await start_proxy(server={"body_timeout": 0.3})
     head = b"POST /build/v2/profiles HTTP/1.1\r\nHost: localhost\r\nContent-Length: 10\r\n\r\n"
     answer = await exchange(proxy, head + b"abc", read_for=2)
@@ -100,6 +109,9 @@ async def test_a_stalled_small_body_is_cut_with_408(start_proxy: StartProxy) -> 
 async def test_a_token_that_expired_while_waiting_for_a_connection_is_never_sent(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
+    """A token that expires while its request waits for a free connection is checked again after
+    the wait and replaced, so the API never sees an expired token, not even one replayed after a
+    401."""
     standin.token_lifetime = 2.0
     proxy = await start_proxy(
         appcircle={"max_connections": 1, "pool_timeout": 5}, server={"eager": True}
@@ -118,6 +130,8 @@ async def test_a_token_that_expired_while_waiting_for_a_connection_is_never_sent
 async def test_expect_100_continue_is_answered_by_the_proxy_and_not_forwarded(
     start_proxy: StartProxy, standin: StandIn
 ) -> None:
+    """The proxy itself answers Expect: 100-continue with 100, then forwards the POST with its
+    body and without the Expect header."""
     proxy = await start_proxy()
     host, port = proxy.removeprefix("http://").rsplit(":", 1)
     reader, writer = await asyncio.open_connection(host, int(port))
@@ -178,6 +192,8 @@ async def scripted_api(answer_then_hang_up: int) -> tuple[asyncio.Server, list[b
 async def test_a_stale_kept_alive_connection_is_retried_only_for_idempotent_requests(
     start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
+    """A kept-alive API connection closed as a request arrives is retried on a fresh connection
+    for a GET, but a POST is never sent twice: it gets 502 upstream_unreachable."""
     server, heads = await scripted_api(answer_then_hang_up=1)
     port = server.sockets[0].getsockname()[1]
     async with server:
@@ -201,6 +217,8 @@ async def test_a_stale_kept_alive_connection_is_retried_only_for_idempotent_requ
 async def test_uploads_too_big_to_replay_draw_on_the_stream_budget(
     start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
+    """An upload larger than tokens.replay_limit draws on appcircle.max_streams (503 pool_timeout
+    naming the streams budget when full), while small bodies and GETs are not held up."""
     proxy = await start_proxy(
         appcircle={"max_connections": 4, "max_streams": 1, "pool_timeout": 0.3},
         tokens={"replay_limit": 1000},
