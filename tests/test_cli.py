@@ -48,6 +48,8 @@ async def run(*args: str, timeout: float = 20) -> tuple[int, str, str]:
 
 
 async def test_version_and_help() -> None:
+    """--version prints "appcircle-proxy <version>" and --help lists the serve, check and token
+    commands, both exiting 0."""
     code, out, _ = await run("--version")
     assert (code, out.strip()) == (0, f"appcircle-proxy {__version__}")
     code, out, _ = await run("--help")
@@ -57,6 +59,8 @@ async def test_version_and_help() -> None:
 
 
 async def test_bad_config_exits_2_without_a_traceback(tmp_path: Path) -> None:
+    """A config naming an unset secret_env makes `serve` exit 2 with a message naming the
+    variable and the file, no traceback and nothing on stdout."""
     path = tmp_path / "proxy.toml"
     path.write_text('[credentials.main]\nkind = "personal-access-key"\nsecret_env = "UNSET_VAR"')
     code, out, err = await run("serve", "--config", str(path))
@@ -69,6 +73,8 @@ async def test_bad_config_exits_2_without_a_traceback(tmp_path: Path) -> None:
 async def test_check_reports_each_route_with_org_and_expiry(
     standin: StandIn, write_config: WriteConfig
 ) -> None:
+    """`check` prints one ok line per route with its prefix, credential, organization and token
+    expiry, and never prints the key or a token."""
     code, out, err = await run("check", "--config", str(write_config(routes=TWO_ROUTES)))
     assert code == 0, err
     lines = out.splitlines()
@@ -87,6 +93,8 @@ async def test_check_reports_each_route_with_org_and_expiry(
 async def test_check_fails_with_exit_1_naming_the_broken_route(
     standin: StandIn, write_config: WriteConfig
 ) -> None:
+    """`check` exits 1 when a route cannot get a token for its organization, with a FAIL line
+    naming the route and the organization asked for."""
     standin.sub_organization_field = None  # the eu route gets a root token: refused
     code, out, err = await run("check", "--config", str(write_config(routes=TWO_ROUTES)))
     assert code == 1
@@ -97,6 +105,8 @@ async def test_check_fails_with_exit_1_naming_the_broken_route(
 async def test_token_prints_a_session_token_the_api_accepts(
     standin: StandIn, write_config: WriteConfig
 ) -> None:
+    """`token --route` prints a session token for that route's organization that the API accepts;
+    without --route or with an unknown route it exits 2."""
     config = str(write_config(routes=TWO_ROUTES))
     code, out, err = await run("token", "--config", config, "--route", "eu")
     assert code == 0, err
@@ -121,6 +131,8 @@ async def test_token_prints_a_session_token_the_api_accepts(
 async def test_serve_prints_where_it_listens_forwards_and_stops_on_sigterm(
     standin: StandIn, write_config: WriteConfig
 ) -> None:
+    """`serve` prints its listen address and routes, forwards to the right organization, and
+    exits 0 on SIGTERM with no traceback, key or token in its output."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -153,6 +165,8 @@ async def test_serve_prints_where_it_listens_forwards_and_stops_on_sigterm(
 async def test_zero_config_serves_from_appcircle_variables(
     standin: StandIn, unused_tcp_port: int
 ) -> None:
+    """With no config file, APPCIRCLE_PERSONAL_ACCESS_KEY and APPCIRCLE_SUB_ORGANIZATION are
+    enough to serve that sub-organization on --listen, and SIGINT exits 0."""
     env = {
         key: value
         for key, value in os.environ.items()
@@ -192,6 +206,8 @@ async def test_zero_config_serves_from_appcircle_variables(
 async def test_config_prints_the_effective_configuration_with_secrets_masked(
     write_config: WriteConfig,
 ) -> None:
+    """`config` prints the effective configuration as JSON with flags applied over the file and
+    every secret (key, client token) masked."""
     config = write_config(credentials=INLINE_KEY_CONFIG, server={"client_token": CLIENT_TOKEN})
     code, out, err = await run("config", "--config", str(config), "--listen", "127.0.0.1:9999")
     assert code == 0, err
@@ -205,6 +221,8 @@ async def test_config_prints_the_effective_configuration_with_secrets_masked(
 async def test_tokens_are_never_written_to_disk(
     standin: StandIn, write_config: WriteConfig, tmp_path: Path
 ) -> None:
+    """`token` writes no file anywhere under HOME, TMPDIR or XDG_CACHE_HOME, and the token
+    appears in no file: session tokens live in memory only."""
     home = tmp_path / "home"
     home.mkdir()
     config = write_config(routes=TWO_ROUTES)
@@ -234,6 +252,8 @@ async def test_tokens_are_never_written_to_disk(
 
 
 async def test_demo_serves_its_three_curl_commands_with_no_account(unused_tcp_port: int) -> None:
+    """`demo` runs without an account and each of the three curl commands it prints gets 200,
+    with the sub-organization route answering for another organization."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
