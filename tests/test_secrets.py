@@ -46,6 +46,9 @@ async def test_no_secret_in_debug_logs_or_error_bodies(
     http: aiohttp.ClientSession,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    """No key, API key secret, session token or token signature appears in debug-level logs or in
+    the proxy's own error bodies, across every credential kind, replays, cut answers and rejected
+    keys."""
     caplog.set_level(logging.DEBUG)
     bodies: list[str] = []
     # Every 401 renews here (the /_test/status/401 below would otherwise hold off the
@@ -71,6 +74,8 @@ async def test_no_secret_in_debug_logs_or_error_bodies(
 
 
 async def test_reprs_hold_no_secret(standin: StandIn, write_config: WriteConfig) -> None:
+    """The repr of settings, routes, credentials, token caches and tokens (and str of a
+    credential) holds no key, secret or token, so printing or logging them leaks nothing."""
     settings = load_settings(write_config(**EVERY_KIND))
     async with connect(settings) as upstream:
         texts = [repr(settings)]
