@@ -15,6 +15,9 @@ from .support import eventually
 async def test_memory_is_given_back_once_each_time_the_streams_go_idle(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """give_back_after_streams runs gc.collect and malloc_trim(0) once each time the streams
+    budget goes from busy to idle: never while streams run, never while idle throughout, not
+    every tick."""
     collections: list[int] = []
     trims: list[int] = []
     monkeypatch.setattr(memory.gc, "collect", lambda: collections.append(1) or 0)
@@ -40,5 +43,7 @@ async def test_memory_is_given_back_once_each_time_the_streams_go_idle(
 
 
 def test_malloc_trim_is_found_on_glibc_or_skipped_elsewhere() -> None:
+    """_malloc_trim() returns a callable malloc_trim that answers 0 or 1, or None where the C
+    library has none, without raising."""
     trim = memory._malloc_trim()
     assert trim is None or trim(0) in (0, 1)
