@@ -103,6 +103,9 @@ async def fetch(pool: Pool, request: bytes = REQUEST, *, head_only: bool = False
 
 
 async def test_keep_alive_connection_carries_the_next_request(scripted: MakePool) -> None:
+    """A kept-alive upstream connection carries the next requests: three fetches use one
+    connection, which then sits idle in the pool."""
+
     async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:
             await read_head(reader)
@@ -115,6 +118,9 @@ async def test_keep_alive_connection_carries_the_next_request(scripted: MakePool
 
 
 async def test_close_delimited_body_is_read_to_the_end_and_not_reused(scripted: MakePool) -> None:
+    """A body delimited by Connection: close is read to the end of the connection, and the
+    connection is not returned to the pool."""
+
     async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_head(reader)
         writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + b"x" * 100_000)
@@ -128,6 +134,9 @@ async def test_close_delimited_body_is_read_to_the_end_and_not_reused(scripted: 
 async def test_chunked_body_with_trailers_is_whole_and_the_connection_kept(
     scripted: MakePool,
 ) -> None:
+    """A chunked body with trailers is read whole, trailers excluded, and the connection is
+    reused for the next request."""
+
     async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:
             await read_head(reader)
@@ -143,6 +152,9 @@ async def test_chunked_body_with_trailers_is_whole_and_the_connection_kept(
 
 
 async def test_head_response_has_no_body_and_the_connection_serves_on(scripted: MakePool) -> None:
+    """A HEAD answer's Content-Length is reported but no body is read, so the connection is not
+    desynchronised and serves the next request."""
+
     async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await read_head(reader)
         assert head.startswith(b"HEAD ")
@@ -163,6 +175,9 @@ async def test_head_response_has_no_body_and_the_connection_serves_on(scripted: 
 
 
 async def test_interim_answers_are_skipped(scripted: MakePool) -> None:
+    """Interim 1xx answers (100 Continue, 103 Early Hints) are skipped: the final status and only
+    its headers and body are returned."""
+
     async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_head(reader)
         writer.write(
@@ -184,6 +199,9 @@ async def test_interim_answers_are_skipped(scripted: MakePool) -> None:
 async def test_a_kept_alive_connection_closed_by_the_server_fails_replayably(
     scripted: MakePool,
 ) -> None:
+    """A reused connection the server closes before answering fails with a replayable
+    UpstreamError, so the request can safely be sent again on a fresh connection."""
+
     async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_head(reader)
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
@@ -205,6 +223,9 @@ async def test_a_kept_alive_connection_closed_by_the_server_fails_replayably(
 
 
 async def test_a_connection_cut_mid_body_is_not_replayable(scripted: MakePool) -> None:
+    """A connection cut partway through the response body fails with an UpstreamError that is not
+    replayable, since the server already answered."""
+
     async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_head(reader)
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
@@ -217,6 +238,9 @@ async def test_a_connection_cut_mid_body_is_not_replayable(scripted: MakePool) -
 
 
 async def test_silence_beyond_the_read_timeout_fails_the_exchange(scripted: MakePool) -> None:
+    """A server silent for longer than read_timeout after the request fails the exchange with
+    UpstreamTimeout."""
+
     async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_head(reader)
         await asyncio.sleep(5)
@@ -227,6 +251,8 @@ async def test_silence_beyond_the_read_timeout_fails_the_exchange(scripted: Make
 
 
 async def test_reading_pauses_while_the_consumer_is_slow(scripted: MakePool) -> None:
+    """While nobody consumes a 50 MiB body the connection stops reading at HIGH_WATER plus one
+    read, so TCP holds the server back; the body is then received in full."""
     sent = 0
 
     async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -256,6 +282,10 @@ async def test_reading_pauses_while_the_consumer_is_slow(scripted: MakePool) -> 
 
 
 async def test_admission_waits_for_a_slot_then_refuses(scripted: MakePool) -> None:
+    """Admission refuses with pool_full beyond max_pending and with pool_timeout after
+    pool_timeout, while a stream still gets a connection from its separate budget; all counters
+    return to 0."""
+
     async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await asyncio.sleep(5)
 
