@@ -27,6 +27,8 @@ from .support import eventually, request
 
 
 def test_renewal_margin_is_five_minutes_or_a_fifth_of_the_lifetime() -> None:
+    """renewal_margin() is five minutes or a fifth of the token's lifetime, whichever is smaller,
+    or the configured margin, but never more than half the lifetime."""
     assert renewal_margin(3600, None) == 300
     assert renewal_margin(600, None) == 120
     assert renewal_margin(3600, 60) == 60
@@ -36,6 +38,8 @@ def test_renewal_margin_is_five_minutes_or_a_fifth_of_the_lifetime() -> None:
 async def test_lifetime_comes_from_exp_or_expires_in_whichever_is_earlier(
     standin: StandIn, write_config: WriteConfig
 ) -> None:
+    """A token's expiry is the JWT's exp or the reply's expires_in, whichever is earlier, and its
+    refresh time is set by the renewal margin of that lifetime."""
     standin.token_lifetime = 1000
     settings = load_settings(write_config())
     async with connect(settings) as upstream:
@@ -56,6 +60,7 @@ async def test_lifetime_comes_from_exp_or_expires_in_whichever_is_earlier(
 async def test_configured_refresh_margin_is_used(
     standin: StandIn, write_config: WriteConfig
 ) -> None:
+    """tokens.refresh_margin, when set, is how long before expiry the token is renewed."""
     settings = load_settings(write_config(tokens={"refresh_margin": 42}))
     async with connect(settings) as upstream:
         (route,) = upstream.routes
@@ -69,6 +74,8 @@ async def test_configured_refresh_margin_is_used(
 async def test_renewal_runs_in_background_so_requests_never_wait_for_it(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
+    """Renewal ahead of expiry runs in the background: while it is held, requests are served at
+    once with the old token, and afterwards with the new one, never a rejected one."""
     standin.token_lifetime = 1.0  # renewal due 0.2 s before expiry
     proxy = await start_proxy()
     assert (await request(http, "GET", f"{proxy}/x")).status == 200
@@ -91,6 +98,9 @@ async def test_renewal_runs_in_background_so_requests_never_wait_for_it(
 async def test_after_a_suspend_past_expiry_the_next_request_renews_at_once(
     standin: StandIn, write_config: WriteConfig, http: aiohttp.ClientSession
 ) -> None:
+    """After the wall clock jumps past a token's expiry (a laptop waking up), the next request
+    renews at once instead of waiting for the monotonic timer, and the expired token is never
+    sent."""
     # Wall-clock time jumps (a laptop wakes up) while the renewal timer, on the monotonic
     # clock, is still far off: the request must not wait for that timer.
     jump = [0.0]
@@ -119,6 +129,8 @@ async def test_after_a_suspend_past_expiry_the_next_request_renews_at_once(
 async def test_concurrent_cold_requests_share_one_exchange(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
+    """Fifty requests arriving with no token share a single exchange and all get 200: single
+    flight, no stampede on the auth host."""
     proxy = await start_proxy()
     standin.gate = asyncio.Event()
     requests = [asyncio.create_task(request(http, "GET", f"{proxy}/r/{i}")) for i in range(50)]
@@ -136,6 +148,8 @@ async def test_concurrent_cold_requests_share_one_exchange(
 async def test_auth_host_error_gives_503_with_retry_after_and_a_json_reason(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
+    """An auth host answering 503 gives the client 503 auth_error with Retry-After and a JSON
+    body naming the route, the credential and the HTTP status, and nothing reaches the API."""
     standin.always = 503
     proxy = await start_proxy()
     reply = await request(http, "GET", f"{proxy}/x")
@@ -153,6 +167,8 @@ async def test_auth_host_error_gives_503_with_retry_after_and_a_json_reason(
 async def test_unusable_auth_reply_is_a_failed_exchange(
     reply: Any, start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
+    """An auth reply that is not JSON, has no token, is not a JWT, is already expired or has no
+    exp is a failed exchange: 503 bad_reply, and nothing reaches the API."""
     standin.always = reply
     proxy = await start_proxy()
     reply = await request(http, "GET", f"{proxy}/x")
@@ -167,6 +183,8 @@ async def test_rejected_key_says_so_and_what_to_check(
     http: aiohttp.ClientSession,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """A key the auth host rejects gives 503 key_rejected whose detail names the variable to
+    check ($TEST_APPCIRCLE_KEY) but never the key itself."""
     monkeypatch.setenv("TEST_APPCIRCLE_KEY", "pak_revoked_key_value")
     proxy = await start_proxy()
     reply = await request(http, "GET", f"{proxy}/x")
@@ -181,6 +199,7 @@ async def test_rejected_key_says_so_and_what_to_check(
 async def test_auth_host_down_gives_503(
     start_proxy: StartProxy, http: aiohttp.ClientSession, unused_tcp_port: int
 ) -> None:
+    """An auth host nobody listens for gives 503 auth_unreachable."""
     proxy = await start_proxy(appcircle={"auth_url": f"http://127.0.0.1:{unused_tcp_port}"})
     reply = await request(http, "GET", f"{proxy}/x")
     assert reply.status == 503
@@ -188,6 +207,8 @@ async def test_auth_host_down_gives_503(
 
 
 def test_backoff_doubles_up_to_the_cap_with_jitter() -> None:
+    """RetryPolicy's delay doubles per failure up to retry_max, with jitter between half and the
+    full delay, and stays at the cap however many failures."""
     low = RetryPolicy(1.0, 8.0, random=lambda: 0.0)
     high = RetryPolicy(1.0, 8.0, random=lambda: 1.0)
     assert [low.delay(n) for n in range(1, 7)] == [0.5, 1, 2, 4, 4, 4]
@@ -198,6 +219,8 @@ def test_backoff_doubles_up_to_the_cap_with_jitter() -> None:
 async def test_backoff_starts_at_retry_initial_again_after_each_success(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
+    """Backoff starts from tokens.retry_initial on a first failure and again after each success,
+    so Retry-After stays within it rather than carrying an old streak."""
     backoff = {"retry_initial": 2.0, "retry_max": 8.0}  # first retry due in 1 to 2 s
     standin.script = [500]
     cold = await start_proxy(tokens=backoff)
@@ -215,6 +238,8 @@ async def test_backoff_starts_at_retry_initial_again_after_each_success(
 async def test_a_failed_renewal_is_retried_before_the_token_it_would_replace_runs_out(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
+    """A failed renewal is retried before the current token stops being usable, even when
+    tokens.retry_initial is far longer, so the route never goes without a token."""
     standin.token_lifetime = 2.0  # renewal due at 1.6 s, the token usable until 1.9 s
     proxy = await start_proxy(tokens={"retry_initial": 30.0, "retry_max": 60.0})
     assert (await request(http, "GET", f"{proxy}/x")).status == 200
@@ -228,6 +253,8 @@ async def test_a_failed_renewal_is_retried_before_the_token_it_would_replace_run
 async def test_failing_exchanges_are_retried_with_backoff_not_hammered(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
+    """While the auth host fails, a busy client causes only a handful of exchanges a second (3 to
+    15), not one per request."""
     standin.always = 500
     proxy = await start_proxy()  # retries start at 0.05 s, capped at 0.2 s
     started = time.monotonic()
@@ -241,6 +268,7 @@ async def test_failing_exchanges_are_retried_with_backoff_not_hammered(
 async def test_route_recovers_once_the_auth_host_does(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
+    """After two failed exchanges the route recovers on its own once the auth host answers again."""
     standin.script = [500, 500]
     proxy = await start_proxy()
     assert (await request(http, "GET", f"{proxy}/x")).status == 503
@@ -255,6 +283,8 @@ async def test_route_recovers_once_the_auth_host_does(
 async def test_valid_old_token_is_used_while_renewal_fails_and_expired_one_never(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
+    """While renewal fails, the still-valid old token keeps serving; once it expires requests get
+    503, and the API never sees the expired token."""
     standin.token_lifetime = 1.0
     proxy = await start_proxy()
     assert (await request(http, "GET", f"{proxy}/x")).status == 200
@@ -277,6 +307,8 @@ async def test_valid_old_token_is_used_while_renewal_fails_and_expired_one_never
 async def test_a_request_arriving_while_a_retry_is_in_flight_waits_for_its_outcome(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
+    """A request arriving while a retry exchange is in flight waits for its outcome and gets 200,
+    rather than failing at once on the previous failure."""
     standin.script = [500]
     proxy = await start_proxy()
     assert (await request(http, "GET", f"{proxy}/x")).status == 503
@@ -295,6 +327,8 @@ async def test_a_bug_in_an_exchange_fails_requests_cleanly_and_renewal_goes_on(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    """An unexpected exception in an exchange gives 503 auth_error naming its type, is logged and
+    counted as auth_error, and the renewal loop survives to serve later requests."""
     exchange = Exchanger.exchange
     calls: list[None] = []
 
@@ -328,6 +362,8 @@ async def test_a_bug_in_an_exchange_fails_requests_cleanly_and_renewal_goes_on(
 async def test_upstream_401_renews_the_token_and_retries_once(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
+    """An API 401 on a revoked token renews the token and replays the request once, so the client
+    gets 200 for the same path."""
     proxy = await start_proxy()
     assert (await request(http, "GET", f"{proxy}/x")).status == 200
     standin.revoke_all()
@@ -341,6 +377,8 @@ async def test_upstream_401_renews_the_token_and_retries_once(
 async def test_small_body_is_replayed_after_a_401(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
+    """A small POST body is kept and replayed intact (same SHA-256) after the API's 401 and a
+    renewal."""
     proxy = await start_proxy()
     assert (await request(http, "GET", f"{proxy}/x")).status == 200
     standin.revoke_all()
@@ -353,6 +391,8 @@ async def test_small_body_is_replayed_after_a_401(
 async def test_large_body_is_not_replayed_the_401_goes_back_and_the_token_is_renewed(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
+    """A body larger than tokens.replay_limit is not replayed: the client gets the API's 401, but
+    the token is still renewed so the next request gets 200."""
     proxy = await start_proxy(tokens={"replay_limit": 1024})
     assert (await request(http, "GET", f"{proxy}/x")).status == 200
     standin.revoke_all()
@@ -365,6 +405,8 @@ async def test_large_body_is_not_replayed_the_401_goes_back_and_the_token_is_ren
 async def test_concurrent_401s_cause_one_renewal(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
+    """Twenty concurrent requests refused 401 on a revoked token cause a single renewal, and all
+    get 200."""
     proxy = await start_proxy()
     assert (await request(http, "GET", f"{proxy}/x")).status == 200
     standin.revoke_all()
@@ -376,6 +418,8 @@ async def test_concurrent_401s_cause_one_renewal(
 async def test_a_401_with_a_fresh_token_goes_back_to_the_client(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
+    """A 401 the API gives even to a fresh token goes back to the client after one renewal and
+    one replay, with no renewal loop."""
     proxy = await start_proxy()
     # The API refuses even brand-new tokens (say, a user without rights): one retry, no loop.
     assert (await request(http, "GET", f"{proxy}/_test/status/401")).status == 401
