@@ -81,6 +81,8 @@ def free_port() -> int:
 async def test_run_gives_the_command_the_proxy_but_not_the_key_and_passes_its_status_through(
     standin: StandIn, tmp_path: Path
 ) -> None:
+    """`run -- CMD` starts the proxy on a free loopback port, gives CMD APPCIRCLE_PROXY_URL and
+    APPCIRCLE_API_URL but not the key, exits with CMD's status, and stops the proxy with it."""
     # Zero-config, as a CI job would: the key in Appcircle's own variable, no file.
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("TEST_")},
@@ -116,6 +118,9 @@ async def test_run_gives_the_command_the_proxy_but_not_the_key_and_passes_its_st
 def test_the_commands_environment_loses_every_variable_a_key_can_come_from(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """child_environment() drops every variable a key or client token can come from (secret_env
+    names, APPCIRCLE_ key variables and their _FILE forms, APPCIRCLE_PROXY_ secrets in any case)
+    and keeps the rest."""
     monkeypatch.setenv("MY_KEY", PERSONAL_KEY)
     monkeypatch.setenv("MY_CLIENT_TOKEN", CLIENT_TOKEN)
     document = proxy_config(
@@ -159,6 +164,8 @@ def test_the_commands_environment_loses_every_variable_a_key_can_come_from(
 async def test_run_drains_requests_still_in_flight_when_the_command_exits(
     standin: StandIn, write_config: WriteConfig, tmp_path: Path
 ) -> None:
+    """When the command under `run` exits, a request a background job still has in flight is
+    drained and answered 200, not cut off."""
     result = tmp_path / "status"
     # A background job the command leaves behind, its slow request still in flight.
     background = (
@@ -191,6 +198,8 @@ async def test_run_with_a_route_gives_its_prefix_and_a_client_token_opens_the_pr
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """`run --route eu` points APPCIRCLE_PROXY_URL at the route's prefix, and with a client token
+    the command gets it as APPCIRCLE_PROXY_TOKEN while the variables it came from are removed."""
     monkeypatch.setenv("TEST_CLIENT_TOKEN", CLIENT_TOKEN)
     report = tmp_path / "child.json"
     config = write_config(routes=TWO_ROUTES, server={"client_token_env": "TEST_CLIENT_TOKEN"})
@@ -212,6 +221,8 @@ async def test_run_with_a_route_gives_its_prefix_and_a_client_token_opens_the_pr
 async def test_run_fails_with_the_reason_and_runs_nothing_when_a_route_gets_no_token(
     standin: StandIn, write_config: WriteConfig, tmp_path: Path
 ) -> None:
+    """`run` exits 1 naming the route and the reason (key rejected, auth host unreachable within
+    --timeout) and never starts the command when a route cannot get a token."""
     marker = tmp_path / "ran"
     touch = f"open({str(marker)!r}, 'w')"
     rejected = write_config(
@@ -235,6 +246,8 @@ async def test_run_fails_with_the_reason_and_runs_nothing_when_a_route_gets_no_t
 async def test_run_passes_signals_on_and_reports_a_killed_command_as_128_plus_its_signal(
     standin: StandIn, write_config: WriteConfig
 ) -> None:
+    """`run` passes SIGTERM on to the command and exits with its status, and a command killed by
+    a signal is reported as 128 plus the signal number."""
     config = write_config()
     child = (
         "import signal, sys, time\n"
@@ -270,6 +283,8 @@ async def test_run_passes_signals_on_and_reports_a_killed_command_as_128_plus_it
 async def test_run_without_a_command_or_with_a_missing_one_says_so(
     standin: StandIn, write_config: WriteConfig
 ) -> None:
+    """`run` without a command or with an unknown --route exits 2, and with a command that does
+    not exist exits 127, each with a message and no traceback."""
     config = str(write_config())
     code, _, err = await appcircle_proxy("run", "--config", config)
     assert code == 2 and "name the command after --" in err
@@ -286,6 +301,7 @@ async def test_run_without_a_command_or_with_a_missing_one_says_so(
 async def test_wait_exits_0_once_the_proxy_is_ready(
     start_proxy: StartProxy, write_config: WriteConfig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """`wait --url` exits 0 and says the proxy is ready once /_proxy/ready answers 200."""
     proxy = await start_proxy(server={"eager": True})
     code, _, err = await appcircle_proxy("wait", "--url", proxy, "--timeout", "10")
     assert (code, err.strip()) == (0, f"appcircle-proxy: {proxy} is ready")
@@ -294,6 +310,8 @@ async def test_wait_exits_0_once_the_proxy_is_ready(
 async def test_wait_exits_1_with_the_reason_when_the_proxy_is_not_ready_in_time(
     start_proxy: StartProxy, standin: StandIn
 ) -> None:
+    """`wait` exits 1 after --timeout with the reason: the route whose key was rejected, or no
+    answer at all."""
     standin.always = 401
     proxy = await start_proxy(server={"eager": True})
     code, _, err = await appcircle_proxy("wait", "--url", proxy, "--timeout", "0.5")
@@ -308,6 +326,8 @@ async def test_wait_exits_1_with_the_reason_when_the_proxy_is_not_ready_in_time(
 async def test_wait_finds_the_proxy_and_its_client_token_in_the_configuration(
     standin: StandIn, write_config: WriteConfig
 ) -> None:
+    """`wait --config` finds the proxy's address and client token in the configuration; with
+    --url it needs APPCIRCLE_PROXY_TOKEN and says so when it is missing."""
     port = free_port()
     config = write_config(
         server={"listen": f"127.0.0.1:{port}", "eager": True, "client_token": CLIENT_TOKEN}
@@ -333,6 +353,8 @@ async def test_wait_finds_the_proxy_and_its_client_token_in_the_configuration(
 async def test_wait_asks_the_admin_listener_which_needs_no_token_nor_the_key_here(
     standin: StandIn, write_config: WriteConfig
 ) -> None:
+    """With server.admin_listen set, `wait --config` asks the admin listener, so it needs neither
+    the client token nor the key in its environment."""
     config = write_config(
         server={
             "listen": f"127.0.0.1:{free_port()}",
