@@ -129,6 +129,9 @@ def config_error(tmp_path: Path, text: str | None, capsys: pytest.CaptureFixture
 def test_bad_configuration_exits_2_with_one_clear_message(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, expected: list[str]
 ) -> None:
+    """Each configuration mistake (bad TOML, unknown kind or setting, missing credential,
+    duplicate prefix, bad secret source, bad listen or URL) makes `check` exit 2 with one message
+    naming it, never printing an inline secret."""
     message = config_error(tmp_path, text, capsys)
     assert message.startswith("appcircle-proxy: ")
     for part in expected:
@@ -136,6 +139,7 @@ def test_bad_configuration_exits_2_with_one_clear_message(
 
 
 def test_missing_config_file_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A --config path that does not exist makes `check` exit 2 naming the file."""
     assert main(["check", "--config", str(tmp_path / "absent.toml")]) == 2
     assert "absent.toml' does not exist" in capsys.readouterr().err
 
@@ -143,6 +147,8 @@ def test_missing_config_file_is_named(tmp_path: Path, capsys: pytest.CaptureFixt
 def test_no_file_and_no_key_variables_names_the_variables(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
+    """With no config file and no key variables, `check` exits 2 naming
+    APPCIRCLE_PERSONAL_ACCESS_KEY as a way to start."""
     message = config_error(tmp_path, None, capsys)
     assert "APPCIRCLE_PERSONAL_ACCESS_KEY" in message
 
@@ -150,6 +156,7 @@ def test_no_file_and_no_key_variables_names_the_variables(
 def test_config_path_comes_from_the_environment_too(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """APPCIRCLE_PROXY_CONFIG names the config file when no --config is given."""
     path = tmp_path / "proxy.toml"
     path.write_text(GOOD + '[server]\nlisten = "127.0.0.1:9001"')
     monkeypatch.setenv("APPCIRCLE_PROXY_CONFIG", str(path))
@@ -159,6 +166,8 @@ def test_config_path_comes_from_the_environment_too(
 def test_environment_beats_file_and_flags_beat_environment(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """APPCIRCLE_PROXY_ variables override the file (api_url's trailing slash dropped), flags
+    override the environment, and settings set nowhere else keep the file's value."""
     path = tmp_path / "proxy.toml"
     path.write_text(GOOD + '[server]\nlisten = "127.0.0.1:9001"\n[appcircle]\nread_timeout = 5')
     assert load_settings(path).server.endpoint == Endpoint("127.0.0.1", 9001)
@@ -176,6 +185,8 @@ def test_environment_beats_file_and_flags_beat_environment(
 def test_credentials_and_routes_can_come_from_the_environment(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Routes can be added through APPCIRCLE_PROXY_ROUTES__NAME__FIELD variables beside the
+    file's credentials."""
     path = tmp_path / "proxy.toml"
     path.write_text(GOOD)
     monkeypatch.setenv("APPCIRCLE_PROXY_ROUTES__EU__PREFIX", "/eu")
@@ -197,6 +208,8 @@ def test_credentials_and_routes_can_come_from_the_environment(
 def test_zero_config_makes_one_root_route_from_appcircle_variables(
     monkeypatch: pytest.MonkeyPatch, variables: dict[str, str], kind: str
 ) -> None:
+    """Each zero-config key (personal access key, personal API token, API key name and secret)
+    with APPCIRCLE_SUB_ORGANIZATION makes one credential and one root route on 127.0.0.1:8787."""
     for name, value in variables.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("APPCIRCLE_SUB_ORGANIZATION", SUB_ORG)
@@ -211,11 +224,14 @@ def test_zero_config_makes_one_root_route_from_appcircle_variables(
 def test_zero_config_api_key_without_its_secret_names_the_variable(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """APPCIRCLE_API_KEY_NAME without its secret makes `check` exit 2 naming
+    APPCIRCLE_API_KEY_SECRET."""
     monkeypatch.setenv("APPCIRCLE_API_KEY_NAME", "bot")
     assert "APPCIRCLE_API_KEY_SECRET" in config_error(tmp_path, None, capsys)
 
 
 def test_settings_repr_masks_inline_secrets(tmp_path: Path) -> None:
+    """An inline secret appears neither in the settings' repr nor in their model_dump()."""
     path = tmp_path / "proxy.toml"
     path.write_text(f'[credentials.main]\nkind = "personal-access-key"\nsecret = "{INLINE_SECRET}"')
     settings = load_settings(path)
@@ -224,6 +240,8 @@ def test_settings_repr_masks_inline_secrets(tmp_path: Path) -> None:
 
 
 def test_config_example_is_valid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """config.example.toml loads as shipped (with its secret file and key variable provided),
+    with routes /, /eu and /ci and an api-key credential."""
     example = (Path(__file__).parent.parent / "config.example.toml").read_text()
     secret_file = tmp_path / "appcircle-api-key"
     secret_file.write_text("aks_example")
@@ -238,6 +256,8 @@ def test_config_example_is_valid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 def test_zero_config_reads_a_secret_file_named_by_a_file_variable(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
+    """APPCIRCLE_PERSONAL_ACCESS_KEY_FILE (a Docker secret, say) makes a personal-access-key
+    credential reading that file."""
     key_file = tmp_path / "appcircle_personal_access_key"
     key_file.write_text("pak_from_a_docker_secret")
     monkeypatch.setenv("APPCIRCLE_PERSONAL_ACCESS_KEY_FILE", str(key_file))
