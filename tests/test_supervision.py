@@ -51,6 +51,9 @@ def free_port() -> int:
 async def test_a_killed_worker_is_re_forked_and_the_port_keeps_all_of_them(
     standin: StandIn, write_config: WriteConfig
 ) -> None:
+    """With --workers 2 a worker killed by SIGKILL is re-forked, every request on the port keeps
+    getting 200, the new worker reports appcircle_proxy_worker_restarts 1, and the kill is
+    logged."""
     config = write_config(
         credentials=INLINE_KEY_CONFIG, server={"listen": f"127.0.0.1:{free_port()}"}
     )
@@ -88,6 +91,8 @@ async def test_a_killed_worker_is_re_forked_and_the_port_keeps_all_of_them(
 async def test_workers_that_cannot_start_end_the_proxy_with_exit_1(
     standin: StandIn, write_config: WriteConfig
 ) -> None:
+    """When workers cannot listen (the port is taken without SO_REUSEPORT), the supervisor exits
+    1 saying so, instead of re-forking them forever."""
     with socket.socket() as taken:  # a listener without SO_REUSEPORT: nobody can share it
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -116,6 +121,8 @@ async def test_workers_that_cannot_start_end_the_proxy_with_exit_1(
 async def test_drain_cuts_what_is_still_running_at_shutdown_timeout_and_says_so(
     standin: StandIn, write_config: WriteConfig
 ) -> None:
+    """On SIGTERM a request still running at server.shutdown_timeout is cut at that moment (not
+    later), the process exits 0, and the log says how many requests were cut."""
     config = write_config(credentials=INLINE_KEY_CONFIG, server={"shutdown_timeout": 1})
     async with serving(config) as (proxy, process), aiohttp.ClientSession() as http:
         slow = asyncio.create_task(
@@ -136,6 +143,8 @@ async def test_drain_cuts_what_is_still_running_at_shutdown_timeout_and_says_so(
 async def test_answers_during_the_drain_close_their_connection(
     standin: StandIn, write_config: WriteConfig, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """An answer sent while draining carries Connection: close, so keep-alive clients reconnect
+    elsewhere; a request finishing in time is not counted as cut."""
     running = await start(load_settings(write_config(server={"shutdown_timeout": 5})))
     proxy = running.urls[0]
     async with aiohttp.ClientSession() as http:
@@ -188,6 +197,8 @@ async def get_over(socket_path: Path) -> int:
 async def test_a_second_proxy_on_a_live_socket_exits_1_and_the_first_keeps_it(
     standin: StandIn, write_config: WriteConfig, tmp_path: Path
 ) -> None:
+    """A second proxy on a Unix socket another process is listening on exits 1 with one line, the
+    first keeps serving on it, and the socket file is removed when the first exits."""
     socket_path = tmp_path / "proxy.sock"
     config = write_config(credentials=INLINE_KEY_CONFIG, server={"listen": f"unix:{socket_path}"})
     async with serving_unix(config, socket_path) as first:
@@ -213,6 +224,7 @@ async def test_a_second_proxy_on_a_live_socket_exits_1_and_the_first_keeps_it(
 async def test_a_stale_socket_file_is_replaced(
     standin: StandIn, write_config: WriteConfig, tmp_path: Path
 ) -> None:
+    """A stale Unix socket file nobody listens on is replaced at start-up and removed on stop."""
     socket_path = tmp_path / "proxy.sock"
     with socket.socket(socket.AF_UNIX) as dead:  # bound, then gone: the file stays
         dead.bind(str(socket_path))
@@ -229,6 +241,8 @@ async def test_a_stale_socket_file_is_replaced(
 async def test_a_path_that_is_not_a_socket_is_never_removed(
     standin: StandIn, write_config: WriteConfig, tmp_path: Path
 ) -> None:
+    """A listen path that exists and is not a socket stops start-up and is left untouched, so a
+    mistyped path never deletes a user's file."""
     socket_path = tmp_path / "proxy.sock"
     socket_path.write_text("precious")
     config = write_config(server={"listen": f"unix:{socket_path}"})
@@ -243,6 +257,7 @@ async def test_a_world_writable_socket_mode_is_logged_loudly(
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    """server.socket_mode 0666 logs a WORLD-WRITABLE warning, while 0660 logs none."""
     socket_path = tmp_path / "proxy.sock"
     for mode, loud in (("0666", True), ("0660", False)):
         caplog.clear()
