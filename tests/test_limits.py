@@ -48,6 +48,8 @@ async def endless_head(url: str, line: bytes, lines: int) -> bytes:
 async def test_an_endless_head_gets_431_once_it_passes_the_limit(
     start_proxy: StartProxy, standin: StandIn
 ) -> None:
+    """A request head that never ends gets 431 headers_too_large naming server.max_header_bytes
+    once its total size passes the bound, is never forwarded, and the proxy keeps serving."""
     proxy = await start_proxy(server=SMALL)
     # Each line is within the parser's field limit, and there are no more of them than its
     # header count limit: only the total can stop this head.
@@ -63,6 +65,8 @@ async def test_an_endless_head_gets_431_once_it_passes_the_limit(
 async def test_an_endless_head_after_a_kept_alive_request_is_cut(
     start_proxy: StartProxy,
 ) -> None:
+    """An endless head sent on a kept-alive connection after a first request is cut too: the
+    connection closes without hanging and without a second answer."""
     proxy = await start_proxy(server=SMALL)
     reader, writer = await asyncio.open_connection(*endpoint(proxy))
     try:
@@ -85,6 +89,8 @@ async def test_an_endless_head_after_a_kept_alive_request_is_cut(
 async def test_an_endless_head_after_a_declined_websocket_upgrade_is_cut(
     start_proxy: StartProxy,
 ) -> None:
+    """An endless head sent on a connection kept after a refused WebSocket upgrade (400) is cut
+    as well, so the bound holds after an upgrade attempt."""
     proxy = await start_proxy(server=SMALL)
     reader, writer = await asyncio.open_connection(*endpoint(proxy))
     try:
@@ -138,6 +144,8 @@ async def test_a_body_pipelined_behind_a_full_request_queue_is_not_counted_as_a_
 async def test_bodies_and_websocket_messages_larger_than_a_head_pass(
     start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
+    """Request bodies and WebSocket messages far larger than the head bound pass, again and again
+    on one kept-alive connection: only heads are bounded."""
     proxy = await start_proxy(server=SMALL)
     body = b"b" * 300_000
     for _ in range(3):  # kept alive: a second head after a body is counted afresh
@@ -152,6 +160,8 @@ async def test_bodies_and_websocket_messages_larger_than_a_head_pass(
 async def test_heads_are_still_checked_in_full_under_the_bound(
     start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
+    """A head under the read bound but over server.max_header_bytes still gets 431
+    headers_too_large."""
     proxy = await start_proxy(server=SMALL)
     big = {f"X-H{i}": "v" * 1000 for i in range(5)}  # over max_header_bytes, under the bound
     reply = await request(http, "GET", f"{proxy}/x", headers=big)
@@ -176,6 +186,8 @@ async def idle_connections(
 async def test_connections_beyond_the_cap_get_an_immediate_503(
     start_proxy: StartProxy, standin: StandIn
 ) -> None:
+    """A connection beyond server.max_client_connections is answered 503 too_many_connections at
+    once and closed, the held ones are still served, and a freed place is taken up again."""
     proxy = await start_proxy(server={"max_client_connections": 5})
     async with idle_connections(proxy, 5) as held:
         await asyncio.sleep(0.05)  # all five accepted
@@ -204,6 +216,8 @@ async def test_connections_beyond_the_cap_get_an_immediate_503(
 async def test_25_endless_heads_of_32k_lines_cost_little_memory(
     standin: StandIn, write_config: WriteConfig
 ) -> None:
+    """Twenty-five concurrent endless heads of 32 KiB lines all get 431 while the process's RSS
+    grows by less than 25 MiB: an oversized head costs about the bound, not its size."""
     config = write_config(credentials=INLINE_KEY_CONFIG)
     async with serving(config) as (proxy, process):
         before = rss_mib(process.pid)
