@@ -58,6 +58,8 @@ def parse(body: bytes, margin: float | None = None) -> SessionToken:
     ],
 )
 def test_an_unusable_reply_is_a_bad_reply_naming_the_auth_host(body: bytes, says: str) -> None:
+    """An auth reply that is not JSON, lacks a string access_token, holds no readable JWT, has no
+    usable expiry or is already expired raises ExchangeError bad_reply naming the auth host."""
     with pytest.raises(ExchangeError) as failure:
         parse(body)
     assert failure.value.kind == "bad_reply"
@@ -65,6 +67,8 @@ def test_an_unusable_reply_is_a_bad_reply_naming_the_auth_host(body: bytes, says
 
 
 def test_a_token_with_exp_lives_until_then_and_renews_a_fifth_before() -> None:
+    """A token with exp expires then, renews a fifth of its lifetime before, stops being usable 5
+    s before expiry, carries its organization claim, and keeps its value out of its repr."""
     raw = jwt_of(exp=NOW + 1000, currentOrganizationId=ORG)
     token = parse(reply(access_token=raw, token_type="Bearer"))
     assert token.value == raw
@@ -76,6 +80,7 @@ def test_a_token_with_exp_lives_until_then_and_renews_a_fifth_before() -> None:
 
 
 def test_expires_in_alone_is_enough_and_the_earlier_expiry_wins() -> None:
+    """expires_in alone gives the expiry, and with both exp and expires_in the earlier one wins."""
     assert parse(reply(access_token=jwt_of(sub="u"), expires_in=600)).expires_at == NOW + 600
     both = reply(access_token=jwt_of(exp=NOW + 1000), expires_in=400.5)
     assert parse(both).expires_at == NOW + 400.5
@@ -84,6 +89,9 @@ def test_expires_in_alone_is_enough_and_the_earlier_expiry_wins() -> None:
 
 
 def test_a_configured_margin_is_used_but_never_inside_the_skew() -> None:
+    """A configured refresh margin is used, but a margin shorter than the clock skew is raised to
+    it, so renewal never falls after the token stops being usable; short lifetimes use a 1/20
+    skew."""
     assert parse(reply(access_token=jwt_of(exp=NOW + 1000)), margin=42).refresh_at == (
         NOW + 1000 - 42
     )
@@ -95,6 +103,8 @@ def test_a_configured_margin_is_used_but_never_inside_the_skew() -> None:
 
 
 def test_an_organization_claim_is_read_as_text_and_its_absence_as_none() -> None:
+    """A numeric currentOrganizationId claim is read as text, and a token without the claim has
+    organization_id None."""
     numbered = parse(reply(access_token=jwt_of(exp=NOW + 60, currentOrganizationId=7)))
     assert numbered.organization_id == "7"
     assert parse(reply(access_token=jwt_of(exp=NOW + 60))).organization_id is None
@@ -121,6 +131,8 @@ CREDENTIAL = Credential(
 def test_each_failing_status_says_what_it_means_and_what_to_check(
     status: int, kind: str, says: str
 ) -> None:
+    """Each failing auth status maps to its kind (401 and 403 key_rejected, 400 bad_request,
+    others auth_error) with a detail naming the status, credential and key source, never the key."""
     failure = _http_failure(status, CREDENTIAL, AUTH)
     assert failure.kind == kind
     assert says in failure.detail
@@ -145,6 +157,8 @@ def token_for(organization: str | None) -> SessionToken:
 
 
 def test_a_sub_organization_route_takes_only_a_token_naming_that_organization() -> None:
+    """A route with a sub_organization accepts only a token naming that organization (GUID in any
+    case); no claim or another id raises wrong_organization naming both."""
     exchanger(ORG)._check_organization(token_for(ORG))
     exchanger(ORG)._check_organization(token_for(ORG.upper()))  # GUIDs in any case
     for wrong in (None, "11111111-1111-4111-8111-111111111111"):
@@ -156,11 +170,14 @@ def test_a_sub_organization_route_takes_only_a_token_naming_that_organization() 
 
 
 def test_the_keys_own_organization_takes_any_token() -> None:
+    """A route without a sub_organization accepts a token with any organization claim or none."""
     for organization in (None, ORG):
         exchanger(None)._check_organization(token_for(organization))
 
 
 def test_the_fingerprint_changes_with_any_field_and_not_with_their_order() -> None:
+    """An exchange form's fingerprint ignores field order but changes with any field's value or
+    an added field, so a reload notices a changed key or sub-organization."""
     form = {"personalAccessKey": "a", "scope": "openid"}
     assert fingerprint(form) == fingerprint(dict(reversed(form.items())))
     assert fingerprint(form) != fingerprint({**form, "personalAccessKey": "b"})
