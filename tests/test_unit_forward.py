@@ -26,6 +26,8 @@ PROXY = "http://localhost:8787"
 def test_a_location_at_the_api_points_back_at_the_proxy_and_the_routes_prefix(
     location: str, prefix: str, rewritten: str
 ) -> None:
+    """rewrite_location() points an absolute, path-only or scheme-relative Location at the API
+    back at the proxy under the route's prefix, keeping query, fragment and escapes as they are."""
     assert rewrite_location(location, API, prefix, "http", "localhost:8787") == rewritten
 
 
@@ -43,6 +45,8 @@ def test_a_location_at_the_api_points_back_at_the_proxy_and_the_routes_prefix(
     ],
 )
 def test_any_other_location_is_left_as_it_is(location: str) -> None:
+    """A Location at another host, scheme or port, a relative one, an empty or unreadable one is
+    returned unchanged, never an error."""
     assert rewrite_location(location, API, "/eu", "http", "localhost:8787") == location
 
 
@@ -63,10 +67,13 @@ def test_any_other_location_is_left_as_it_is(location: str) -> None:
 def test_the_api_urls_own_path_is_taken_out_and_only_what_is_below_it_rewritten(
     api_url: str, location: str, rewritten: str
 ) -> None:
+    """With an api_url that has a path (with or without trailing slash), only locations under
+    that path are rewritten, with the path taken out; others are left alone."""
     assert rewrite_location(location, api_url, "/eu", "http", "localhost:8787") == rewritten
 
 
 def test_the_clients_scheme_and_host_are_used() -> None:
+    """The rewritten Location uses the scheme and Host the client reached the proxy with."""
     assert (
         rewrite_location(f"{API}/x", API, "/", "https", "proxy.internal:9000")
         == "https://proxy.internal:9000/x"
