@@ -21,6 +21,8 @@ from proxy.policy.guard import _host_name, _path_problem
     ],
 )
 def test_the_host_header_gives_the_lowercase_name_without_port(header: str, name: str) -> None:
+    """_host_name() returns the lower-cased name without port for names, IPv4 and bracketed IPv6
+    (in canonical form), trimming surrounding spaces."""
     assert _host_name(header) == name
 
 
@@ -43,6 +45,8 @@ def test_the_host_header_gives_the_lowercase_name_without_port(header: str, name
     ],
 )
 def test_anything_but_name_port_or_bracketed_ipv6_port_is_no_host(header: str) -> None:
+    """_host_name() returns None for anything but name[:port] or [IPv6][:port]: empty,
+    unbracketed IPv6, userinfo, extra colons, paths, spaces, undecodable bytes."""
     assert _host_name(header) is None
 
 
@@ -62,6 +66,8 @@ def test_anything_but_name_port_or_bracketed_ipv6_port_is_no_host(header: str) -
     ],
 )
 def test_ordinary_paths_pass(path: str) -> None:
+    """_path_problem() finds nothing wrong with ordinary paths, including dots inside names,
+    three dots, hidden names, encoded spaces and the printable characters at the bounds."""
     assert _path_problem(path) is None
 
 
@@ -98,5 +104,8 @@ def test_ordinary_paths_pass(path: str) -> None:
 def test_paths_that_could_mean_something_else_upstream_are_refused_saying_why(
     path: str, reason: str
 ) -> None:
+    """_path_problem() refuses backslashes, spaces, control characters, encoded '/', '\' or NUL,
+    empty segments, dot segments plain, encoded or with ';' parameters, and double encoding,
+    saying which."""
     problem = _path_problem(path)
     assert problem is not None and reason in problem, problem
