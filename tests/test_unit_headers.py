@@ -30,12 +30,16 @@ HOP_BY_HOP = (
 
 
 def test_hop_by_hop_headers_stay_on_their_hop_both_ways() -> None:
+    """Hop-by-hop headers (Connection, Keep-Alive, TE, Trailer, Transfer-Encoding, Upgrade, any
+    Proxy-*) are dropped both from requests going up and from answers coming back."""
     incoming = headers(*HOP_BY_HOP, ("X-Kept", "1"))
     assert list(request_headers(incoming).items()) == [("X-Kept", "1")]
     assert list(response_headers(incoming).items()) == [("X-Kept", "1")]
 
 
 def test_headers_named_by_connection_are_dropped_whatever_their_case_and_spacing() -> None:
+    """Headers named in any Connection header are dropped both ways, whatever their case, spacing
+    or empty list items."""
     incoming = headers(
         ("Connection", "X-One,x-TWO"),
         ("Connection", " X-Three ,, keep-alive"),
@@ -49,6 +53,8 @@ def test_headers_named_by_connection_are_dropped_whatever_their_case_and_spacing
 
 
 def test_host_authorization_and_expect_are_the_proxys_to_set_on_the_way_up() -> None:
+    """Host, Authorization and Expect from the client are dropped on the way up, since the proxy
+    sets its own."""
     incoming = headers(
         ("Host", "localhost:8787"),
         ("Authorization", "Bearer client-supplied"),
@@ -59,6 +65,8 @@ def test_host_authorization_and_expect_are_the_proxys_to_set_on_the_way_up() -> 
 
 
 def test_the_answer_keeps_what_only_the_way_up_drops() -> None:
+    """Authorization, Expect, Host and WWW-Authenticate in an answer pass back to the client:
+    only the way up drops them."""
     incoming = headers(
         ("Authorization", "x"), ("Expect", "y"), ("Host", "z"), ("WWW-Authenticate", "Bearer")
     )
@@ -66,6 +74,8 @@ def test_the_answer_keeps_what_only_the_way_up_drops() -> None:
 
 
 def test_everything_else_passes_in_order_with_repeats_and_the_senders_spelling() -> None:
+    """Every other header passes both ways in its order, repeats kept (Set-Cookie), with the
+    sender's spelling of its name."""
     incoming = headers(
         ("set-cookie", "a=1"),
         ("X-Custom", "v"),
@@ -83,6 +93,9 @@ RAW_HOP_BY_HOP = [(name.encode(), value.encode()) for name, value in HOP_BY_HOP]
 
 
 def test_raw_request_lines_keep_only_what_the_api_should_see_as_sent() -> None:
+    """raw_request_headers() drops hop-by-hop, Connection-named, Host, Authorization, Expect,
+    Content-Length and X-Request-Id lines, and keeps the rest in order with the client's
+    spelling."""
     raw = [
         *RAW_HOP_BY_HOP,
         (b"Connection", b"X-One,x-TWO"),
@@ -105,6 +118,8 @@ def test_raw_request_lines_keep_only_what_the_api_should_see_as_sent() -> None:
 
 
 def test_raw_response_headers_drop_hops_and_the_apis_own_cors_and_decode_as_sent() -> None:
+    """raw_response_headers() drops hop-by-hop, Connection-named and the API's Access-Control-*
+    headers, keeps repeats and Content-Length, and decodes UTF-8 or else ISO-8859-1."""
     raw = [
         *RAW_HOP_BY_HOP,
         (b"Connection", b"X-Private"),
@@ -127,6 +142,8 @@ def test_raw_response_headers_drop_hops_and_the_apis_own_cors_and_decode_as_sent
 
 
 def test_raw_response_headers_rewrite_location_and_may_drop_the_length() -> None:
+    """raw_response_headers() passes Location (in any case) through the rewrite, leaves other
+    headers alone, and drops Content-Length when keep_length is False."""
     raw = [(b"Content-Length", b"12"), (b"location", b"/there"), (b"X-Other", b"/there")]
     assert raw_response_headers(raw, "rewritten:{}".format, keep_length=False) == [
         ("location", "rewritten:/there"),
