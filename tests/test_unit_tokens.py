@@ -15,6 +15,8 @@ def token(expires_at: float, value: str = "t") -> SessionToken:
 
 
 def test_a_token_is_served_until_it_is_no_longer_usable_then_gone() -> None:
+    """TokenCache serves a token under its own key until usable_until (5 s before expiry) and not
+    from that moment on."""
     now = [0.0]
     cache = TokenCache(clock=lambda: now[0])
     held = token(100.0)  # usable until 95: five seconds of skew before expiry
@@ -27,6 +29,8 @@ def test_a_token_is_served_until_it_is_no_longer_usable_then_gone() -> None:
 
 
 def test_only_the_cached_token_itself_is_discarded() -> None:
+    """TokenCache.discard() removes only the very token object cached, so a late 401 for a token
+    already replaced (or an equal copy) does not discard the new one."""
     cache = TokenCache(clock=lambda: 0.0)
     older, newer = token(100.0, "older"), token(100.0, "newer")
     cache.put(KEY, newer)
