@@ -104,8 +104,8 @@ def test_ordinary_paths_pass(path: str) -> None:
 def test_paths_that_could_mean_something_else_upstream_are_refused_saying_why(
     path: str, reason: str
 ) -> None:
-    """_path_problem() refuses backslashes, spaces, control characters, encoded '/', '\' or NUL,
-    empty segments, dot segments plain, encoded or with ';' parameters, and double encoding,
-    saying which."""
+    """_path_problem() refuses backslashes, spaces, control characters, an encoded slash,
+    backslash or NUL, empty segments, dot segments plain, encoded or with ';' parameters, and
+    double encoding, saying which."""
     problem = _path_problem(path)
     assert problem is not None and reason in problem, problem
