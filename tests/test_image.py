@@ -72,6 +72,8 @@ async def docker(*args: str, timeout: float = 60) -> tuple[int, str, str]:
 
 
 def test_the_image_runs_as_uid_10001_without_build_tools_or_source(image: str) -> None:
+    """The built image runs as uid 10001 and holds neither pip, setuptools nor the /src tree, so
+    a compromised proxy finds no build tools or source to use."""
     probe = (
         "import os, importlib.util as u; "
         "print(os.getuid(), u.find_spec('pip'), u.find_spec('setuptools'), os.path.exists('/src'))"
@@ -100,6 +102,9 @@ async def test_the_container_becomes_healthy_forwards_with_the_token_and_stops_c
     tmp_path: Path,
     unused_tcp_port_factory: Callable[[], int],
 ) -> None:
+    """The container reads its key and client token from mounted files, turns healthy via
+    admin_listen, enforces the client token (407), forwards with the session token, logs JSON
+    only, and exits 0 on docker stop."""
     port, admin_port = unused_tcp_port_factory(), unused_tcp_port_factory()
     files = private_secret_files(
         tmp_path / "secrets", personal_access_key=PERSONAL_KEY, client_token=CLIENT_TOKEN
