@@ -29,6 +29,9 @@ async def cli_get(proxy: str, path: str) -> Any:
 async def test_the_clis_four_commands_read_what_their_tables_need_for_the_routes_organization(
     start_proxy: StartProxy, standin: StandIn, prefix: str, organization: str
 ) -> None:
+    """The official CLI's four commands (build profiles, distribution profiles, testing groups,
+    organization view via userinfo), replayed through the proxy, get the fields their tables
+    read, for the route's organization."""
     standin.cli_answers = True
     proxy = await start_proxy(routes=SUB_ORGANIZATION_ROUTES, server=WITH_CLIENT_TOKEN)
     tag = organization[:8]
@@ -59,6 +62,8 @@ async def test_the_clis_four_commands_read_what_their_tables_need_for_the_routes
 async def test_without_cli_answers_the_same_paths_are_echoed(
     start_proxy: StartProxy, standin: StandIn
 ) -> None:
+    """Without the stand-in's CLI answers, a CLI request under /eu reaches the API with the
+    prefix stripped and the sub-organization's token."""
     proxy = await start_proxy(routes=SUB_ORGANIZATION_ROUTES, server=WITH_CLIENT_TOKEN)
     seen = await cli_get(proxy, "/eu/build/v2/profiles")
     assert seen["raw_path"] == "/build/v2/profiles"
