@@ -39,12 +39,15 @@ def instructions(keyword: str) -> list[str]:
 
 
 def test_dockerfile_passes_hadolint() -> None:
+    """The Dockerfile passes hadolint with no finding."""
     hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
     result = subprocess.run([hadolint, str(ROOT / "Dockerfile")], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_dockerfile_runs_unprivileged_with_healthcheck_and_sigterm() -> None:
+    """The Dockerfile runs as USER 10001, stops with SIGTERM, checks health with `appcircle-proxy
+    health`, and has appcircle-proxy as its entrypoint."""
     assert instructions("USER") == ["10001"]
     assert instructions("STOPSIGNAL") == ["SIGTERM"]
     (healthcheck,) = instructions("HEALTHCHECK")
@@ -88,6 +91,8 @@ def image_install(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 # Whichever runs first pays for the venv and the install (pip, a wheel build).
 @pytest.mark.timeout(180)
 def test_the_images_entrypoint_answers_version(image_install: Path) -> None:
+    """The Dockerfile's install steps, repeated in a fresh venv, give an appcircle-proxy
+    entrypoint that prints the package version."""
     result = subprocess.run(
         [str(image_install / "bin" / "appcircle-proxy"), "--version"],
         capture_output=True,
@@ -101,6 +106,8 @@ def test_the_images_entrypoint_answers_version(image_install: Path) -> None:
 async def test_the_images_healthcheck_passes_against_the_installed_proxy(
     image_install: Path, standin: StandIn, unused_tcp_port: int
 ) -> None:
+    """The Dockerfile's HEALTHCHECK command, run against the proxy installed as the image
+    installs it, exits 0, and the proxy exits 0 on SIGTERM."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("APPCIRCLE")}
     env |= {
         "APPCIRCLE_PERSONAL_ACCESS_KEY": next(iter(standin.personal_keys)),
@@ -145,6 +152,9 @@ def load_environment(pairs: dict[str, str], tmp_path: Path, monkeypatch: pytest.
 def test_compose_example_is_a_valid_sidecar_setup(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The compose example publishes no port, starts the job once the proxy is healthy, mounts
+    each secret it names, and its environment loads as a config with a client token and the
+    service name allowed."""
     compose = yaml.safe_load((ROOT / "examples" / "docker-compose.yml").read_text())
     proxy = compose["services"]["appcircle-proxy"]
     job = compose["services"]["job"]
@@ -162,6 +172,9 @@ def test_compose_example_is_a_valid_sidecar_setup(
 def test_kubernetes_example_is_a_native_sidecar_with_probes_and_a_secret_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The Kubernetes example is a native sidecar (restartPolicy Always) probed on the admin
+    port, reads its key from the mounted secret's file, and loads with admin on 0.0.0.0:9090 and
+    the API listener on loopback."""
     (deployment,) = yaml.safe_load_all((ROOT / "examples" / "kubernetes.yaml").read_text())
     pod = deployment["spec"]["template"]["spec"]
     (sidecar,) = pod["initContainers"]
