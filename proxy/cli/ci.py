@@ -16,16 +16,14 @@ import shlex
 import signal
 import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any, Final
 
 import aiohttp
 from yarl import URL
 
+from ..config.hardening import key_variables, withhold
 from ..config.settings import (
-    ENV_PREFIX,
-    ZERO_CONFIG_API_KEY_SECRET,
-    ZERO_CONFIG_KEYS,
     ConfigError,
     Endpoint,
     Settings,
@@ -63,28 +61,6 @@ WAIT_REQUEST_SECONDS: Final = 2.0
 
 
 # -- run --------------------------------------------------------------------------------
-
-
-def key_variables(settings: Settings, environ: Iterable[str]) -> set[str]:
-    """Every variable in `environ` a key or the client token may have been read from."""
-    names = {variable for variable, _kind in ZERO_CONFIG_KEYS} | {ZERO_CONFIG_API_KEY_SECRET}
-    names |= {f"{name}_FILE" for name in names}
-    names |= {c.secret_env for c in settings.credentials.values() if c.secret_env is not None}
-    if settings.server.client_token_env is not None:
-        names.add(settings.server.client_token_env)
-    # Settings given as APPCIRCLE_PROXY_* variables can hold secrets too (credentials, the
-    # client token, or a whole section as JSON). Names are case-insensitive there.
-    secret_words = ("CREDENTIALS", "SECRET", "CLIENT_TOKEN")
-    names |= {
-        name
-        for name in environ
-        if name.upper().startswith(ENV_PREFIX)
-        and (
-            any(word in name.upper() for word in secret_words)
-            or name.upper() == f"{ENV_PREFIX}SERVER"
-        )
-    }
-    return names
 
 
 def child_environment(
@@ -153,6 +129,8 @@ async def _run(
             url += "" if route.prefix == "/" else route.prefix
         print(f"appcircle-proxy: serving {url} for {shlex.join(command)}", file=sys.stderr)
         environment = child_environment(settings, os.environ, url)
+        # Read and used: they leave this process's environment before CMD starts.
+        withhold(settings)
         return await _child(command, environment)
     finally:
         # Drains requests still in flight (a background job of CMD's), then closes.

@@ -23,6 +23,7 @@ from aiohttp.log import server_logger as aiohttp_server_log
 
 from .. import __version__
 from ..auth.tokens import Clock
+from ..config.hardening import secrets_in_environment, withhold
 from ..config.settings import ConfigError, Endpoint, Settings
 from ..telemetry import logs
 from ..telemetry.access_log import LOGGER_NAME, access_logger
@@ -260,12 +261,14 @@ async def start(
 
 def _reload(running: Running, load: Callable[[], Settings]) -> None:
     log.info("SIGHUP: reloading credentials")
-    try:
-        settings = load()
-    except ConfigError as err:
-        log.error("reload failed, keeping the running configuration: %s", err)
-        return
-    running.proxy.runtime.reload(settings)
+    with secrets_in_environment():
+        try:
+            settings = load()
+        except ConfigError as err:
+            log.error("reload failed, keeping the running configuration: %s", err)
+            return
+        running.proxy.runtime.reload(settings)
+    withhold(settings)
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:
@@ -280,7 +283,10 @@ async def _serve(
     role: WorkerRole | None = None,
     bound: tuple[Bound, ...] | None = None,
 ) -> None:
-    running = await start(settings, bound=bound, worker=None if role is None else role.index)
+    with secrets_in_environment():
+        running = await start(settings, bound=bound, worker=None if role is None else role.index)
+    # Read: the variables a key came from leave the environment (back for a reload only).
+    withhold(settings)
     started = time.monotonic()
     # Everything allocated so far lives as long as the process: keep the collector off it.
     gc.collect()
@@ -373,6 +379,8 @@ def serve(settings: Settings, load: Callable[[], Settings], workers: int = 1) ->
         log.error("--workers needs a TCP address for server.admin_listen, not a Unix socket")
         return 2
     bound = bind(settings.server)
+    # Each worker reads them back while it starts, from the copy fork gives it.
+    withhold(settings)
     try:
         return Supervisor(settings, load, workers, functools.partial(_worker, bound)).run()
     finally:
