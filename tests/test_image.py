@@ -161,3 +161,54 @@ async def test_the_container_becomes_healthy_forwards_with_the_token_and_stops_c
         assert PERSONAL_KEY not in out + err and CLIENT_TOKEN not in out + err
     finally:
         await docker("rm", "-f", name)
+
+
+async def test_a_mounted_config_files_listen_beats_the_images_default(
+    image: str,
+    standin: StandIn,
+    tmp_path: Path,
+    unused_tcp_port_factory: Callable[[], int],
+) -> None:
+    """Flags > environment > file > built-in defaults, in the image too: its default listen
+    (0.0.0.0:8787) must not silently beat the listen of the file it is given."""
+    port = unused_tcp_port_factory()
+    files = private_secret_files(
+        tmp_path / "secrets",
+        personal_access_key=PERSONAL_KEY,
+        config=(
+            f'[server]\nlisten = "127.0.0.1:{port}"\n'
+            f'[appcircle]\napi_url = "{standin.api_url}"\nauth_url = "{standin.auth_url}"\n'
+            '[log]\nformat = "json"\n'
+            '[credentials.main]\nkind = "personal-access-key"\n'
+            'secret_file = "/run/secrets/personal_access_key"\n'
+        ),
+    )
+    name = f"appcircle-proxy-test-{secrets.token_hex(4)}"
+    run = ["run", "-d", "--name", name, "--network", "host", "--health-interval", "1s"]
+    for secret, path in files.items():
+        run += ["-v", f"{path}:/run/secrets/{secret}:ro"]
+    run += ["-e", "APPCIRCLE_PROXY_CONFIG=/run/secrets/config"]
+    code, _, err = await docker(*run, image)
+    assert code == 0, err
+    try:
+        deadline = time.monotonic() + 30
+        health = ""
+        while health != "healthy":  # the health check finds the file's address too
+            code, out, _ = await docker(
+                "inspect", "--format", "{{.State.Status}} {{.State.Health.Status}}", name
+            )
+            state, _, health = out.strip().partition(" ")
+            if state != "running" or health == "unhealthy" or time.monotonic() > deadline:
+                _, logs, errors = await docker("logs", name)
+                pytest.fail(f"container {state}, health {health}:\n{logs}{errors}")
+            await asyncio.sleep(0.2)
+        _, out, err = await docker("logs", name)
+        listening = next(
+            json.loads(line) for line in (out + err).splitlines() if '"listening"' in line
+        )
+        assert listening["address"] == f"http://127.0.0.1:{port}"
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{port}/build/v2/profiles") as response:
+                assert response.status == 200
+    finally:
+        await docker("rm", "-f", name)

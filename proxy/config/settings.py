@@ -46,6 +46,7 @@ from .allow import AllowRule, RoutePolicy, parse_rule
 __all__ = [
     "ENV_PREFIX",
     "CONFIG_ENV",
+    "DEFAULT_LISTEN_ENV",
     "ConfigError",
     "CredentialSettings",
     "Endpoint",
@@ -170,8 +171,24 @@ def _parse_mode(value: object) -> object:
     return value
 
 
+# The listen address when no flag, variable or file sets one. An image may change this
+# built-in default (ours: 0.0.0.0:8787) and it stays a default: a file's listen beats it.
+DEFAULT_LISTEN_ENV: Final = "APPCIRCLE_PROXY_DEFAULT_LISTEN"
+DEFAULT_LISTEN: Final = "127.0.0.1:8787"
+
+
+def _default_listen() -> str:
+    given = os.environ.get(DEFAULT_LISTEN_ENV)
+    if not given:
+        return DEFAULT_LISTEN
+    try:
+        return str(_parse_endpoint(given))
+    except ValueError as err:
+        raise ConfigError(f"{DEFAULT_LISTEN_ENV}: {err}") from None
+
+
 class ServerSettings(_Section):
-    listen: ListenAddress = "127.0.0.1:8787"
+    listen: ListenAddress = Field(default_factory=_default_listen)
     # For a unix: listen address; octal, as chmod takes it.
     socket_mode: Annotated[int, BeforeValidator(_parse_mode), Field(ge=0, le=0o777)] = 0o600
     # Host names (besides localhost, 127.0.0.1 and ::1) that clients may address the proxy by.
@@ -503,7 +520,7 @@ class Settings(BaseSettings):
         case_sensitive=False,
     )
 
-    server: ServerSettings = ServerSettings()
+    server: ServerSettings = Field(default_factory=ServerSettings)
     appcircle: AppcircleSettings = AppcircleSettings()
     tokens: TokenSettings = TokenSettings()
     log: LogSettings = LogSettings()
