@@ -4,7 +4,9 @@ out of the command's environment; `wait` blocks until a proxy started elsewhere 
 `run` is the whole job step in one process: start the proxy on a free loopback port, wait
 until every route holds a session token, run CMD with APPCIRCLE_PROXY_URL pointing at it and
 without the variables the key came from, pass signals on, then drain and stop, exiting with
-CMD's status. A script or dependency the step runs sees a proxy, never the key.
+CMD's status. CMD's environment holds no key, and the proxy (non-dumpable, see
+`config.hardening`) cannot be read by it; the step's own shell, which received the key,
+still holds it: README, CI jobs, says what that leaves open.
 """
 
 from __future__ import annotations
