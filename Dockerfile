@@ -38,8 +38,10 @@ WORKDIR /
 # to the containers that need it (never to the host's network), add the name they use to
 # reach it to APPCIRCLE_PROXY_SERVER__ALLOWED_HOSTS (e.g. appcircle-proxy), and set a
 # client token (APPCIRCLE_PROXY_SERVER__CLIENT_TOKEN_FILE). In a Kubernetes pod, where
-# containers share loopback, keep the default 127.0.0.1 instead: see examples/.
-ENV APPCIRCLE_PROXY_SERVER__LISTEN=0.0.0.0:8787
+# containers share loopback, set listen = "127.0.0.1:8787" instead: see examples/.
+# This is the image's built-in default, not a setting: --listen, APPCIRCLE_PROXY_SERVER__LISTEN
+# and a mounted config file's listen each beat it.
+ENV APPCIRCLE_PROXY_DEFAULT_LISTEN=0.0.0.0:8787
 EXPOSE 8787
 # On SIGTERM the proxy drains in-flight requests for up to server.shutdown_timeout (30 s).
 # Docker sends SIGKILL after its own grace, 10 s unless told otherwise: give it 35 s with

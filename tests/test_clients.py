@@ -433,6 +433,96 @@ async def test_a_read_only_route_allows_get_head_and_options_only(
     assert len(standin.api_requests) == 3
 
 
+@pytest.mark.parametrize(
+    ("headers", "query", "named"),
+    [
+        ({"X-HTTP-Method-Override": "DELETE"}, "", "the X-HTTP-Method-Override header"),
+        ({"X-HTTP-Method": "DELETE"}, "", "the X-HTTP-Method header"),
+        ({"x-method-override": "DELETE"}, "", "the x-method-override header"),
+        # CGI and WSGI servers read '_' in a header name as '-'.
+        ({"X_HTTP_Method_Override": "DELETE"}, "", "the X_HTTP_Method_Override header"),
+        ({"X-Original-URL": "/distribution/v2/profiles/p1"}, "", "the X-Original-URL header"),
+        ({"X-Rewrite-URL": "/distribution/v2/profiles/p1"}, "", "the X-Rewrite-URL header"),
+        ({}, "?_method=DELETE", "the _method query parameter"),
+        ({}, "?page=1&%5Fmethod=DELETE", "the _method query parameter"),
+    ],
+)
+async def test_method_and_path_overrides_are_refused_on_restricted_routes_naming_them(
+    headers: dict[str, str],
+    query: str,
+    named: str,
+    start_proxy: StartProxy,
+    standin: StandIn,
+    http: aiohttp.ClientSession,
+) -> None:
+    """An API that honours an override would act on a method or path the rules never saw:
+    a POST the rules allow, read as DELETE, deletes with the proxy's token."""
+    proxy = await start_proxy(routes={**CI_ROUTES, "root": {"prefix": "/", "credential": "main"}})
+    for method, path in (
+        ("POST", "/ci/distribution/v2/profiles/p1/app-versions"),
+        ("GET", "/ci/build/v2/profiles"),
+        ("GET", "/viewer/build/v2/profiles"),
+    ):
+        reply = await request(http, method, proxy + path + query, headers=headers)
+        assert reply.status == 403, (method, path)
+        assert reply.json()["error"] == "not_allowed_by_route"
+        assert named in reply.json()["detail"]
+    assert standin.api_requests == []
+    # A route without rules lets the API decide, as before.
+    reply = await request(http, "POST", f"{proxy}/anything{query}", headers=headers)
+    assert reply.status == 200
+
+
+async def test_a_read_only_method_with_a_body_is_refused_on_a_restricted_route(
+    start_proxy: StartProxy, standin: StandIn
+) -> None:
+    """An API that ignores a GET's body reads it as the next request on the connection,
+    carrying the proxy's token: a DELETE smuggled through a read-only route."""
+    proxy = await start_proxy(routes=CI_ROUTES)
+    smuggled = b"DELETE /distribution/v2/profiles/p1 HTTP/1.1\r\nHost: api\r\n\r\n"
+    for method, path in (("GET", "/viewer/build/v2/profiles"), ("GET", "/ci/build/v2/profiles")):
+        for framing in (
+            b"Content-Length: %d\r\n" % len(smuggled),
+            b"Transfer-Encoding: chunked\r\n",
+        ):
+            body = (
+                smuggled
+                if b"Length" in framing
+                else b"%x\r\n%s\r\n0\r\n\r\n"
+                % (
+                    len(smuggled),
+                    smuggled,
+                )
+            )
+            answer = await exchange(
+                proxy,
+                f"{method} {path} HTTP/1.1\r\nHost: localhost\r\n".encode()
+                + framing
+                + b"\r\n"
+                + body,
+                read_for=0.5,
+            )
+            assert status_of(answer) == 400, (path, framing, answer[:200])
+            assert b"body_not_allowed" in answer
+    for method in ("GET", "HEAD", "OPTIONS"):
+        answer = await exchange(
+            proxy,
+            f"{method} /viewer/build/v2/profiles HTTP/1.1\r\nHost: localhost\r\n"
+            "Content-Length: 1\r\n\r\nx".encode(),
+            read_for=0.5,
+        )
+        assert status_of(answer) == 400, method
+    assert standin.api_requests == []
+    # An empty body is no body.
+    answer = await exchange(
+        proxy,
+        b"GET /viewer/build/v2/profiles HTTP/1.1\r\nHost: localhost\r\n"
+        b"Content-Length: 0\r\nConnection: close\r\n\r\n",
+        read_for=1.0,
+    )
+    assert status_of(answer) == 200
+
+
 async def test_routes_without_rules_let_everything_through(
     start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:

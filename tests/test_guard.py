@@ -233,6 +233,12 @@ async def test_absolute_form_and_connect_are_refused(
         "/eu//x",
         "/eu/%5C..%5Cx",
         "/eu/a%00b",
+        # Dots with whitespace or control characters around them, which servers trim.
+        "/x/..%09/y",
+        "/x/..%20/y",
+        "/x/%20../y",
+        "/x/.%0d/y",
+        "/x/..%C2%85/y",
     ],
 )
 async def test_path_tricks_are_refused(

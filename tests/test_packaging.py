@@ -149,6 +149,34 @@ def load_environment(pairs: dict[str, str], tmp_path: Path, monkeypatch: pytest.
     return load_settings()
 
 
+def image_environment() -> dict[str, str]:
+    """The proxy's variables the Dockerfile's ENV instructions set."""
+    pairs = (pair.partition("=") for line in instructions("ENV") for pair in shlex.split(line))
+    return {name: value for name, _, value in pairs if name.startswith("APPCIRCLE")}
+
+
+def test_a_mounted_config_files_listen_beats_the_images_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Flags > environment > file > built-in defaults, and the image's default listen is a
+    built-in default: it must not be an APPCIRCLE_PROXY_SERVER__LISTEN, which beats the file."""
+    config = tmp_path / "config.toml"
+    config.write_text(
+        '[server]\nlisten = "0.0.0.0:9999"\n[credentials.main]\nkind = "personal-access-key"\n'
+        'secret = "made-up"\n'
+    )
+    image = image_environment()
+    settings = load_environment(
+        {**image, "APPCIRCLE_PROXY_CONFIG": str(config)}, tmp_path, monkeypatch
+    )
+    assert settings.server.listen == "0.0.0.0:9999"
+    # Without a file, the image listens beyond loopback, so its neighbours reach it.
+    settings = load_environment(
+        {**image, "APPCIRCLE_PERSONAL_ACCESS_KEY": "made-up"}, tmp_path, monkeypatch
+    )
+    assert settings.server.listen == "0.0.0.0:8787"
+
+
 def test_compose_example_is_a_valid_sidecar_setup(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

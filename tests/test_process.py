@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
+import socket
+import sys
 from pathlib import Path
 
 import aiohttp
@@ -81,6 +84,44 @@ async def test_sighup_reloads_a_rotated_key_without_downtime(
     assert "reload: credential 'main' changed; renewing its token" in logs
     assert "reload failed, keeping the running configuration" in logs
     assert rotated not in logs and PERSONAL_KEY not in logs
+
+
+async def test_sighup_reloads_a_key_given_in_the_environment_after_it_left_the_environment(
+    standin: StandIn,
+) -> None:
+    """The proxy takes the key variables out of its environment once read; a reload reads
+    them again all the same (zero-config, and --workers whose worker restarts re-read)."""
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("TEST_")},
+        "APPCIRCLE_PERSONAL_ACCESS_KEY": PERSONAL_KEY,
+    }
+    for workers in ("1", "2"):
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "proxy", "serve", "--workers", workers,
+            "--listen", f"127.0.0.1:{free_port()}",
+            "--api-url", standin.api_url, "--auth-url", standin.auth_url,
+            env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        assert process.stdout is not None
+        banner = (await asyncio.wait_for(process.stdout.readline(), 20)).decode()
+        proxy = banner.split("listening on ")[1].split()[0]
+        async with aiohttp.ClientSession() as http:
+            assert (await request(http, "GET", f"{proxy}/x")).status == 200
+            process.send_signal(signal.SIGHUP)
+            await asyncio.sleep(0.5)
+            assert (await request(http, "GET", f"{proxy}/x")).status == 200
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 20) == 0
+        logs = await stderr_of(process)
+        assert "reload: credential 'default' unchanged" in logs, logs
+        assert "reload failed" not in logs and "Traceback" not in logs
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
 
 
 async def test_json_logs_are_one_object_per_line(

@@ -9,6 +9,7 @@ import pytest
 
 from proxy.cli.main import main
 from proxy.config.addresses import Endpoint
+from proxy.config.errors import ConfigError
 from proxy.config.load import load_settings
 
 from .conftest import SUB_ORG
@@ -180,6 +181,28 @@ def test_environment_beats_file_and_flags_beat_environment(
     flagged = load_settings(path, {"server": {"listen": "[::1]:9003"}})
     assert flagged.server.endpoint == Endpoint("::1", 9003)
     assert flagged.server.listen == "[::1]:9003"
+
+
+def test_a_default_listen_variable_is_a_default_every_other_source_beats(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An image's default listen (APPCIRCLE_PROXY_DEFAULT_LISTEN) is a built-in default:
+    used when nothing sets listen, beaten by the file, the environment and flags."""
+    monkeypatch.setenv("APPCIRCLE_PROXY_DEFAULT_LISTEN", "0.0.0.0:8787")
+    plain = tmp_path / "plain.toml"
+    plain.write_text(GOOD + '[server]\nallowed_hosts = ["proxy"]')
+    assert load_settings(plain).server.endpoint == Endpoint("0.0.0.0", 8787)
+    path = tmp_path / "proxy.toml"
+    path.write_text(GOOD + '[server]\nlisten = "127.0.0.1:9001"')
+    assert load_settings(path).server.endpoint == Endpoint("127.0.0.1", 9001)
+    monkeypatch.setenv("APPCIRCLE_PROXY_SERVER__LISTEN", "0.0.0.0:9002")
+    assert load_settings(path).server.endpoint == Endpoint("0.0.0.0", 9002)
+    flagged = load_settings(path, {"server": {"listen": "[::1]:9003"}})
+    assert flagged.server.endpoint == Endpoint("::1", 9003)
+    monkeypatch.delenv("APPCIRCLE_PROXY_SERVER__LISTEN")
+    monkeypatch.setenv("APPCIRCLE_PROXY_DEFAULT_LISTEN", "nowhere")
+    with pytest.raises(ConfigError, match="APPCIRCLE_PROXY_DEFAULT_LISTEN: 'nowhere' is not"):
+        load_settings(plain)
 
 
 def test_credentials_and_routes_can_come_from_the_environment(

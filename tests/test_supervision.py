@@ -88,12 +88,12 @@ async def test_a_killed_worker_is_re_forked_and_the_port_keeps_all_of_them(
     assert "Traceback" not in logs
 
 
-async def test_workers_that_cannot_start_end_the_proxy_with_exit_1(
+async def test_workers_on_a_port_in_use_exit_2_naming_it_before_forking(
     standin: StandIn, write_config: WriteConfig
 ) -> None:
-    """When workers cannot listen (the port is taken without SO_REUSEPORT), the supervisor exits
-    1 saying so, instead of re-forking them forever."""
-    with socket.socket() as taken:  # a listener without SO_REUSEPORT: nobody can share it
+    """A port already taken stops --workers before any worker is forked: exit 2, naming
+    the address, instead of re-forking workers forever."""
+    with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
@@ -109,10 +109,50 @@ async def test_workers_that_cannot_start_end_the_proxy_with_exit_1(
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )
-        assert await asyncio.wait_for(process.wait(), 20) == 1
+        assert await asyncio.wait_for(process.wait(), 20) == 2
     logs = await stderr_of(process)
-    assert "cannot listen" in logs and "Traceback" not in logs
-    assert "re-forking" not in logs
+    assert f"cannot listen on 127.0.0.1:{port}" in logs and "Traceback" not in logs
+    assert "worker" not in logs
+
+
+async def test_a_second_workers_instance_on_the_same_address_exits_2_and_the_first_keeps_it(
+    standin: StandIn, write_config: WriteConfig
+) -> None:
+    """Workers used to bind with SO_REUSEPORT each: a second instance (with another API
+    URL, say) shared the port silently and took half the requests. Bound once, in the
+    supervisor, the address is one instance's, as in single-process mode."""
+    address = f"127.0.0.1:{free_port()}"
+    first = write_config(credentials=INLINE_KEY_CONFIG, server={"listen": address})
+    async with serving(first, "--workers", "2") as (proxy, process):
+        await eventually(lambda: len(children(process.pid)) == 2, within=10)
+        second = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "proxy",
+            "--config",
+            str(first),
+            "--workers",
+            "2",
+            "--api-url",
+            "http://127.0.0.1:9",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            assert await asyncio.wait_for(second.wait(), 10) == 2
+        finally:
+            if second.returncode is None:
+                second.kill()
+                await second.wait()
+        logs = await stderr_of(second)
+        assert f"cannot listen on {address}" in logs and "Traceback" not in logs
+        statuses = []
+        for _ in range(20):
+            async with aiohttp.ClientSession() as fresh:  # a new connection each time
+                statuses.append((await request(fresh, "GET", f"{proxy}/x")).status)
+        assert statuses == [200] * 20
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 20) == 0
 
 
 # -- drain ------------------------------------------------------------------------------

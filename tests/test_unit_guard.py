@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from urllib.parse import quote
+
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from proxy.policy.guard import _host_name, _path_problem
 
@@ -109,3 +113,37 @@ def test_paths_that_could_mean_something_else_upstream_are_refused_saying_why(
     double encoding, saying which."""
     problem = _path_problem(path)
     assert problem is not None and reason in problem, problem
+
+
+# What servers and file systems trim around a segment: whitespace and control characters,
+# ASCII and Unicode ones (NEL, NBSP, the ideographic space).
+TRIMMED = st.sampled_from(
+    [chr(c) for c in range(0x21)] + ["\x7f", "\x85", "\xa0", "\u2028", "\u3000"]
+)
+
+
+@given(
+    before=st.lists(TRIMMED, max_size=3),
+    dots=st.sampled_from([".", ".."]),
+    after=st.lists(TRIMMED, max_size=3),
+    encode_dots=st.booleans(),
+)
+def test_dots_with_whitespace_or_control_characters_around_them_are_a_dot_segment(
+    before: list[str], dots: str, after: list[str], encode_dots: bool
+) -> None:
+    """Guards the class, not the instances: `..%09`, `%20..`, `.%00` and every mix would
+    reach an API that trims the segment as `..`."""
+    segment = "".join(before) + dots + "".join(after)
+    encoded = quote(segment, safe="" if encode_dots else ".")
+    if encode_dots:
+        encoded = encoded.replace(".", "%2E")
+    problem = _path_problem(f"/x/{encoded}/y")
+    assert problem is not None, encoded
+    # %00 is refused sooner, as an encoded NUL; every other one as a dot segment.
+    assert "'..'" in problem or "NUL" in problem, (encoded, problem)
+
+
+@pytest.mark.parametrize("path", ["/x/..%09/y", "/x/..%20/y", "/x/%00../y", "/x/%0a./y"])
+def test_the_dot_segments_of_the_report_are_refused(path: str) -> None:
+    problem = _path_problem(path)
+    assert problem is not None

@@ -4,7 +4,9 @@ out of the command's environment; `wait` blocks until a proxy started elsewhere 
 `run` is the whole job step in one process: start the proxy on a free loopback port, wait
 until every route holds a session token, run CMD with APPCIRCLE_PROXY_URL pointing at it and
 without the variables the key came from, pass signals on, then drain and stop, exiting with
-CMD's status. A script or dependency the step runs sees a proxy, never the key.
+CMD's status. CMD's environment holds no key, and the proxy (non-dumpable, see
+`config.hardening`) cannot be read by it; the step's own shell, which received the key,
+still holds it: README, CI jobs, says what that leaves open.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import shlex
 import signal
 import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any, Final
 
 import aiohttp
@@ -24,10 +26,10 @@ from yarl import URL
 
 from ..config.addresses import Endpoint, UnixSocket, probe_target, reachable
 from ..config.errors import ConfigError
+from ..config.hardening import key_variables, withhold
 from ..config.load import load_settings
 from ..config.secrets import read_client_token
-from ..config.settings import ENV_PREFIX, Settings
-from ..config.sources import ZERO_CONFIG_API_KEY_SECRET, ZERO_CONFIG_KEYS
+from ..config.settings import Settings
 from ..policy.routes import Route
 from ..serve.server import start
 from ..telemetry import logs
@@ -59,28 +61,6 @@ WAIT_REQUEST_SECONDS: Final = 2.0
 
 
 # -- run --------------------------------------------------------------------------------
-
-
-def key_variables(settings: Settings, environ: Iterable[str]) -> set[str]:
-    """Every variable in `environ` a key or the client token may have been read from."""
-    names = {variable for variable, _kind in ZERO_CONFIG_KEYS} | {ZERO_CONFIG_API_KEY_SECRET}
-    names |= {f"{name}_FILE" for name in names}
-    names |= {c.secret_env for c in settings.credentials.values() if c.secret_env is not None}
-    if settings.server.client_token_env is not None:
-        names.add(settings.server.client_token_env)
-    # Settings given as APPCIRCLE_PROXY_* variables can hold secrets too (credentials, the
-    # client token, or a whole section as JSON). Names are case-insensitive there.
-    secret_words = ("CREDENTIALS", "SECRET", "CLIENT_TOKEN")
-    names |= {
-        name
-        for name in environ
-        if name.upper().startswith(ENV_PREFIX)
-        and (
-            any(word in name.upper() for word in secret_words)
-            or name.upper() == f"{ENV_PREFIX}SERVER"
-        )
-    }
-    return names
 
 
 def child_environment(
@@ -149,6 +129,8 @@ async def _run(
             url += "" if route.prefix == "/" else route.prefix
         print(f"appcircle-proxy: serving {url} for {shlex.join(command)}", file=sys.stderr)
         environment = child_environment(settings, os.environ, url)
+        # Read and used: they leave this process's environment before CMD starts.
+        withhold(settings)
         return await _child(command, environment)
     finally:
         # Drains requests still in flight (a background job of CMD's), then closes.

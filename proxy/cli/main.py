@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 
 from .. import __version__
 from ..config.errors import ConfigError
+from ..config.hardening import make_undumpable
 from ..config.load import load_settings
 from ..config.settings import ENV_PREFIX, Settings
 from ..telemetry import logs
@@ -221,6 +223,8 @@ class Command:
     description: str
     flags: tuple[Flags, ...]
     run: Callable[[argparse.Namespace], int]
+    # Reads a key or the client token: made non-dumpable before it reads any.
+    secrets: bool = True
 
 
 COMMANDS: dict[str, Command] = {
@@ -262,6 +266,7 @@ COMMANDS: dict[str, Command] = {
         "proxy, and needs none of its secrets.",
         (_config_flags, _listener_flags, _timeout_flag),
         _health,
+        secrets=False,
     ),
     "demo": Command(
         "run against a local stand-in Appcircle: no account, no network",
@@ -270,6 +275,7 @@ COMMANDS: dict[str, Command] = {
         "file and no environment variable: your real keys are never used.",
         (_listen_flag, _log_flags),
         _demo,
+        secrets=False,
     ),
     # CI (ci.py).
     "run": Command(
@@ -338,8 +344,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     name = getattr(args, "command", None) or "serve"
     _refuse_flags_that_do_not_apply(args, subparsers[name], name)
+    command = COMMANDS[name]
+    if command.secrets and (problem := make_undumpable()) is not None:
+        # Not fatal: the key stays out of logs and of `run`'s command either way.
+        print(
+            f"appcircle-proxy: WARNING: cannot make this process non-dumpable ({problem}): "
+            "other processes of this user may read the key from its memory",
+            file=sys.stderr,
+        )
     try:
-        return COMMANDS[name].run(args)
+        return command.run(args)
     except ConfigError as err:
         # The file may be what is broken: the format can still come from a flag or variable.
         wanted = getattr(args, "log_format", None) or os.environ.get(f"{ENV_PREFIX}LOG__FORMAT", "")

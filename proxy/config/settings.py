@@ -37,6 +37,7 @@ from .allow import AllowRule, RoutePolicy, parse_rule
 
 __all__ = [
     "ENV_PREFIX",
+    "DEFAULT_LISTEN",
     "AppcircleSettings",
     "CredentialSettings",
     "LogSettings",
@@ -113,8 +114,13 @@ def _parse_mode(value: object) -> object:
     return value
 
 
+# The listen address when no flag, variable or file sets one (an image may lower its own
+# default into the sources: see `sources.DEFAULT_LISTEN_ENV`).
+DEFAULT_LISTEN: Final = "127.0.0.1:8787"
+
+
 class ServerSettings(_Section):
-    listen: ListenAddress = "127.0.0.1:8787"
+    listen: ListenAddress = DEFAULT_LISTEN
     # For a unix: listen address; octal, as chmod takes it.
     socket_mode: Annotated[int, BeforeValidator(_parse_mode), Field(ge=0, le=0o777)] = 0o600
     # Host names (besides localhost, 127.0.0.1 and ::1) that clients may address the proxy by.

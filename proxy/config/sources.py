@@ -10,11 +10,13 @@ from typing import Any, Final
 
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, TomlConfigSettingsSource
 
+from .addresses import parse_endpoint
 from .errors import ConfigError
 from .settings import Settings, check_org_id
 
 __all__ = [
     "CONFIG_ENV",
+    "DEFAULT_LISTEN_ENV",
     "ZERO_CONFIG_API_KEY_NAME",
     "ZERO_CONFIG_API_KEY_SECRET",
     "ZERO_CONFIG_KEYS",
@@ -25,6 +27,7 @@ __all__ = [
 ]
 
 CONFIG_ENV: Final = "APPCIRCLE_PROXY_CONFIG"
+DEFAULT_LISTEN_ENV: Final = "APPCIRCLE_PROXY_DEFAULT_LISTEN"
 
 # Zero-config: with no file, these variables (the names Appcircle's own tools use) make one route.
 ZERO_CONFIG_KEYS: Final = (
@@ -153,6 +156,23 @@ def settings_class(config_file: Path | None, environment: bool = True) -> type[S
                 base = _ZeroConfigSource(settings_cls)
             else:
                 base = TomlConfigSettingsSource(settings_cls, toml_file=config_file)
-            return init_settings, env_settings, base
+            return init_settings, env_settings, base, _DeploymentDefaults(settings_cls)
 
     return _Loaded
+
+
+class _DeploymentDefaults(PydanticBaseSettingsSource):
+    """Built-in defaults a deployment may change: the image sets DEFAULT_LISTEN_ENV to
+    0.0.0.0:8787, and it stays a default, which a file, a variable or a flag beats."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        given = os.environ.get(DEFAULT_LISTEN_ENV)
+        if not given:
+            return {}
+        try:
+            return {"server": {"listen": str(parse_endpoint(given))}}
+        except ValueError as err:
+            raise ConfigError(f"{DEFAULT_LISTEN_ENV}: {err}") from None

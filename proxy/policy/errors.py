@@ -17,8 +17,10 @@ __all__ = [
     "auth_path_not_forwarded",
     "auth_unreachable",
     "bad_request_body",
+    "body_not_allowed",
     "no_route",
     "not_allowed_by_route",
+    "override_on_restricted_route",
     "refused",
     "token_unavailable",
     "upstream_refused_websocket",
@@ -117,6 +119,31 @@ def not_allowed_by_route(route: Route, method: str, path: str) -> web.Response:
         f"routes.{route.name}.allow",
         route=route.name,
     )
+
+
+def override_on_restricted_route(route: Route, what: str) -> web.Response:
+    return _answer(
+        403,
+        "not_allowed_by_route",
+        f"route '{route.name}' ({route.prefix}) has rules ({route.policy.describe()}), and "
+        f"{what} asks the API to read this request as another method or path, which the "
+        "rules did not see; send the method and path you mean, without it",
+        route=route.name,
+    )
+
+
+def body_not_allowed(route: Route, method: str) -> web.Response:
+    response = _answer(
+        400,
+        "body_not_allowed",
+        f"route '{route.name}' ({route.prefix}) has rules ({route.policy.describe()}), and "
+        f"this {method} carries a body, which an API that ignores {method} bodies would read "
+        "as a request of its own; send it without a body",
+        route=route.name,
+    )
+    # The body was not read: the connection cannot carry another request.
+    response.force_close()
+    return response
 
 
 def auth_path_not_forwarded(path: str) -> web.Response:

@@ -51,6 +51,9 @@ PREFLIGHT_MAX_AGE: Final = "600"
 # after one scan. A control character, space, backslash or '#'; a '%' (encoded separators,
 # '%25', encoded dots); a '.'; or '//'.
 SUSPECT_PATH: Final = re.compile(r"[\x00-\x20\x7f\\#%.]|//")
+# A decoded segment that some server reads as '.' or '..': the dots with whitespace or
+# control characters around them, which servers and file systems trim ('..%09', '%00..').
+DOT_SEGMENT: Final = re.compile(r"[\s\x00-\x1f\x7f-\x9f]*\.\.?[\s\x00-\x1f\x7f-\x9f]*")
 
 
 # Clients send the same few Host values: each is parsed once (bounded: a client sending
@@ -98,10 +101,10 @@ def _path_problem(raw_path: str) -> str | None:
     if any(segment == "" for segment in segments[:-1]):
         return "empty path segments ('//') are not allowed"
     # Some servers (Tomcat, Spring) drop ';parameters' before resolving dot segments.
-    if any(unquote(segment).partition(";")[0] in (".", "..") for segment in segments):
+    if any(DOT_SEGMENT.fullmatch(unquote(segment).partition(";")[0]) for segment in segments):
         return (
-            "'.' and '..' path segments (plain, percent-encoded or with ';parameters') "
-            "are not allowed"
+            "'.' and '..' path segments (plain, percent-encoded, with ';parameters' or with "
+            "whitespace or control characters around them) are not allowed"
         )
     return None
 

@@ -1,7 +1,8 @@
 """The one request handler, from the listening socket's parsed request to its answer.
 
 Read top to bottom in `Handler._answer`: the guard's checks; a CORS preflight; the
-proxy's own /_proxy/ paths; the route and its allow rules; then the auth host's userinfo,
+proxy's own /_proxy/ paths; the route and its allow rules (and, on a restricted route, no
+method or path override and no body on a read-only method); then the auth host's userinfo,
 a WebSocket relay or the forwarder. There are no middlewares or response signals: every
 answer passes `_decorate` (request id, CORS, Connection: close while draining) once,
 before its headers are sent.
@@ -19,10 +20,12 @@ from aiohttp import hdrs, web
 from multidict import CIMultiDict
 from yarl import URL
 
+from ..config.allow import READ_ONLY_METHODS
 from ..paths import ADMIN_PREFIX
 from ..policy import errors
 from ..policy.guard import Guard
 from ..policy.headers import request_headers
+from ..policy.restricted import override
 from ..policy.routes import Route, RouteTable
 from ..telemetry.facts import ERROR_CODE, FACTS, Facts
 from ..telemetry.stats import Stats
@@ -100,6 +103,11 @@ class Handler:
         # /auth/... belongs to the auth host: userinfo relayed, the rest refused.
         if not route.allows(request.method, rest):
             return errors.not_allowed_by_route(route, request.method, rest)
+        if route.policy.restricted:
+            if (what := override(request, query)) is not None:
+                return errors.override_on_restricted_route(route, what)
+            if request.method in READ_ONLY_METHODS and request.body_exists:
+                return errors.body_not_allowed(route, request.method)
         if userinfo.on_auth_host(rest):
             return await self._userinfo(request, facts, route, rest)
         target = rest + has_query + query

@@ -1,5 +1,7 @@
-"""The listening sockets: TCP or Unix, each behind the inbound bounds (`inbound`); a Unix
-socket path claimed safely and removed on exit; where a listener listens, as URLs."""
+"""The listening sockets: bound once (by the single process, or by the --workers supervisor
+for all its workers to share, as gunicorn does), then served behind the inbound bounds
+(`inbound`); a Unix socket path claimed safely and removed on exit; where a listener
+listens, as URLs."""
 
 from __future__ import annotations
 
@@ -10,25 +12,35 @@ import socket
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
 from aiohttp import web
 
 from ..config.addresses import Endpoint, UnixSocket
+from ..config.settings import ServerSettings
 from .inbound import Connections
 
-__all__ = ["Listener", "addresses", "listen", "url_of", "why"]
+__all__ = ["Bound", "Listener", "addresses", "bind", "listen", "url_of", "why"]
 
 log = logging.getLogger("appcircle_proxy.server")
 
+# asyncio's own default.
+BACKLOG: Final = 100
+
 
 @dataclass(frozen=True, slots=True)
-class Listener:
-    server: asyncio.Server
+class Bound:
+    """The listening sockets of one address (a name may resolve to several), made before
+    serving. Bound without SO_REUSEPORT, so a second instance on the address fails to bind
+    whether this one runs as one process or as workers sharing these sockets."""
+
+    sockets: tuple[socket.socket, ...]
     # A Unix socket file this process created, and its identity, to remove it on exit.
     socket_file: tuple[Path, int, int] | None = None
 
     def close(self) -> None:
-        self.server.close()
+        for sock in self.sockets:
+            sock.close()
         if self.socket_file is None:
             return
         path, device, inode = self.socket_file
@@ -39,6 +51,19 @@ class Listener:
                 path.unlink()
         except OSError:
             pass
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    server: asyncio.Server
+    # What to close with it: the sockets this process bound (None: a --workers supervisor
+    # owns them, and closes them when the last worker is gone).
+    bound: Bound | None = None
+
+    def close(self) -> None:
+        self.server.close()
+        if self.bound is not None:
+            self.bound.close()
 
 
 def addresses(listeners: tuple[Listener, ...]) -> list[str]:
@@ -55,21 +80,29 @@ def url_of(address: object) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-async def listen(
-    runner: web.BaseRunner,
-    connections: Connections,
-    endpoint: Endpoint | UnixSocket,
-    mode: int,
-    reuse_port: bool,
-) -> tuple[Listener, ...]:
-    assert runner.server is not None
-    factory = connections.factory(runner.server)
-    loop = asyncio.get_running_loop()
+def bind(server: ServerSettings) -> tuple[Bound, ...]:
+    """Bind the API listener and the admin one, if any; exit 2 naming the address and the
+    setting when one cannot be bound (in use, say)."""
+    bound: list[Bound] = []
+    address, setting = server.endpoint, "--listen or server.listen"
+    try:
+        bound.append(_bind(server.endpoint, server.socket_mode))
+        if server.admin_endpoint is not None:
+            address, setting = server.admin_endpoint, "--admin-listen or server.admin_listen"
+            bound.append(_bind(server.admin_endpoint, server.socket_mode))
+    except (OSError, SystemExit) as err:
+        for made in bound:
+            made.close()
+        if isinstance(err, SystemExit):  # a Unix socket path refused, already said why
+            raise
+        log.error("cannot listen on %s: %s; choose another with %s", address, why(err), setting)
+        raise SystemExit(2) from None
+    return tuple(bound)
+
+
+def _bind(endpoint: Endpoint | UnixSocket, mode: int) -> Bound:
     if isinstance(endpoint, Endpoint):
-        server = await loop.create_server(
-            factory, endpoint.host, endpoint.port, reuse_address=True, reuse_port=reuse_port
-        )
-        return (Listener(server),)
+        return Bound(_bind_tcp(endpoint))
     path = endpoint.path
     _claim_socket_path(path)
     if mode & 0o002:
@@ -79,15 +112,65 @@ async def listen(
             path,
             mode,
         )
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     # Created under a restrictive umask, so there is no moment when others could connect.
     previous = os.umask(0o777 & ~mode)
     try:
-        server = await loop.create_unix_server(factory, str(path))
+        sock.bind(str(path))
+        sock.listen(BACKLOG)
+    except BaseException:
+        sock.close()
+        raise
     finally:
         os.umask(previous)
     os.chmod(path, mode)
     created = path.lstat()
-    return (Listener(server, (path, created.st_dev, created.st_ino)),)
+    return Bound((sock,), (path, created.st_dev, created.st_ino))
+
+
+def _bind_tcp(endpoint: Endpoint) -> tuple[socket.socket, ...]:
+    """One socket per address the host resolves to, as asyncio's create_server binds."""
+    found = socket.getaddrinfo(
+        endpoint.host, endpoint.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, protocol, _name, address in dict.fromkeys(found):
+            sock = socket.socket(family, kind, protocol)
+            sockets.append(sock)
+            # Rebinding right after a restart, over connections in TIME_WAIT.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(BACKLOG)
+            sock.setblocking(False)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return tuple(sockets)
+
+
+async def listen(
+    runner: web.BaseRunner, connections: Connections, bound: Bound, *, owned: bool
+) -> tuple[Listener, ...]:
+    """Serve on bound sockets; `owned`: closing the listener closes them (and removes its
+    socket file), as the process that bound them, not a worker sharing them."""
+    assert runner.server is not None
+    factory = connections.factory(runner.server)
+    loop = asyncio.get_running_loop()
+    listeners = []
+    for sock in bound.sockets:
+        if sock.family == socket.AF_UNIX:
+            server = await loop.create_unix_server(factory, sock=sock, backlog=BACKLOG)
+        else:
+            server = await loop.create_server(factory, sock=sock, backlog=BACKLOG)
+        listeners.append(Listener(server))
+    if owned:
+        # The last one closes them all, after every server has stopped accepting.
+        listeners[-1] = Listener(listeners[-1].server, bound)
+    return tuple(listeners)
 
 
 def _claim_socket_path(path: Path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 import os
@@ -24,6 +25,7 @@ from .. import __version__
 from ..auth.tokens import Clock
 from ..config.addresses import Endpoint, is_loopback
 from ..config.errors import ConfigError
+from ..config.hardening import secrets_in_environment, withhold
 from ..config.secrets import read_client_token
 from ..config.settings import Settings
 from ..telemetry import logs
@@ -31,7 +33,7 @@ from ..telemetry.access_log import LOGGER_NAME, access_logger
 from .admin import create_admin_server
 from .app import Proxy, build, connect
 from .inbound import Connections, head_limit
-from .listeners import Listener, addresses, listen, why
+from .listeners import Bound, Listener, addresses, bind, listen, why
 from .memory import give_back_after_streams
 from .workers import Supervisor, WorkerRole
 
@@ -173,12 +175,12 @@ async def start(
     settings: Settings,
     clock: Clock = time.time,
     *,
-    reuse_port: bool = False,
+    bound: tuple[Bound, ...] | None = None,
     worker: int | None = None,
     log_stream: Callable[[], TextIO] | None = None,
 ) -> Running:
-    """Build the proxy and start its listeners; the caller must `stop()` it. With
-    `reuse_port`, several processes can listen on the same TCP port (SO_REUSEPORT)."""
+    """Build the proxy and start its listeners; the caller must `stop()` it. A worker is
+    given the sockets its supervisor `bound`; otherwise they are bound here."""
     server = settings.server
     resources = AsyncExitStack()
     runtime = await resources.enter_async_context(connect(settings, clock))
@@ -216,11 +218,12 @@ async def start(
     runners: list[web.BaseRunner] = [runner]
     listeners: list[tuple[Listener, ...]] = []
     address, setting = server.endpoint, "--listen or server.listen"
+    owned = bound is None
     try:
+        if bound is None:
+            bound = bind(server)
         await runner.setup()
-        listeners.append(
-            await listen(runner, connections, server.endpoint, server.socket_mode, reuse_port)
-        )
+        listeners.append(await listen(runner, connections, bound[0], owned=owned))
         if server.admin_endpoint is not None:
             address, setting = server.admin_endpoint, "--admin-listen or server.admin_listen"
             admin_runner = web.ServerRunner(
@@ -231,19 +234,14 @@ async def start(
             # Probes and scrapers keep their own budget: a flood on the API listener must
             # not make the proxy look dead.
             admin_connections = Connections(limit=64, head_limit=connections.head_limit)
-            listeners.append(
-                await listen(
-                    admin_runner,
-                    admin_connections,
-                    server.admin_endpoint,
-                    server.socket_mode,
-                    reuse_port,
-                )
-            )
+            listeners.append(await listen(admin_runner, admin_connections, bound[1], owned=owned))
     except (OSError, SystemExit) as err:
         for group in listeners:
             for listener in group:
                 listener.close()
+        if owned and bound is not None:
+            for made in bound:
+                made.close()
         for started in reversed(runners):
             await started.cleanup()
         await resources.aclose()
@@ -266,12 +264,14 @@ async def start(
 
 def _reload(running: Running, load: Callable[[], Settings]) -> None:
     log.info("SIGHUP: reloading credentials")
-    try:
-        settings = load()
-    except ConfigError as err:
-        log.error("reload failed, keeping the running configuration: %s", err)
-        return
-    running.proxy.runtime.reload(settings)
+    with secrets_in_environment():
+        try:
+            settings = load()
+        except ConfigError as err:
+            log.error("reload failed, keeping the running configuration: %s", err)
+            return
+        running.proxy.runtime.reload(settings)
+    withhold(settings)
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:
@@ -281,11 +281,15 @@ async def _cancel(task: asyncio.Task[None]) -> None:
 
 
 async def _serve(
-    settings: Settings, load: Callable[[], Settings], role: WorkerRole | None = None
+    settings: Settings,
+    load: Callable[[], Settings],
+    role: WorkerRole | None = None,
+    bound: tuple[Bound, ...] | None = None,
 ) -> None:
-    running = await start(
-        settings, reuse_port=role is not None, worker=None if role is None else role.index
-    )
+    with secrets_in_environment():
+        running = await start(settings, bound=bound, worker=None if role is None else role.index)
+    # Read: the variables a key came from leave the environment (back for a reload only).
+    withhold(settings)
     started = time.monotonic()
     # Everything allocated so far lives as long as the process: keep the collector off it.
     gc.collect()
@@ -350,24 +354,38 @@ def _run(main: Coroutine[None, None, None]) -> None:
         runner.run(main)
 
 
-def _worker(settings: Settings, load: Callable[[], Settings], role: WorkerRole) -> None:
+def _worker(
+    bound: tuple[Bound, ...], settings: Settings, load: Callable[[], Settings], role: WorkerRole
+) -> None:
     # The parent relays SIGINT/SIGTERM; a terminal's Ctrl-C must not hit workers directly.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # The parent's handlers were inherited; until the worker's event loop installs its own,
     # SIGTERM ends it and SIGHUP (nothing to reload yet) is ignored.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    _run(_serve(settings, load, role))
+    _run(_serve(settings, load, role, bound))
 
 
 def serve(settings: Settings, load: Callable[[], Settings], workers: int = 1) -> int:
     """Run until SIGINT/SIGTERM; `load` re-reads the configuration on SIGHUP. With several
-    workers, each is a process of its own on the same port, with its own token cache."""
+    workers, each is a process of its own, with its own token cache, serving the sockets
+    the supervisor bound once (so a second instance on the address exits 2, as one
+    process does)."""
     if workers == 1:
         _run(_serve(settings, load))
         return 0
-    endpoint = settings.server.endpoint
+    endpoint, admin = settings.server.endpoint, settings.server.admin_endpoint
     if not isinstance(endpoint, Endpoint) or endpoint.port == 0:
         log.error("--workers needs a fixed TCP port to share (server.listen)")
         return 2
-    return Supervisor(settings, load, workers, _worker).run()
+    if admin is not None and not isinstance(admin, Endpoint):
+        log.error("--workers needs a TCP address for server.admin_listen, not a Unix socket")
+        return 2
+    bound = bind(settings.server)
+    # Each worker reads them back while it starts, from the copy fork gives it.
+    withhold(settings)
+    try:
+        return Supervisor(settings, load, workers, functools.partial(_worker, bound)).run()
+    finally:
+        for made in bound:
+            made.close()

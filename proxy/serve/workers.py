@@ -1,5 +1,6 @@
 """`--workers N`: the supervisor forks N worker processes, relays signals to them, and
-re-forks one that dies (after a backoff), so the port keeps all N."""
+re-forks one that dies (after a backoff), so the port keeps all N. The listening sockets
+are bound once, before the supervisor starts, and every worker inherits and serves them."""
 
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ class _Slot:
 class Supervisor:
     """The parent of --workers: forks them, relays signals, and re-forks one that dies
     (after a backoff) so the port keeps all N. A first worker that exits with an error
-    before it ever served is a start-up error (a port in use, say): all stop, exit 1."""
+    before it ever served is a start-up error: all stop, exit 1."""
 
     def __init__(
         self, settings: Settings, load: Callable[[], Settings], workers: int, target: Target
