@@ -19,6 +19,7 @@ from yarl import URL
 
 from ..auth.credentials import Credential, credential_from_settings
 from ..auth.exchange import Exchanger
+from ..auth.local_tokens import LocalTokens
 from ..auth.tokens import Clock, TokenKey, TokenPolicy, TokenSources
 from ..config.settings import Settings
 from ..policy.guard import Guard
@@ -32,6 +33,7 @@ from . import userinfo
 from .admin import admin_handlers
 from .forward import Forwarder
 from .handler import AdminHandler, Handler
+from .local_exchange import LocalExchange, exchange_paths
 from .runtime import Runtime
 
 __all__ = ["Proxy", "build", "connect"]
@@ -183,8 +185,9 @@ def build(
         body_timeout=settings.server.body_timeout,
         send_timeout=settings.server.send_timeout,
     )
+    local_tokens = LocalTokens(clock)
     handler = Handler(
-        Guard.from_settings(settings.server),
+        Guard.from_settings(settings.server, exchange_paths(runtime.routes), local_tokens),
         runtime.routes,
         forwarder,
         runtime.pool,
@@ -195,5 +198,6 @@ def build(
         userinfo.Relay(
             runtime.session, settings.appcircle.auth_url, settings.tokens.exchange_timeout
         ),
+        LocalExchange(runtime.routes, local_tokens, settings.server.client_secret()),
     )
     return Proxy(runtime, handler, stats, registry, access_log, admin)

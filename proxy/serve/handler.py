@@ -2,9 +2,10 @@
 
 Read top to bottom in `Handler._answer`: the guard's checks; a CORS preflight; the
 proxy's own /_proxy/ paths; the route and its allow rules; then the auth host's userinfo,
-a WebSocket relay or the forwarder. There are no middlewares or response signals: every
-answer passes `_decorate` (request id, CORS, Connection: close while draining) once,
-before its headers are sent.
+a WebSocket relay or the forwarder (key exchanges are answered by local_exchange before
+the allow rules: they reach no Appcircle host). There are no middlewares or response
+signals: every answer passes `_decorate` (request id, CORS, Connection: close while
+draining) once, before its headers are sent.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from ..upstream.pool import Pool, Refused
 from . import userinfo, websocket
 from .drain import Drain
 from .forward import Forwarder, refusal
+from .local_exchange import LocalExchange
 
 __all__ = ["AdminHandler", "Handler"]
 
@@ -53,6 +55,7 @@ class Handler:
         websocket_session: websocket.Session,
         admin: Mapping[str, AdminHandler] | None,
         auth_host: userinfo.Relay,
+        local: LocalExchange,
     ) -> None:
         self._guard = guard
         self._routes = routes
@@ -63,6 +66,7 @@ class Handler:
         # None: /_proxy/ is served on server.admin_listen instead.
         self._admin = admin
         self._auth_host = auth_host
+        self._local = local
         # Unique within the process; the random part tells processes (and restarts) apart.
         self._id_prefix = secrets.token_hex(4)
         self._ids = itertools.count(1)
@@ -96,6 +100,12 @@ class Handler:
             return errors.no_route(path, self._routes.prefixes)
         route, rest = matched
         facts.route = route.name
+        # Key exchanges are answered here (with a local token), never sent anywhere.
+        if self._local.is_exchange(request.method, rest):
+            return await self._local.answer(request, route, rest)
+        local_refusal = self._local.refusal(request, route)
+        if local_refusal is not None:
+            return local_refusal
         # The route's allow rules (or read_only) apply before any token is taken; then
         # /auth/... belongs to the auth host: userinfo relayed, the rest refused.
         if not route.allows(request.method, rest):
