@@ -210,3 +210,19 @@ async def test_an_exchange_path_another_route_serves_still_needs_the_client_toke
         http, proxy, "/auth/auth/v3/token", {"personalAccessKey": CLIENT_TOKEN}
     )
     assert served.status == 200
+
+
+async def test_with_a_client_token_an_expired_local_token_says_so(
+    start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
+) -> None:
+    """Guards the answer a logged-in client gets once its local token ends while a client
+    token is configured: 401 local_token_expired (log in again), not a bare refusal."""
+    proxy = await start_proxy(server=WITH_CLIENT_TOKEN)
+    claims = {"currentOrganizationId": ROOT_ORG, "sub": "s", "email": "e"}
+    expired = LocalTokens(time.time).mint("default", claims, time.time() - 1)
+    late = await request(
+        http, "GET", f"{proxy}/build/v2/profiles", headers={"Authorization": f"Bearer {expired}"}
+    )
+    assert late.status == 401
+    assert late.json()["error"] == "local_token_expired"
+    assert standin.api_requests == []

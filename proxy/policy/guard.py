@@ -240,6 +240,13 @@ class Guard:
             and not self._client_token_matches(request)
             and not self._local_token_valid(request)
         ):
+            if self._local_token_expired(request):
+                return errors.refused(
+                    401,
+                    "local_token_expired",
+                    "this token from the proxy's key exchange has expired: exchange again "
+                    "(log in again), as with a token from Appcircle's auth host",
+                )
             return _client_token_refusal(request)
         problem = _path_problem(path)
         if problem is not None:
@@ -271,6 +278,11 @@ class Guard:
             return False
         local = self.local_tokens.read(request.headers.get(hdrs.AUTHORIZATION))
         return local is not None and local.expires_at > self.local_tokens.clock()
+
+    def _local_token_expired(self, request: web.BaseRequest) -> bool:
+        if self.local_tokens is None:
+            return False
+        return self.local_tokens.read(request.headers.get(hdrs.AUTHORIZATION)) is not None
 
     @staticmethod
     def _is_preflight(request: web.BaseRequest) -> bool:
