@@ -85,8 +85,7 @@ async def test_check_reports_each_route_with_org_and_expiry(
         "  POST /auth/v1/token, /auth/v2/token, /auth/v3/token, /auth/v1/api-key/token"
     )
     assert lines[4] == (
-        "  POST /eu/auth/v1/token, /eu/auth/v2/token, /eu/auth/v3/token, "
-        "/eu/auth/v1/api-key/token"
+        "  POST /eu/auth/v1/token, /eu/auth/v2/token, /eu/auth/v3/token, /eu/auth/v1/api-key/token"
     )
     assert PERSONAL_KEY not in out + err
     for token in standin.issued_tokens:

@@ -18,7 +18,14 @@ import jwt
 
 from .credentials import Credential, SecretUnavailable
 
-__all__ = ["ExchangeError", "Exchanger", "SessionToken", "fingerprint", "renewal_margin"]
+__all__ = [
+    "ExchangeError",
+    "Exchanger",
+    "SessionToken",
+    "client_failure",
+    "fingerprint",
+    "renewal_margin",
+]
 
 # Why a token counts as unusable a little before `exp`: it must still be valid when the
 # request reaches the API, after transit and any clock difference.
@@ -145,9 +152,20 @@ def _http_failure(status: int, credential: Credential, auth_url: str) -> Exchang
     return ExchangeError("auth_error", f"{what}; the service may be unwell, retrying")
 
 
-def _reason(err: Exception) -> str:
-    """Why a connection failed, without the exception's own text (which may quote a URL or
-    a request, and so a secret): its type, and the system's error message if it has one."""
+def client_failure(err: Exception) -> str:
+    """Why an aiohttp request failed, without the exception's own text (which may quote a
+    URL or a request, and so a secret, such as an egress proxy's password): its type, the
+    system's error message if it has one, and the egress proxy when it was the one."""
+    if isinstance(err, aiohttp.ClientHttpProxyError):
+        return (
+            f"the egress proxy (HTTPS_PROXY / HTTP_PROXY) refused the tunnel with HTTP "
+            f"{err.status}" + ("; check its credentials" if err.status == 407 else "")
+        )
+    if isinstance(err, aiohttp.ClientProxyConnectionError):
+        return (
+            f"cannot connect to the egress proxy {err.host}:{err.port} (HTTPS_PROXY / "
+            f"HTTP_PROXY): {err.os_error.strerror or type(err.os_error).__name__}"
+        )
     cause = err.os_error if isinstance(err, aiohttp.ClientConnectorError) else None
     if cause is not None and cause.strerror:
         return f"{type(err).__name__}: {cause.strerror}"
@@ -180,7 +198,7 @@ class Exchanger:
         except (TimeoutError, aiohttp.ClientError) as err:
             raise ExchangeError(
                 "auth_unreachable",
-                f"the auth host {self.auth_url} cannot be reached ({_reason(err)})",
+                f"the auth host {self.auth_url} cannot be reached ({client_failure(err)})",
             ) from None
         if status != 200:
             raise _http_failure(status, self.credential, self.auth_url)

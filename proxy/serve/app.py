@@ -28,6 +28,7 @@ from ..telemetry import stats as stats_module
 from ..telemetry.access_log import AccessLog, enabled_by_level
 from ..telemetry.stats import Stats
 from ..telemetry.tracing import debug_traces
+from ..upstream.egress import egress_proxy_for
 from ..upstream.pool import Limits, Pool
 from . import userinfo
 from .admin import admin_handlers
@@ -61,6 +62,9 @@ def _pool(settings: Settings, tls: ssl.SSLContext) -> Pool:
     api = URL(settings.appcircle.api_url)
     appcircle = settings.appcircle
     assert api.host is not None and api.port is not None  # checked by the settings
+    egress = egress_proxy_for(appcircle.api_url)
+    if egress is not None:
+        log.info("the API is reached through the egress proxy %s (CONNECT tunnel)", egress)
     return Pool(
         api.host,
         api.port,
@@ -73,6 +77,7 @@ def _pool(settings: Settings, tls: ssl.SSLContext) -> Pool:
             connect_timeout=appcircle.connect_timeout,
             read_timeout=appcircle.read_timeout,
         ),
+        egress,
     )
 
 
@@ -87,6 +92,8 @@ async def connect(settings: Settings, clock: Clock = time.time) -> AsyncIterator
             total=settings.tokens.exchange_timeout, sock_connect=appcircle.connect_timeout
         ),
         cookie_jar=aiohttp.DummyCookieJar(),
+        # HTTPS_PROXY / HTTP_PROXY / NO_PROXY, as for the forwarding client (upstream.egress).
+        trust_env=True,
         trace_configs=debug_traces("auth"),  # exchange timings at --log-level debug
     )
     websocket_session = aiohttp.ClientSession(
@@ -99,6 +106,7 @@ async def connect(settings: Settings, clock: Clock = time.time) -> AsyncIterator
         ),
         auto_decompress=False,
         cookie_jar=aiohttp.DummyCookieJar(),
+        trust_env=True,
         trace_configs=debug_traces("websocket"),  # connection timings at debug level
     )
     pool = _pool(settings, tls)
