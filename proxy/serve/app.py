@@ -30,7 +30,7 @@ from ..telemetry.stats import Stats
 from ..telemetry.tracing import debug_traces
 from ..upstream.egress import egress_proxy_for
 from ..upstream.pool import Limits, Pool
-from . import userinfo
+from . import mcp, userinfo
 from .admin import admin_handlers
 from .forward import Forwarder
 from .handler import AdminHandler, Handler
@@ -79,6 +79,13 @@ def _pool(settings: Settings, tls: ssl.SSLContext) -> Pool:
         ),
         egress,
     )
+
+
+def _upstream_url(settings: Settings, upstream: str) -> str | None:
+    """A route's upstream other than the API (None: the API, through the pool)."""
+    if upstream == "api":
+        return None
+    return settings.appcircle.mcp_url if upstream == "mcp" else upstream
 
 
 @asynccontextmanager
@@ -140,6 +147,8 @@ async def connect(settings: Settings, clock: Clock = time.time) -> AsyncIterator
                 sub_organization=route.sub_organization,
                 tokens=tokens.for_key((route.credential, route.sub_organization)),
                 policy=route.policy,
+                upstream_url=_upstream_url(settings, route.upstream),
+                mcp_tools=route.mcp_tools,
             )
             for name, route in settings.routes.items()
         ]
@@ -207,5 +216,6 @@ def build(
             runtime.session, settings.appcircle.auth_url, settings.tokens.exchange_timeout
         ),
         LocalExchange(runtime.routes, local_tokens, settings.server.client_secret()),
+        mcp.Relay(runtime.session, settings.server.send_timeout),
     )
     return Proxy(runtime, handler, stats, registry, access_log, admin)

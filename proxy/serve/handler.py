@@ -28,7 +28,7 @@ from ..policy.routes import Route, RouteTable
 from ..telemetry.facts import ERROR_CODE, FACTS, Facts
 from ..telemetry.stats import Stats
 from ..upstream.pool import Pool, Refused
-from . import userinfo, websocket
+from . import mcp, userinfo, websocket
 from .drain import Drain
 from .forward import Forwarder, refusal
 from .local_exchange import LocalExchange
@@ -56,6 +56,7 @@ class Handler:
         admin: Mapping[str, AdminHandler] | None,
         auth_host: userinfo.Relay,
         local: LocalExchange,
+        other_hosts: mcp.Relay,
     ) -> None:
         self._guard = guard
         self._routes = routes
@@ -67,6 +68,7 @@ class Handler:
         self._admin = admin
         self._auth_host = auth_host
         self._local = local
+        self._other_hosts = other_hosts
         # Unique within the process; the random part tells processes (and restarts) apart.
         self._id_prefix = secrets.token_hex(4)
         self._ids = itertools.count(1)
@@ -113,6 +115,8 @@ class Handler:
         if userinfo.on_auth_host(rest):
             return await self._userinfo(request, facts, route, rest)
         target = rest + has_query + query
+        if route.upstream_url is not None:
+            return await self._other_host(request, facts, route, target)
         if websocket.is_upgrade(request):
             return await self._websocket(request, facts, route, target)
         return await self._forwarder.forward(request, facts, route, target, self._decorate)
@@ -144,6 +148,16 @@ class Handler:
         if answer.get(ERROR_CODE) is None:  # relayed, not one of the proxy's own
             facts.upstream_status = answer.status
         return answer
+
+    async def _other_host(
+        self, request: web.BaseRequest, facts: Facts, route: Route, target: str
+    ) -> web.StreamResponse:
+        # MCP answers are SSE streams as often as not: each holds a long-stream slot.
+        try:
+            async with self._pool.slot(self._pool.streams):
+                return await self._other_hosts.answer(request, facts, route, target, self._decorate)
+        except Refused as refused:
+            return refusal(self._stats, refused)
 
     async def _websocket(
         self, request: web.BaseRequest, facts: Facts, route: Route, target: str
