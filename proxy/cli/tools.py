@@ -118,10 +118,13 @@ def check_offline(settings: Settings) -> int:
     for name, route in sorted(settings.routes.items(), key=lambda item: item[1].prefix):
         credential = settings.credentials[route.credential]
         organization = route.sub_organization or "the key's own organization"
+        upstream = "" if route.upstream == "api" else f", upstream {route.upstream}"
         print(
             f"  {route.prefix:<12} route '{name}', {credential.kind} '{route.credential}', "
-            f"{organization}"
+            f"{organization}{upstream}"
         )
+        if route.mcp_tools is not None:
+            print(f"  {'':<12} MCP tools: {', '.join(route.mcp_tools)}")
         if route.policy.restricted:
             print(f"  {'':<12} {route.policy.describe()}")
     _print_exchanges([route.prefix for route in settings.routes.values()])

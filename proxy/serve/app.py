@@ -37,7 +37,7 @@ from .handler import AdminHandler, Handler
 from .local_exchange import LocalExchange, exchange_paths
 from .runtime import Runtime
 
-__all__ = ["Proxy", "build", "connect"]
+__all__ = ["Proxy", "build", "connect", "upstream_url"]
 
 log = logging.getLogger("appcircle_proxy.app")
 
@@ -81,7 +81,7 @@ def _pool(settings: Settings, tls: ssl.SSLContext) -> Pool:
     )
 
 
-def _upstream_url(settings: Settings, upstream: str) -> str | None:
+def upstream_url(settings: Settings, upstream: str) -> str | None:
     """A route's upstream other than the API (None: the API, through the pool)."""
     if upstream == "api":
         return None
@@ -147,7 +147,7 @@ async def connect(settings: Settings, clock: Clock = time.time) -> AsyncIterator
                 sub_organization=route.sub_organization,
                 tokens=tokens.for_key((route.credential, route.sub_organization)),
                 policy=route.policy,
-                upstream_url=_upstream_url(settings, route.upstream),
+                upstream_url=upstream_url(settings, route.upstream),
                 mcp_tools=route.mcp_tools,
             )
             for name, route in settings.routes.items()
