@@ -16,6 +16,7 @@ from proxy.auth.local_tokens import LocalTokens
 from tests.standin import StandIn
 
 from .conftest import API_KEY_NAME, CLIENT_TOKEN, PERSONAL_KEY, ROOT_ORG, SUB_ORG, StartProxy
+from .rawhttp import exchange, status_of
 from .support import Reply, request
 from .test_clients import SUB_ORGANIZATION_ROUTES, WITH_CLIENT_TOKEN
 
@@ -180,11 +181,19 @@ async def test_an_exchange_without_its_key_field_gets_400_and_other_auth_paths_s
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
     """Guards the shape of refusals: a form without the endpoint's key field is a 400 that
-    names it; a GET on an exchange path or another auth-host path is still not relayed."""
+    names it, one without a length is not read (411); a GET on an exchange path or another
+    auth-host path is still not relayed."""
     proxy = await start_proxy()
     missing = await exchange_at(http, proxy, "/auth/v1/api-key/token", {"secret": "s"})
     assert missing.status == 400
     assert "name" in missing.json()["detail"]
+    chunked = await exchange(
+        proxy,
+        b"POST /auth/v3/token HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n"
+        b"Content-Type: application/x-www-form-urlencoded\r\nConnection: close\r\n\r\n"
+        b"13\r\npersonalAccessKey=k\r\n0\r\n\r\n",
+    )
+    assert status_of(chunked) == 411
     for method, path in (("GET", "/auth/v3/token"), ("POST", "/auth/v4/token")):
         other = await request(http, method, proxy + path)
         assert other.status == 404

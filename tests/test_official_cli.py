@@ -2,7 +2,7 @@
 the CLI sent them through the proxy in the trial with the real CLI (README, "Using the
 official appcircle CLI"), against a stand-in answering with the fields the CLI's tables
 read: with a client token as its access token, at the root and at a sub-organization's
-prefix."""
+prefix. And its `login` (issue 18), answered by the proxy with a local token."""
 
 from __future__ import annotations
 

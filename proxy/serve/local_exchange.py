@@ -178,6 +178,11 @@ async def _form(request: web.BaseRequest) -> Mapping[str, str] | web.Response:
         return errors.refused(
             413, "exchange_too_large", f"an exchange's form is at most {MAX_FORM_BYTES} bytes"
         )
+    if length is None and request.body_exists:
+        # Every client sends its small form with a length; an unbounded one is not read.
+        return errors.refused(
+            411, "exchange_length_required", "send the exchange's form with a Content-Length"
+        )
     if request.content_type == "application/json":
         try:
             document = json.loads(await request.read())

@@ -239,7 +239,8 @@ class Relay:
             request.method,
             url,
             headers=headers,
-            data=request.content if body is None else body,
+            # None: no body (aiohttp then sends no Content-Length on a GET or DELETE).
+            data=request.content if body is None else (body or None),
             allow_redirects=False,
             skip_auto_headers=NO_AUTO_HEADERS,
         )
