@@ -20,6 +20,8 @@ from mcp import Client
 from mcp.server.mcpserver import MCPServer
 
 from proxy.config.settings import ConfigError, load_settings
+from proxy.policy.routes import Route
+from proxy.serve.mcp import _filter_event, filter_tools, tool_refusal
 from tests.standin import SIGNING_ALGORITHM, StandIn
 
 from .conftest import ROOT_ORG, SUB_ORG, StartProxy
@@ -254,3 +256,38 @@ def test_a_bad_upstream_or_mcp_tools_stops_start_up_naming_it(
         load_settings(path)
     assert "routes.agents" in str(raised.value)
     assert problem in str(raised.value)
+
+
+def test_a_batch_with_one_disallowed_call_is_refused_whole_and_lists_are_filtered() -> None:
+    """Guards the JSON-RPC shapes the SDK does not send: a batch holding a disallowed
+    tools/call gets an error per request (none is sent on), notifications get none; a
+    batch of answers has each tools/list result filtered; an SSE event with CRLF lines
+    keeps its other fields."""
+    route = Route(
+        name="agents",
+        prefix="/mcp",
+        credential=None,  # type: ignore[arg-type]
+        sub_organization=None,
+        tokens=None,  # type: ignore[arg-type]
+        upstream_url="https://mcp.example",
+        mcp_tools=("list_*",),
+    )
+    batch = [
+        {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "list_builds"}},
+        {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "start_build"}},
+        {"jsonrpc": "2.0", "method": "notifications/progress"},
+    ]
+    refusal = tool_refusal(route, json.dumps(batch).encode())
+    assert refusal is not None
+    answers = json.loads(refusal)
+    assert [answer["id"] for answer in answers] == [1, 2]
+    assert "start_build" in answers[1]["error"]["message"]
+    assert "not sent" in answers[0]["error"]["message"]
+    assert tool_refusal(route, json.dumps(batch[:1]).encode()) is None
+
+    listed = {"jsonrpc": "2.0", "id": 3, "result": {"tools": [{"name": "list_a"}, {"name": "x"}]}}
+    assert filter_tools(("list_*",), [listed])[0]["result"]["tools"] == [{"name": "list_a"}]
+    event = b"event: message\r\nid: 7\r\ndata: " + json.dumps(listed).encode()
+    filtered = _filter_event(("list_*",), event)
+    assert filtered.startswith(b"event: message\nid: 7\ndata: ")
+    assert b'"x"' not in filtered
