@@ -33,6 +33,7 @@ StartProxy = Callable[..., Awaitable[str]]
 # Appcircle's own variables (zero-config) and the proxy's settings variables.
 ZERO_CONFIG_PREFIXES = ("APPCIRCLE_PERSONAL_", "APPCIRCLE_API_KEY_", "APPCIRCLE_SUB_ORGANIZATION")
 WriteConfig = Callable[..., Path]
+EGRESS_VARIABLES = ("http_proxy", "https_proxy", "no_proxy", "all_proxy")
 
 
 def everything_logged(caplog: pytest.LogCaptureFixture) -> str:
@@ -110,6 +111,9 @@ def key_in_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     # nor see config-file tests refused as ambiguous; the tests that want these set them.
     for name in list(os.environ):
         if name.startswith(ZERO_CONFIG_PREFIXES) or name.startswith(ENV_PREFIX):
+            monkeypatch.delenv(name)
+        # The machine's egress proxy would stand between the proxy and the stand-in.
+        if name.lower() in EGRESS_VARIABLES:
             monkeypatch.delenv(name)
 
 

@@ -77,6 +77,8 @@ class StandIn:
     # Misbehaviours for the next exchanges, consumed one per exchange; `always` repeats.
     script: list[Misbehaviour] = field(default_factory=list)
     always: Misbehaviour | None = None
+    # Sent as Retry-After with every refused exchange (a rate-limited auth host's 429).
+    retry_after: str | None = None
     # While set and not yet released, exchanges wait on it (to hold one in flight).
     gate: asyncio.Event | None = None
     # Seconds the API host takes before answering each request it accepted (a slow API).
@@ -249,7 +251,10 @@ class StandIn:
             Exchange(request.path, fields, wanted, status, organization if status == 200 else None)
         )
         if status != 200:
-            return web.json_response({"error": "refused", "status": status}, status=status)
+            refusal = web.json_response({"error": "refused", "status": status}, status=status)
+            if self.retry_after is not None:
+                refusal.headers["Retry-After"] = self.retry_after
+            return refusal
         assert organization is not None
         now = self.clock()
         token_id = uuid.uuid4().hex

@@ -78,12 +78,20 @@ async def test_check_reports_each_route_with_org_and_expiry(
     code, out, err = await run("check", "--config", str(write_config(routes=TWO_ROUTES)))
     assert code == 0, err
     lines = out.splitlines()
-    assert len(lines) == 2
+    assert len(lines) == 5
     assert re.match(
         r"ok +/ +route 'root', personal-access-key 'main': organization " + ROOT_ORG, lines[0]
     )
     assert re.match(
         r"ok +/eu +route 'eu', .*organization " + SUB_ORG + ", token expires 20", lines[1]
+    )
+    # The key exchanges the proxy answers itself, under each prefix (issue 18).
+    assert lines[2].startswith("key exchanges answered here")
+    assert lines[3] == (
+        "  POST /auth/v1/token, /auth/v2/token, /auth/v3/token, /auth/v1/api-key/token"
+    )
+    assert lines[4] == (
+        "  POST /eu/auth/v1/token, /eu/auth/v2/token, /eu/auth/v3/token, /eu/auth/v1/api-key/token"
     )
     assert PERSONAL_KEY not in out + err
     for token in standin.issued_tokens:

@@ -207,6 +207,7 @@ async def test_in_json_every_line_from_start_to_exit_is_one_object_with_lifecycl
             "credential": "main",
             "kind": "personal-access-key",
             "sub_organization": None,
+            "upstream": listening["api_url"],
         }
     ]
     assert (stopped["requests"], stopped["token_exchanges"]) == (2, 1)

@@ -272,8 +272,9 @@ def test_config_example_is_valid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     path.write_text(example.replace("/run/secrets/appcircle-api-key", str(secret_file)))
     monkeypatch.setenv("APPCIRCLE_PERSONAL_ACCESS_KEY", "pak_example")
     settings = load_settings(path)
-    assert {route.prefix for route in settings.routes.values()} == {"/", "/eu", "/ci"}
+    assert {route.prefix for route in settings.routes.values()} == {"/", "/eu", "/ci", "/mcp"}
     assert settings.credentials["ci"].kind == "api-key"
+    assert settings.routes["agents"].upstream == "mcp"
 
 
 def test_zero_config_reads_a_secret_file_named_by_a_file_variable(

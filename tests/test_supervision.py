@@ -23,7 +23,7 @@ from proxy.config.load import load_settings
 from proxy.serve.server import start
 from tests.standin import StandIn
 
-from .conftest import INLINE_KEY_CONFIG, WriteConfig
+from .conftest import CLIENT_TOKEN, INLINE_KEY_CONFIG, WriteConfig
 from .processes import serving
 from .support import eventually, request
 
@@ -86,6 +86,38 @@ async def test_a_killed_worker_is_re_forked_and_the_port_keeps_all_of_them(
     assert f"(pid {victim}) was killed by SIGKILL; re-forking it" in logs
     assert "restart 1 of this worker" in logs
     assert "Traceback" not in logs
+
+
+async def test_a_local_token_from_one_worker_is_accepted_by_every_worker_re_forked_too(
+    standin: StandIn, write_config: WriteConfig
+) -> None:
+    """Guards the local tokens' secret under --workers (issue 18): it is made before the
+    fork, so a token from a key exchange answered by one worker is accepted, in place of the
+    client token, by the others and by a worker re-forked later."""
+    config = write_config(
+        credentials=INLINE_KEY_CONFIG,
+        server={"listen": f"127.0.0.1:{free_port()}", "client_token": CLIENT_TOKEN},
+    )
+    async with serving(config, "--workers", "2") as (proxy, process):
+        await eventually(lambda: len(children(process.pid)) == 2, within=10)
+        async with aiohttp.ClientSession() as http:
+            reply = await request(
+                http, "POST", f"{proxy}/auth/v3/token", data={"personalAccessKey": CLIENT_TOKEN}
+            )
+        assert reply.status == 200
+        bearer = {"Authorization": f"Bearer {reply.json()['access_token']}"}
+        victim = min(children(process.pid))
+        os.kill(victim, signal.SIGKILL)
+        await eventually(
+            lambda: len(children(process.pid)) == 2 and victim not in children(process.pid),
+            within=5,
+        )
+        for _ in range(20):  # whichever worker the kernel picks, it accepts the token
+            async with aiohttp.ClientSession() as fresh:  # a new connection each time
+                answer = await request(fresh, "GET", f"{proxy}/x", headers=bearer)
+                assert answer.status == 200, answer.body
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 20) == 0
 
 
 async def test_workers_on_a_port_in_use_exit_2_naming_it_before_forking(

@@ -265,6 +265,35 @@ async def test_failing_exchanges_are_retried_with_backoff_not_hammered(
     assert 3 <= len(standin.exchanges) <= 15
 
 
+async def test_a_429_from_the_auth_host_holds_every_attempt_until_its_retry_after(
+    start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
+) -> None:
+    """Guards issue 18, point 4: a rate-limited auth host (429, Retry-After: 1) is not
+    asked again before a second has passed, however busy the clients (the backoff alone
+    would retry after 0.05 s, and requests bring attempts forward every 0.5 s); the
+    answer meanwhile says rate_limited and when to come back."""
+    standin.script = [429]
+    standin.retry_after = "1"
+    proxy = await start_proxy()
+    started = time.monotonic()
+    first = await request(http, "GET", f"{proxy}/x")
+    assert first.status == 503
+    assert first.json()["error"] == "rate_limited"
+    assert "Retry-After" in first.json()["detail"]
+    assert int(first.headers["Retry-After"]) >= 1
+    while time.monotonic() - started < 0.8:
+        assert (await request(http, "GET", f"{proxy}/x")).status == 503
+        await asyncio.sleep(0.02)
+    assert len(standin.exchanges) == 1
+
+    async def served() -> bool:
+        return (await request(http, "GET", f"{proxy}/x")).status == 200
+
+    await eventually(served)
+    assert time.monotonic() - started >= 1.0
+    assert len(standin.exchanges) == 2
+
+
 async def test_route_recovers_once_the_auth_host_does(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:

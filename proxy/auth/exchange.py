@@ -7,6 +7,7 @@ it says what the auth host answered and what to check, never the key or the toke
 from __future__ import annotations
 
 import dataclasses
+import email.utils
 import hashlib
 import json
 from collections.abc import Callable
@@ -18,7 +19,14 @@ import jwt
 
 from .credentials import Credential, SecretUnavailable
 
-__all__ = ["ExchangeError", "Exchanger", "SessionToken", "fingerprint", "renewal_margin"]
+__all__ = [
+    "ExchangeError",
+    "Exchanger",
+    "SessionToken",
+    "client_failure",
+    "fingerprint",
+    "renewal_margin",
+]
 
 # Why a token counts as unusable a little before `exp`: it must still be valid when the
 # request reaches the API, after transit and any clock difference.
@@ -33,16 +41,22 @@ FailureKind = Literal[
     "bad_reply",
     "wrong_organization",
     "secret_unavailable",
+    "rate_limited",
 ]
+# A Retry-After longer than this is read as this: an auth host's mistake must not silence a
+# route for days.
+MAX_RETRY_AFTER: Final = 3600.0
 
 
 class ExchangeError(Exception):
     """A failed exchange. `kind` is a stable code; the text says what happened."""
 
-    def __init__(self, kind: FailureKind, detail: str) -> None:
+    def __init__(self, kind: FailureKind, detail: str, retry_after: float | None = None) -> None:
         super().__init__(detail)
         self.kind: FailureKind = kind
         self.detail = detail
+        # The auth host's Retry-After (seconds): no attempt before it has passed.
+        self.retry_after = retry_after
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,8 +141,30 @@ def _parse_reply(
     )
 
 
-def _http_failure(status: int, credential: Credential, auth_url: str) -> ExchangeError:
+def retry_after_seconds(value: str | None, now: float) -> float | None:
+    """A Retry-After header (delta-seconds or an HTTP date) as seconds from `now`."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        seconds = float(value)
+    else:
+        try:
+            seconds = email.utils.parsedate_to_datetime(value).timestamp() - now
+        except (TypeError, ValueError):
+            return None
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
+
+
+def _http_failure(
+    status: int, credential: Credential, auth_url: str, retry_after: float | None = None
+) -> ExchangeError:
     what = f"the auth host {auth_url} answered HTTP {status} to credential '{credential.name}'"
+    if status == 429:
+        wait = f"{retry_after:g} s (its Retry-After)" if retry_after is not None else "a while"
+        return ExchangeError(
+            "rate_limited", f"{what}: too many exchanges; waiting {wait}", retry_after
+        )
     if status in (401, 403):
         return ExchangeError(
             "key_rejected",
@@ -142,12 +178,23 @@ def _http_failure(status: int, credential: Credential, auth_url: str) -> Exchang
             f"{what}: the request was refused as malformed; check the credential's kind and "
             "the route's sub_organization id",
         )
-    return ExchangeError("auth_error", f"{what}; the service may be unwell, retrying")
+    return ExchangeError("auth_error", f"{what}; the service may be unwell, retrying", retry_after)
 
 
-def _reason(err: Exception) -> str:
-    """Why a connection failed, without the exception's own text (which may quote a URL or
-    a request, and so a secret): its type, and the system's error message if it has one."""
+def client_failure(err: Exception) -> str:
+    """Why an aiohttp request failed, without the exception's own text (which may quote a
+    URL or a request, and so a secret, such as an egress proxy's password): its type, the
+    system's error message if it has one, and the egress proxy when it was the one."""
+    if isinstance(err, aiohttp.ClientHttpProxyError):
+        return (
+            f"the egress proxy (HTTPS_PROXY / HTTP_PROXY) refused the tunnel with HTTP "
+            f"{err.status}" + ("; check its credentials" if err.status == 407 else "")
+        )
+    if isinstance(err, aiohttp.ClientProxyConnectionError):
+        return (
+            f"cannot connect to the egress proxy {err.host}:{err.port} (HTTPS_PROXY / "
+            f"HTTP_PROXY): {err.os_error.strerror or type(err.os_error).__name__}"
+        )
     cause = err.os_error if isinstance(err, aiohttp.ClientConnectorError) else None
     if cause is not None and cause.strerror:
         return f"{type(err).__name__}: {cause.strerror}"
@@ -177,13 +224,19 @@ class Exchanger:
             ) as reply:
                 body = await reply.read()
                 status = reply.status
+                retry_after = reply.headers.get("Retry-After")
         except (TimeoutError, aiohttp.ClientError) as err:
             raise ExchangeError(
                 "auth_unreachable",
-                f"the auth host {self.auth_url} cannot be reached ({_reason(err)})",
+                f"the auth host {self.auth_url} cannot be reached ({client_failure(err)})",
             ) from None
         if status != 200:
-            raise _http_failure(status, self.credential, self.auth_url)
+            raise _http_failure(
+                status,
+                self.credential,
+                self.auth_url,
+                retry_after_seconds(retry_after, self.clock()),
+            )
         token = _parse_reply(body, self.clock(), self.refresh_margin, self.auth_url)
         self._check_organization(token)
         return dataclasses.replace(token, key_fingerprint=fingerprint(form))

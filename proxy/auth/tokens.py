@@ -144,6 +144,8 @@ class TokenSource:
         self._failures = 0
         self._failure: ExchangeError | None = None
         self._retry_at = 0.0
+        # The auth host's Retry-After: no attempt at all before this time.
+        self._not_before = float("-inf")
         self._exchanging = False
         # When the last attempt began (request-triggered attempts are spaced from it), and
         # when a 401 last dropped the token.
@@ -290,12 +292,14 @@ class TokenSource:
             self._wake.set()
 
     def _may_attempt_now(self) -> bool:
-        return self._clock() - self._attempted_at >= REQUEST_ATTEMPT_INTERVAL
+        now = self._clock()
+        return now - self._attempted_at >= REQUEST_ATTEMPT_INTERVAL and now >= self._not_before
 
     def _next_chance(self) -> float:
         """Seconds until an attempt may give this route a token."""
         now = self._clock()
-        return max(0.0, min(self._retry_at, self._attempted_at + REQUEST_ATTEMPT_INTERVAL) - now)
+        soonest = min(self._retry_at, self._attempted_at + REQUEST_ATTEMPT_INTERVAL)
+        return max(0.0, soonest - now, self._not_before - now)
 
     def _renew_if_idle(self) -> None:
         if self._task is not None and not self._exchanging and self._failure is None:
@@ -325,6 +329,9 @@ class TokenSource:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(0.0, delay)):
                     await self._wake.wait()
+            # Whatever woke it (a 401, a reload), the auth host's Retry-After stands.
+            if (rate_limited := self._not_before - self._clock()) > 0:
+                await asyncio.sleep(rate_limited)
 
     async def _attempt(self) -> float:
         """One exchange; returns how long to sleep before the next one."""
@@ -380,6 +387,9 @@ class TokenSource:
         else:
             # The token still serves, but try again no later than when it stops being usable.
             delay = min(self._policy.retry.delay(self._failures), held.usable_until - now)
+        if err.retry_after is not None:
+            delay = max(delay, err.retry_after)
+            self._not_before = now + err.retry_after
         self._retry_at = now + delay
         if self._reload_pending and exchanger is self._exchanger:
             first = self._reload_failure is None

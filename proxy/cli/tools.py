@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 
+from ..auth.local_tokens import EXCHANGE_ENDPOINTS
 from ..auth.tokens import TokenUnavailable
 from ..config.settings import Settings
 from ..serve.app import connect
@@ -35,6 +36,14 @@ def _one_attempt() -> Iterator[None]:
         tokens_log.removeFilter(quiet)
 
 
+def _print_exchanges(prefixes: list[str]) -> None:
+    """The key exchanges the proxy answers itself (with local tokens), under each prefix."""
+    print("key exchanges answered here (local tokens; none reaches the auth host):")
+    for prefix in sorted(prefixes):
+        base = "" if prefix == "/" else prefix
+        print(f"  POST {', '.join(base + endpoint for endpoint in EXCHANGE_ENDPOINTS)}")
+
+
 async def _check(settings: Settings) -> int:
     failed = 0
     async with connect(settings) as upstream:
@@ -57,6 +66,7 @@ async def _check(settings: Settings) -> int:
     for route in sorted(upstream.routes, key=lambda route: route.prefix):
         if route.policy.restricted:
             print(f"rule {route.prefix:<12} route '{route.name}': {route.policy.describe()}")
+    _print_exchanges(upstream.routes.prefixes)
     if failed:
         print(f"{failed} route(s) cannot get a session token; see above", file=sys.stderr)
         return 1
@@ -108,12 +118,16 @@ def check_offline(settings: Settings) -> int:
     for name, route in sorted(settings.routes.items(), key=lambda item: item[1].prefix):
         credential = settings.credentials[route.credential]
         organization = route.sub_organization or "the key's own organization"
+        upstream = "" if route.upstream == "api" else f", upstream {route.upstream}"
         print(
             f"  {route.prefix:<12} route '{name}', {credential.kind} '{route.credential}', "
-            f"{organization}"
+            f"{organization}{upstream}"
         )
+        if route.mcp_tools is not None:
+            print(f"  {'':<12} MCP tools: {', '.join(route.mcp_tools)}")
         if route.policy.restricted:
             print(f"  {'':<12} {route.policy.describe()}")
+    _print_exchanges([route.prefix for route in settings.routes.values()])
     server, appcircle = settings.server, settings.appcircle
     print(
         f"  listens on {server.listen}"

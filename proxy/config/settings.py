@@ -227,6 +227,8 @@ class AppcircleSettings(_Section):
     max_streams: int = Field(default=100, ge=1)
     # Turns off TLS verification for the auth and API hosts. Logged loudly; prefer ca_file.
     insecure_skip_verify: bool = False
+    # Appcircle's MCP server, for routes with upstream = "mcp".
+    mcp_url: BaseUrl = "https://mcp.appcircle.io"
 
     @model_validator(mode="after")
     def _one_way_to_trust(self) -> AppcircleSettings:
@@ -327,6 +329,17 @@ def _parse_allow_rule(value: object) -> AllowRule:
 AllowRuleSetting = Annotated[AllowRule, PlainValidator(_parse_allow_rule), PlainSerializer(str)]
 
 
+def _parse_upstream(value: object) -> object:
+    if value in ("api", "mcp") or not isinstance(value, str):
+        return value
+    try:
+        return _parse_base_url(value)
+    except ValueError:
+        raise ValueError(
+            f'upstream \'{value}\' is not "api", "mcp" or an http(s) URL of an Appcircle service'
+        ) from None
+
+
 class RouteSettings(_Section):
     prefix: Annotated[str, BeforeValidator(_normalise_prefix)]
     credential: str
@@ -335,6 +348,23 @@ class RouteSettings(_Section):
     allow: tuple[AllowRuleSetting, ...] | None = None
     # GET, HEAD and OPTIONS only (with `allow`, both must let a request through).
     read_only: bool = False
+    # Where the route goes: "api" (appcircle.api_url), "mcp" (appcircle.mcp_url) or a URL.
+    upstream: Annotated[str, BeforeValidator(_parse_upstream)] = "api"
+    # MCP tools (glob patterns) agents may call through this route; None: every tool.
+    mcp_tools: StringList | None = None
+
+    @model_validator(mode="after")
+    def _mcp_tools_need_an_mcp_upstream(self) -> RouteSettings:
+        if self.mcp_tools is not None and self.upstream == "api":
+            raise ValueError(
+                'mcp_tools applies to a route to an MCP server: set upstream = "mcp" (or the '
+                "server's URL), or remove mcp_tools"
+            )
+        if self.mcp_tools is not None and not self.mcp_tools:
+            raise ValueError(
+                'mcp_tools is empty, so no tool could be called; list patterns such as "list_*"'
+            )
+        return self
 
     @field_validator("allow", mode="before")
     @classmethod

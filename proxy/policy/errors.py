@@ -151,9 +151,10 @@ def auth_path_not_forwarded(path: str) -> web.Response:
         404,
         "not_forwarded_to_auth_host",
         f"'{path}' is on the auth host, which the proxy does not expose: it holds the key "
-        "and exchanges it itself. Only GET /auth/realms/appcircle/protocol/openid-connect/"
-        "userinfo is relayed (with the route's session token); call the API without a token "
-        "instead of logging in",
+        "and exchanges it itself. The key exchanges (POST /auth/v1/token, /auth/v2/token, "
+        "/auth/v3/token, /auth/v1/api-key/token) are answered here with a local token, and "
+        "GET /auth/realms/appcircle/protocol/openid-connect/userinfo is relayed (with the "
+        "route's session token); nothing else",
     )
 
 

@@ -25,6 +25,7 @@ from aiohttp import hdrs, web
 from multidict import CIMultiDict
 from pydantic import SecretStr
 
+from ..auth.local_tokens import LocalTokens
 from ..config.secrets import read_client_token
 from ..config.settings import ServerSettings
 from ..paths import HEALTH_PATH
@@ -156,9 +157,19 @@ class Guard:
     max_url_length: int
     max_header_bytes: int
     max_header_count: int
+    # The key exchanges answered at the proxy (each route's prefix + endpoint): they carry
+    # the client token as their key, not in a header, and check it themselves.
+    exchange_paths: frozenset[str] = frozenset()
+    # A local token from one of those exchanges stands for the client token it was got with.
+    local_tokens: LocalTokens | None = None
 
     @classmethod
-    def from_settings(cls, server: ServerSettings) -> Guard:
+    def from_settings(
+        cls,
+        server: ServerSettings,
+        exchange_paths: frozenset[str] = frozenset(),
+        local_tokens: LocalTokens | None = None,
+    ) -> Guard:
         return cls(
             allowed_hosts=LOOPBACK_NAMES | frozenset(server.allowed_hosts),
             allowed_origins=frozenset(server.allowed_origins),
@@ -166,6 +177,8 @@ class Guard:
             max_url_length=server.max_url_length,
             max_header_bytes=server.max_header_bytes,
             max_header_count=server.max_header_count,
+            exchange_paths=exchange_paths,
+            local_tokens=local_tokens,
         )
 
     def refusal(self, request: web.BaseRequest, path: str) -> web.Response | None:
@@ -227,8 +240,17 @@ class Guard:
             self.client_token is not None
             and path != HEALTH_PATH
             and not self._is_preflight(request)
+            and not (request.method == hdrs.METH_POST and path in self.exchange_paths)
             and not self._client_token_matches(request)
+            and not self._local_token_valid(request)
         ):
+            if self._local_token_expired(request):
+                return errors.refused(
+                    401,
+                    "local_token_expired",
+                    "this token from the proxy's key exchange has expired: exchange again "
+                    "(log in again), as with a token from Appcircle's auth host",
+                )
             return _client_token_refusal(request)
         problem = _path_problem(path)
         if problem is not None:
@@ -252,6 +274,19 @@ class Guard:
             presented = _presented_token(request.headers.get(name, ""))
             matched |= presented is not None and hmac.compare_digest(presented, expected)
         return matched
+
+    def _local_token_valid(self, request: web.BaseRequest) -> bool:
+        """A local token (see auth.local_tokens) not yet expired; which route it is for is
+        the handler's check, once the route is known."""
+        if self.local_tokens is None:
+            return False
+        local = self.local_tokens.read(request.headers.get(hdrs.AUTHORIZATION))
+        return local is not None and local.expires_at > self.local_tokens.clock()
+
+    def _local_token_expired(self, request: web.BaseRequest) -> bool:
+        if self.local_tokens is None:
+            return False
+        return self.local_tokens.read(request.headers.get(hdrs.AUTHORIZATION)) is not None
 
     @staticmethod
     def _is_preflight(request: web.BaseRequest) -> bool:

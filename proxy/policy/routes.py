@@ -20,6 +20,11 @@ class Route:
     sub_organization: str | None
     tokens: TokenSource = field(repr=False)
     policy: RoutePolicy = ALLOW_EVERYTHING
+    # None: the API, through the pool. Otherwise another Appcircle host (the MCP server, a
+    # self-hosted service), relayed by serve.mcp.
+    upstream_url: str | None = None
+    # Glob patterns of the MCP tools this route lets agents call (None: every tool).
+    mcp_tools: tuple[str, ...] | None = None
 
     def allows(self, method: str, path: str) -> bool:
         """Whether this route's allow rules and read_only let `method` on `path` (below the

@@ -19,7 +19,9 @@ from yarl import URL
 
 from ..auth.credentials import Credential, credential_from_settings
 from ..auth.exchange import Exchanger
+from ..auth.local_tokens import LocalTokens
 from ..auth.tokens import Clock, TokenKey, TokenPolicy, TokenSources
+from ..config.secrets import read_client_token
 from ..config.settings import Settings
 from ..policy.guard import Guard
 from ..policy.routes import Route, RouteTable
@@ -27,14 +29,16 @@ from ..telemetry import stats as stats_module
 from ..telemetry.access_log import AccessLog, enabled_by_level
 from ..telemetry.stats import Stats
 from ..telemetry.tracing import debug_traces
+from ..upstream.egress import egress_proxy_for
 from ..upstream.pool import Limits, Pool
-from . import userinfo
+from . import mcp, userinfo
 from .admin import admin_handlers
 from .forward import Forwarder
 from .handler import AdminHandler, Handler
+from .local_exchange import LocalExchange, exchange_paths
 from .runtime import Runtime
 
-__all__ = ["Proxy", "build", "connect"]
+__all__ = ["Proxy", "build", "connect", "upstream_url"]
 
 log = logging.getLogger("appcircle_proxy.app")
 
@@ -59,6 +63,9 @@ def _pool(settings: Settings, tls: ssl.SSLContext) -> Pool:
     api = URL(settings.appcircle.api_url)
     appcircle = settings.appcircle
     assert api.host is not None and api.port is not None  # checked by the settings
+    egress = egress_proxy_for(appcircle.api_url)
+    if egress is not None:
+        log.info("the API is reached through the egress proxy %s (CONNECT tunnel)", egress)
     return Pool(
         api.host,
         api.port,
@@ -71,7 +78,15 @@ def _pool(settings: Settings, tls: ssl.SSLContext) -> Pool:
             connect_timeout=appcircle.connect_timeout,
             read_timeout=appcircle.read_timeout,
         ),
+        egress,
     )
+
+
+def upstream_url(settings: Settings, upstream: str) -> str | None:
+    """A route's upstream other than the API (None: the API, through the pool)."""
+    if upstream == "api":
+        return None
+    return settings.appcircle.mcp_url if upstream == "mcp" else upstream
 
 
 @asynccontextmanager
@@ -85,6 +100,8 @@ async def connect(settings: Settings, clock: Clock = time.time) -> AsyncIterator
             total=settings.tokens.exchange_timeout, sock_connect=appcircle.connect_timeout
         ),
         cookie_jar=aiohttp.DummyCookieJar(),
+        # HTTPS_PROXY / HTTP_PROXY / NO_PROXY, as for the forwarding client (upstream.egress).
+        trust_env=True,
         trace_configs=debug_traces("auth"),  # exchange timings at --log-level debug
     )
     websocket_session = aiohttp.ClientSession(
@@ -97,6 +114,7 @@ async def connect(settings: Settings, clock: Clock = time.time) -> AsyncIterator
         ),
         auto_decompress=False,
         cookie_jar=aiohttp.DummyCookieJar(),
+        trust_env=True,
         trace_configs=debug_traces("websocket"),  # connection timings at debug level
     )
     pool = _pool(settings, tls)
@@ -130,6 +148,8 @@ async def connect(settings: Settings, clock: Clock = time.time) -> AsyncIterator
                 sub_organization=route.sub_organization,
                 tokens=tokens.for_key((route.credential, route.sub_organization)),
                 policy=route.policy,
+                upstream_url=upstream_url(settings, route.upstream),
+                mcp_tools=route.mcp_tools,
             )
             for name, route in settings.routes.items()
         ]
@@ -183,8 +203,9 @@ def build(
         body_timeout=settings.server.body_timeout,
         send_timeout=settings.server.send_timeout,
     )
+    local_tokens = LocalTokens(clock)
     handler = Handler(
-        Guard.from_settings(settings.server),
+        Guard.from_settings(settings.server, exchange_paths(runtime.routes), local_tokens),
         runtime.routes,
         forwarder,
         runtime.pool,
@@ -195,5 +216,7 @@ def build(
         userinfo.Relay(
             runtime.session, settings.appcircle.auth_url, settings.tokens.exchange_timeout
         ),
+        LocalExchange(runtime.routes, local_tokens, read_client_token(settings.server)),
+        mcp.Relay(runtime.session, settings.server.send_timeout),
     )
     return Proxy(runtime, handler, stats, registry, access_log, admin)

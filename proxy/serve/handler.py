@@ -3,9 +3,10 @@
 Read top to bottom in `Handler._answer`: the guard's checks; a CORS preflight; the
 proxy's own /_proxy/ paths; the route and its allow rules (and, on a restricted route, no
 method or path override and no body on a read-only method); then the auth host's userinfo,
-a WebSocket relay or the forwarder. There are no middlewares or response signals: every
-answer passes `_decorate` (request id, CORS, Connection: close while draining) once,
-before its headers are sent.
+a WebSocket relay or the forwarder (key exchanges are answered by local_exchange before
+the allow rules: they reach no Appcircle host). There are no middlewares or response
+signals: every answer passes `_decorate` (request id, CORS, Connection: close while
+draining) once, before its headers are sent.
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ from ..policy.routes import Route, RouteTable
 from ..telemetry.facts import ERROR_CODE, FACTS, Facts
 from ..telemetry.stats import Stats
 from ..upstream.pool import Pool, Refused
-from . import userinfo, websocket
+from . import mcp, userinfo, websocket
 from .drain import Drain
 from .forward import Forwarder, refusal
+from .local_exchange import LocalExchange
 
 __all__ = ["AdminHandler", "Handler"]
 
@@ -56,6 +58,8 @@ class Handler:
         websocket_session: websocket.Session,
         admin: Mapping[str, AdminHandler] | None,
         auth_host: userinfo.Relay,
+        local: LocalExchange,
+        other_hosts: mcp.Relay,
     ) -> None:
         self._guard = guard
         self._routes = routes
@@ -66,6 +70,8 @@ class Handler:
         # None: /_proxy/ is served on server.admin_listen instead.
         self._admin = admin
         self._auth_host = auth_host
+        self._local = local
+        self._other_hosts = other_hosts
         # Unique within the process; the random part tells processes (and restarts) apart.
         self._id_prefix = secrets.token_hex(4)
         self._ids = itertools.count(1)
@@ -99,6 +105,12 @@ class Handler:
             return errors.no_route(path, self._routes.prefixes)
         route, rest = matched
         facts.route = route.name
+        # Key exchanges are answered here (with a local token), never sent anywhere.
+        if self._local.is_exchange(request.method, rest):
+            return await self._local.answer(request, route, rest)
+        local_refusal = self._local.refusal(request, route)
+        if local_refusal is not None:
+            return local_refusal
         # The route's allow rules (or read_only) apply before any token is taken; then
         # /auth/... belongs to the auth host: userinfo relayed, the rest refused.
         if not route.allows(request.method, rest):
@@ -111,6 +123,8 @@ class Handler:
         if userinfo.on_auth_host(rest):
             return await self._userinfo(request, facts, route, rest)
         target = rest + has_query + query
+        if route.upstream_url is not None:
+            return await self._other_host(request, facts, route, target)
         if websocket.is_upgrade(request):
             return await self._websocket(request, facts, route, target)
         return await self._forwarder.forward(request, facts, route, target, self._decorate)
@@ -142,6 +156,16 @@ class Handler:
         if answer.get(ERROR_CODE) is None:  # relayed, not one of the proxy's own
             facts.upstream_status = answer.status
         return answer
+
+    async def _other_host(
+        self, request: web.BaseRequest, facts: Facts, route: Route, target: str
+    ) -> web.StreamResponse:
+        # MCP answers are SSE streams as often as not: each holds a long-stream slot.
+        try:
+            async with self._pool.slot(self._pool.streams):
+                return await self._other_hosts.answer(request, facts, route, target, self._decorate)
+        except Refused as refused:
+            return refusal(self._stats, refused)
 
     async def _websocket(
         self, request: web.BaseRequest, facts: Facts, route: Route, target: str

@@ -31,7 +31,7 @@ from ..config.settings import Settings
 from ..telemetry import logs
 from ..telemetry.access_log import LOGGER_NAME, access_logger
 from .admin import create_admin_server
-from .app import Proxy, build, connect
+from .app import Proxy, build, connect, upstream_url
 from .inbound import Connections, head_limit
 from .listeners import Bound, Listener, addresses, bind, listen, why
 from .memory import give_back_after_streams
@@ -63,6 +63,7 @@ def _describe_routes(settings: Settings) -> list[dict[str, str | None]]:
             "credential": route.credential,
             "kind": settings.credentials[route.credential].kind,
             "sub_organization": route.sub_organization,
+            "upstream": upstream_url(settings, route.upstream) or settings.appcircle.api_url,
         }
         for name, route in sorted(settings.routes.items(), key=lambda item: item[1].prefix)
     ]
@@ -78,7 +79,7 @@ def _announce(running: Running, settings: Settings, *, banner: bool) -> None:
     for route in routes:
         organization = route["sub_organization"] or "the key's own organization"
         lines.append(
-            f"  {route['prefix']:<12} -> {settings.appcircle.api_url}  (route '{route['route']}', "
+            f"  {route['prefix']:<12} -> {route['upstream']}  (route '{route['route']}', "
             f"credential '{route['credential']}' [{route['kind']}], {organization})"
         )
     logs.event(

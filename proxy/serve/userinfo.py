@@ -16,7 +16,7 @@ import aiohttp
 from aiohttp import hdrs, web
 from multidict import CIMultiDict
 
-from ..auth.exchange import SessionToken
+from ..auth.exchange import SessionToken, client_failure
 from ..auth.tokens import TokenUnavailable
 from ..policy import errors
 from ..policy.headers import response_headers
@@ -70,7 +70,7 @@ class Relay:
                 self.auth_url, f"its userinfo answer is larger than {MAX_REPLY_BYTES} bytes"
             )
         except (TimeoutError, aiohttp.ClientError) as err:
-            reason = type(err).__name__ if isinstance(err, TimeoutError) else str(err)
+            reason = type(err).__name__ if isinstance(err, TimeoutError) else client_failure(err)
             return errors.auth_unreachable(self.auth_url, reason)
         response = web.Response(status=status, body=body)
         response.headers.extend(reply_headers)

@@ -18,6 +18,7 @@ from aiohttp import WSMsgType, web
 from multidict import CIMultiDict
 from yarl import URL
 
+from ..auth.exchange import client_failure
 from ..auth.tokens import TokenUnavailable
 from ..policy import errors
 from ..policy.routes import Route
@@ -117,6 +118,7 @@ async def _connect(
         connector_owner=False,
         timeout=session.timeout,
         cookie_jar=aiohttp.DummyCookieJar(),
+        trust_env=session.trust_env,  # the egress proxy (HTTPS_PROXY...), if any
         middlewares=(_no_redirects,),
     )
     async with handshakes:
@@ -160,7 +162,7 @@ async def _handshake(
         except (aiohttp.ServerTimeoutError, TimeoutError):
             return errors.upstream_timeout(str(target.origin()))
         except aiohttp.ClientError as err:
-            return errors.upstream_unreachable(str(target.origin()), str(err))
+            return errors.upstream_unreachable(str(target.origin()), client_failure(err))
     raise AssertionError("unreachable")
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Final, Literal
 
 from .connection import Connection, UpstreamError, UpstreamTimeout
+from .egress import EgressProxy, open_tunnel
 
 __all__ = ["Budget", "Lease", "Limits", "Pool", "Refused"]
 
@@ -89,8 +90,11 @@ class Pool:
         port: int,
         tls: ssl.SSLContext | None,
         limits: Limits,
+        egress: EgressProxy | None = None,
     ) -> None:
         self._host = host
+        # Every connection is then a CONNECT tunnel through this egress proxy.
+        self._egress = egress
         self._port = port
         self._tls = tls
         self.limits = limits
@@ -232,13 +236,17 @@ class Pool:
         started = loop.time()
         try:
             async with asyncio.timeout(limits.connect_timeout):
-                _, protocol = await loop.create_connection(
-                    lambda: Connection(loop, limits.read_timeout),
-                    self._host,
-                    self._port,
-                    ssl=self._tls,
-                    server_hostname=self._host if self._tls is not None else None,
-                )
+                if self._egress is not None:
+                    protocol = Connection(loop, limits.read_timeout)
+                    await open_tunnel(self._egress, self._host, self._port, protocol, self._tls)
+                else:
+                    _, protocol = await loop.create_connection(
+                        lambda: Connection(loop, limits.read_timeout),
+                        self._host,
+                        self._port,
+                        ssl=self._tls,
+                        server_hostname=self._host if self._tls is not None else None,
+                    )
         except TimeoutError:
             raise UpstreamTimeout(
                 f"no connection within {limits.connect_timeout:g} s (appcircle.connect_timeout)"
