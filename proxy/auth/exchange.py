@@ -188,6 +188,15 @@ class Exchanger:
         self._check_organization(token)
         return dataclasses.replace(token, key_fingerprint=fingerprint(form))
 
+    def pinned(self) -> Exchanger:
+        """This exchanger with the key as it reads now, held in memory (see
+        `Credential.pinned`); itself when the secret cannot be read, so that the exchange
+        fails and says why."""
+        try:
+            return dataclasses.replace(self, credential=self.credential.pinned())
+        except SecretUnavailable:
+            return self
+
     def key_fingerprint(self) -> str:
         """The fingerprint an exchange made now would have; raises SecretUnavailable."""
         return fingerprint(self.credential.form(self.sub_organization))

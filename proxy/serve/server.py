@@ -321,7 +321,12 @@ async def _listen(
     loop = asyncio.get_running_loop()
     if isinstance(endpoint, Endpoint):
         server = await loop.create_server(
-            factory, endpoint.host, endpoint.port, reuse_address=True, reuse_port=reuse_port
+            factory,
+            endpoint.host,
+            endpoint.port,
+            reuse_address=True,
+            reuse_port=reuse_port,
+            backlog=max(100, connections.limit),  # a burst waits to be refused, not dropped
         )
         return (_Listener(server),)
     path = endpoint.path
