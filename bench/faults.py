@@ -61,6 +61,7 @@ WAIT_TIMEOUT: Final = 5.0  # the proxy's default tokens.wait_timeout, checked be
 OVERLOAD_CALL: Final = 10.0  # seconds each of the overload row's slow calls lasts
 # The hung-auth row watches recovery this long: past the default tokens.exchange_timeout.
 HUNG_RECOVERY: Final = 11.0
+PROBE_AFTER, PROBES = 1.0, 20  # the overload row's probes of the flooded path
 
 
 def say(text: str) -> None:
@@ -305,10 +306,13 @@ class Flood:
     calls: int
     seconds: float
     answers: list[SlowCall] = field(default_factory=list)
+    # Once the burst has been met: one call at a time to the flooded path, each on a new
+    # connection, timed as a client arriving then would see it.
+    probes: list[SlowCall] = field(default_factory=list)
     task: asyncio.Future[list[None]] | None = None
     overflows: int = 0
 
-    async def call(self, http: aiohttp.ClientSession) -> None:
+    async def call(self, http: aiohttp.ClientSession, into: list[SlowCall] | None = None) -> None:
         # Timed from the connect: this client's own scheduling of 2,000 calls is not the
         # proxy's delay, but a connection the kernel's listen queue dropped is.
         started = [time.monotonic()]
@@ -324,7 +328,14 @@ class Flood:
                         error = str(json.loads(body).get("error", ""))
         except (aiohttp.ClientError, TimeoutError):
             status = 0
-        self.answers.append(SlowCall(time.monotonic() - started[-1], status, error))
+        answers = self.answers if into is None else into
+        answers.append(SlowCall(time.monotonic() - started[-1], status, error))
+
+    async def probe(self, http: aiohttp.ClientSession) -> None:
+        await asyncio.sleep(PROBE_AFTER)
+        for _ in range(PROBES):
+            await self.call(http, self.probes)
+            await asyncio.sleep(0.1)
 
     def start(self, url: str) -> None:
         async def connecting(_: object, context: Any, __: object) -> None:
@@ -339,9 +350,12 @@ class Flood:
             async with aiohttp.ClientSession(
                 url, connector=connector, timeout=timeout, trace_configs=[tracing]
             ) as http:
-                return await asyncio.gather(*(self.call(http) for _ in range(self.calls)))
+                return await asyncio.gather(
+                    self.probe(http), *(self.call(http) for _ in range(self.calls))
+                )
 
         self.answers.clear()
+        self.probes.clear()
         self.overflows = listen_overflows()
         self.task = asyncio.ensure_future(run())
 
@@ -359,6 +373,8 @@ class Flood:
             c.took for c in self.answers if c.status == 503 and c.error != "pool_timeout"
         )
         kinds = collections.Counter(c.error or str(c.status) for c in self.answers)
+        probe_kinds = collections.Counter(c.error or str(c.status) for c in self.probes)
+        probe_took = sorted(c.took for c in self.probes) or [0.0]
         median = refused[len(refused) // 2] if refused else 0.0
         p99_refused = refused[max(0, int(len(refused) * 0.99) - 1)] if refused else 0.0
         return (
@@ -366,7 +382,10 @@ class Flood:
             f"{self.calls} slow calls: "
             + " ".join(f"{kind}:{count}" for kind, count in sorted(kinds.items()))
             + f"; refused at once in {median:.2f} s median, {p99_refused:.2f} s p99 (from "
-            f"connect); listen-queue overflows: {listen_overflows() - self.overflows}"
+            f"connect, the burst included); then {PROBES} probes: "
+            + " ".join(f"{kind}:{count}" for kind, count in sorted(probe_kinds.items()))
+            + f" in {probe_took[len(probe_took) // 2]:.3f} s median, {probe_took[-1]:.3f} s max; "
+            f"listen-queue overflows: {listen_overflows() - self.overflows}"
         )
 
 
