@@ -2,6 +2,11 @@
 
 Every way an exchange can fail ends in `ExchangeError`, whose text is safe to show a user:
 it says what the auth host answered and what to check, never the key or the token.
+
+One exchange has one deadline, `tokens.exchange_timeout`, and no shorter connect or
+first-byte one: an auth host that is slow but answers must still give a token. An exchange
+that hangs is the token source's to work around, by starting another beside it (hedging,
+see `tokens`), which recovers as fast as a short deadline would without cutting slow hosts.
 """
 
 from __future__ import annotations
