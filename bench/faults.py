@@ -1,6 +1,6 @@
 """Fault injection: a few minutes of load on the proxy while Appcircle misbehaves, one table.
 
-    .venv/bin/python bench/faults.py [--seconds 180 | --quick]
+    .venv/bin/python bench/faults.py [--seconds 180 | --quick] [--overload 2000]
 
 It starts, on loopback, the stand-in auth host and the stand-in API host as processes of
 their own (so either can be killed and restarted on its port; they share a signing key),
@@ -10,7 +10,11 @@ upstream connections, so that a slow API makes requests wait for one). A load lo
 another: the auth host answers 500s, hangs, answers garbage, is killed and restarted; the
 API host is slowed (with 100 KiB uploads too, too big to replay after a 401) and killed; an
 endpoint refuses every token; the key is rotated by SIGHUP (a good key, then a bad one,
-then fixed); a worker is killed. Per fault, one row: requests by status, client-visible
+then fixed); a worker is killed; the auth host hangs and, when it answers again, never
+answers the exchanges it held; and one path is flooded with slow calls (`--overload`
+concurrent calls, 2,000 by default, of 10 s each) while the small GETs
+go on to other paths (its note: their success rate and p99, and how fast the flood's
+refusals came back). Per fault, one row: requests by status, client-visible
 401s (must be 0), the longest wait for an answer, the time from the end of the fault to the
 last failed request, exchanges with the auth host, tokens the API refused (sent expired,
 even if a replay hid it), and the proxy's peak RSS and open file descriptors (all its
@@ -23,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import json
 import os
 import secrets
 import signal
@@ -53,6 +58,10 @@ MAX_CONNECTIONS: Final = 8
 UPLOAD: Final = b"u" * 100 * 1024
 PAUSE: Final = 0.1  # between one client's requests: ~150 requests/s in all when healthy
 WAIT_TIMEOUT: Final = 5.0  # the proxy's default tokens.wait_timeout, checked below
+OVERLOAD_CALL: Final = 10.0  # seconds each of the overload row's slow calls lasts
+# The hung-auth row watches recovery this long: past the default tokens.exchange_timeout.
+HUNG_RECOVERY: Final = 11.0
+PROBE_AFTER, PROBES = 1.0, 20  # the overload row's probes of the flooded path
 
 
 def say(text: str) -> None:
@@ -100,6 +109,10 @@ async def serve_standin(
             appcircle.gate = asyncio.Event()
         elif change.get("hang") is False and appcircle.gate is not None:
             appcircle.gate.set()  # the held exchanges answer now
+            appcircle.gate = None
+        elif change.get("hang") == "abandon":
+            # New exchanges answer; the held ones never do (a dead connection, say): only
+            # the proxy's own deadlines or hedging get it past them.
             appcircle.gate = None
         return web.json_response({})
 
@@ -270,6 +283,112 @@ class Load:
             await asyncio.sleep(PAUSE)
 
 
+@dataclass(frozen=True, slots=True)
+class SlowCall:
+    took: float  # from the client's connect to the answer's end
+    status: int
+    error: str  # the proxy's error code, "" for an answer from the API or none at all
+
+
+def listen_overflows() -> int:
+    """The kernel's count of connections dropped because a listen queue was full."""
+    lines = Path("/proc/net/netstat").read_text().splitlines()
+    for names, values in zip(lines[::2], lines[1::2], strict=False):
+        if names.startswith("TcpExt:"):
+            return int(dict(zip(names.split(), values.split(), strict=False))["ListenOverflows"])
+    return 0
+
+
+@dataclass
+class Flood:
+    """Many concurrent slow calls on one path, each on a connection of its own."""
+
+    calls: int
+    seconds: float
+    answers: list[SlowCall] = field(default_factory=list)
+    # Once the burst has been met: one call at a time to the flooded path, each on a new
+    # connection, timed as a client arriving then would see it.
+    probes: list[SlowCall] = field(default_factory=list)
+    task: asyncio.Future[list[None]] | None = None
+    overflows: int = 0
+
+    async def call(self, http: aiohttp.ClientSession, into: list[SlowCall] | None = None) -> None:
+        # Timed from the connect: this client's own scheduling of 2,000 calls is not the
+        # proxy's delay, but a connection the kernel's listen queue dropped is.
+        started = [time.monotonic()]
+        error, status = "", 0
+        try:
+            async with http.get(
+                f"/_test/slow?seconds={self.seconds:g}", trace_request_ctx=started
+            ) as response:
+                status = response.status
+                body = await response.read()
+                if status != 200:
+                    with suppress(ValueError):
+                        error = str(json.loads(body).get("error", ""))
+        except (aiohttp.ClientError, TimeoutError):
+            status = 0
+        answers = self.answers if into is None else into
+        answers.append(SlowCall(time.monotonic() - started[-1], status, error))
+
+    async def probe(self, http: aiohttp.ClientSession) -> None:
+        await asyncio.sleep(PROBE_AFTER)
+        for _ in range(PROBES):
+            await self.call(http, self.probes)
+            await asyncio.sleep(0.1)
+
+    def start(self, url: str) -> None:
+        async def connecting(_: object, context: Any, __: object) -> None:
+            context.trace_request_ctx.append(time.monotonic())
+
+        tracing = aiohttp.TraceConfig()
+        tracing.on_connection_create_start.append(connecting)
+
+        async def run() -> list[None]:
+            connector = aiohttp.TCPConnector(limit=0, force_close=True)
+            timeout = aiohttp.ClientTimeout(total=self.seconds + 30)
+            async with aiohttp.ClientSession(
+                url, connector=connector, timeout=timeout, trace_configs=[tracing]
+            ) as http:
+                return await asyncio.gather(
+                    self.probe(http), *(self.call(http) for _ in range(self.calls))
+                )
+
+        self.answers.clear()
+        self.probes.clear()
+        self.overflows = listen_overflows()
+        self.task = asyncio.ensure_future(run())
+
+    async def wait(self) -> None:
+        if self.task is not None:
+            await self.task
+
+    def summary(self, small: list[Answer]) -> str:
+        small = [a for a in small if not a.storm]
+        ok = sum(1 for a in small if 200 <= a.status < 300)
+        took = sorted(a.took for a in small)
+        p99 = took[max(0, int(len(took) * 0.99) - 1)] if took else 0.0
+        # Refused at once (by a limit, not after waiting pool_timeout for a connection).
+        refused = sorted(
+            c.took for c in self.answers if c.status == 503 and c.error != "pool_timeout"
+        )
+        kinds = collections.Counter(c.error or str(c.status) for c in self.answers)
+        probe_kinds = collections.Counter(c.error or str(c.status) for c in self.probes)
+        probe_took = sorted(c.took for c in self.probes) or [0.0]
+        median = refused[len(refused) // 2] if refused else 0.0
+        p99_refused = refused[max(0, int(len(refused) * 0.99) - 1)] if refused else 0.0
+        return (
+            f"small GETs: {100 * ok / max(1, len(small)):.1f}% 2xx, p99 {p99:.2f} s; "
+            f"{self.calls} slow calls: "
+            + " ".join(f"{kind}:{count}" for kind, count in sorted(kinds.items()))
+            + f"; refused at once in {median:.2f} s median, {p99_refused:.2f} s p99 (from "
+            f"connect, the burst included); then {PROBES} probes: "
+            + " ".join(f"{kind}:{count}" for kind, count in sorted(probe_kinds.items()))
+            + f" in {probe_took[len(probe_took) // 2]:.3f} s median, {probe_took[-1]:.3f} s max; "
+            f"listen-queue overflows: {listen_overflows() - self.overflows}"
+        )
+
+
 @dataclass
 class Row:
     name: str
@@ -321,8 +440,8 @@ class Row:
         )
 
 
-async def run(seconds: float) -> int:
-    phases = 11
+async def run(seconds: float, overload: int) -> int:
+    phases = 13
     recover = max(2.5, seconds / phases / 2)
     fault_for = max(1.5, seconds / phases - recover)
     life = max(1.0, round(fault_for * 0.6, 1))  # auth faults outlast a token
@@ -342,7 +461,7 @@ async def run(seconds: float) -> int:
                 aiohttp.ClientSession() as control,
             ):
                 await wait_ready(control, running.url)
-                rows = await inject(running, auth, api, control, fault_for, recover)
+                rows = await inject(running, auth, api, control, fault_for, recover, overload)
         finally:
             await auth.kill()
             await api.kill()
@@ -395,8 +514,10 @@ async def inject(
     control: aiohttp.ClientSession,
     fault_for: float,
     recover: float,
+    overload: int,
 ) -> list[Row]:
     load = Load()
+    flood = Flood(overload, OVERLOAD_CALL)
     stop = asyncio.Event()
     peak_rss, peak_fds = [0.0], [0]
 
@@ -434,6 +555,9 @@ async def inject(
         if workers:
             os.kill(workers[0], signal.SIGKILL)
 
+    async def start_flood() -> None:
+        flood.start(running.url)
+
     api_delay = round(min(2.0, fault_for / 2), 1)
     plan: list[tuple[str, Action, Action]] = [
         ("none (baseline)", nothing, nothing),
@@ -463,6 +587,12 @@ async def inject(
         ("SIGHUP: good new key", lambda: rotate(KEYS[1]), nothing),
         ("SIGHUP: bad key, then fixed", lambda: rotate(BAD_KEY), lambda: rotate(KEYS[0])),
         ("worker killed (SIGKILL)", kill_worker, nothing),
+        (
+            "auth: hangs, held ones never answer",
+            lambda: auth.fault(control, hang=True),
+            lambda: auth.fault(control, hang="abandon"),
+        ),
+        (f"overload: {overload} slow calls on one path", start_flood, flood.wait),
     ]
     timeout = aiohttp.ClientTimeout(total=60)
     connector = aiohttp.TCPConnector(limit=CONCURRENCY * 2)
@@ -480,7 +610,7 @@ async def inject(
             await asyncio.sleep(fault_for)
             await end()
             ended = time.monotonic()
-            await asyncio.sleep(recover)
+            await asyncio.sleep(HUNG_RECOVERY if name.endswith("never answer") else recover)
             exchanges = since(exchanges_before, await auth.count(control, "exchanges"))
             refused = since(refused_before, await api.count(control, "refused"))
             note = ""
@@ -490,6 +620,8 @@ async def inject(
                 note = f"and {storm} requests to the always-401 endpoint (their 401s not counted)"
             if name.startswith(("auth: killed", "API: killed")):
                 note = "counted by the restarted host only"
+            if name.startswith("overload"):
+                note = flood.summary(load.answers[first:])
             rows.append(
                 Row(
                     name,
@@ -519,6 +651,9 @@ def main() -> int:
         "--seconds", type=float, default=180, help="total length of the run (default 180)"
     )
     parser.add_argument("--quick", action="store_true", help="a short run, about 45 s")
+    parser.add_argument(
+        "--overload", type=int, default=2000, help="concurrent slow calls in the overload row"
+    )
     parser.add_argument("--serve", nargs=4, help=argparse.SUPPRESS)  # a stand-in process
     args = parser.parse_args()
     if args.serve:
@@ -526,7 +661,7 @@ def main() -> int:
         with suppress(KeyboardInterrupt):
             asyncio.run(serve_standin(which, int(port), int(control), float(life)))
         return 0
-    return asyncio.run(run(45 if args.quick else args.seconds))
+    return asyncio.run(run(45 if args.quick else args.seconds, args.overload))
 
 
 if __name__ == "__main__":

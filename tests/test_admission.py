@@ -12,7 +12,7 @@ import aiohttp
 from tests.standin import StandIn
 
 from .conftest import StartProxy
-from .rawhttp import exchange, status_of
+from .rawhttp import exchange, json_of, status_of
 from .support import eventually, request
 
 
@@ -232,9 +232,114 @@ async def test_uploads_too_big_to_replay_draw_on_the_stream_budget(
     await writer.drain()
     await asyncio.sleep(0.2)
     refused = await request(http, "POST", f"{proxy}/upload", data=b"y" * 5000)
-    assert refused.status == 503 and refused.json()["error"] == "pool_timeout"
-    assert "streams budget" in refused.json()["detail"]
+    assert refused.status == 503 and refused.json()["error"] == "streams_full"
+    assert "appcircle.max_streams" in refused.json()["detail"]
     # Calls are not held up by it, small bodies included.
     assert (await request(http, "POST", f"{proxy}/small", data=b"z" * 500)).status == 200
     assert (await request(http, "GET", f"{proxy}/build/v2/profiles")).status == 200
     writer.close()
+
+
+# -- streams_full at once (issue 17, point 6) ----------------------------------------------
+
+
+async def test_an_upload_beyond_the_stream_budget_is_refused_at_once_before_its_body(
+    start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
+) -> None:
+    """An upload too big to replay needs a stream slot; with max_streams spent it gets 503
+    streams_full at once (not pool_timeout after a wait), before 100 Continue invites its
+    body and before any of the body is read."""
+    standin.events_gate = asyncio.Event()  # the event stream stays open until released
+    proxy = await start_proxy(
+        appcircle={"max_streams": 1, "pool_timeout": 5}, tokens={"replay_limit": 1000}
+    )
+    stream = await http.get(f"{proxy}/_test/events?count=2")
+    assert stream.status == 200
+    host, port = proxy.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    started = time.monotonic()
+    writer.write(
+        b"POST /distribution/v2/profiles/p/app-versions HTTP/1.1\r\nHost: localhost\r\n"
+        b"Content-Length: 1000000\r\nExpect: 100-continue\r\n\r\n"
+    )
+    answer = await asyncio.wait_for(reader.readuntil(b"}"), 1.0)
+    took = time.monotonic() - started
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 503 "), answer[:40]  # no 100 Continue before it
+    assert json_of(answer)["error"] == "streams_full"
+    assert took < 0.5
+    assert not any(seen.raw_path.endswith("app-versions") for seen in standin.api_requests)
+    stream.release()
+
+
+async def test_a_websocket_beyond_the_stream_budget_is_refused_at_once(
+    start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    """A second WebSocket with max_streams spent gets 503 streams_full at once."""
+    proxy = await start_proxy(appcircle={"max_streams": 1, "pool_timeout": 5})
+    async with http.ws_connect(f"{proxy}/_test/ws") as first:
+        await first.send_str("hello")
+        assert await first.receive_str() == "echo: hello"
+        started = time.monotonic()
+        async with http.get(
+            f"{proxy}/_test/ws",
+            headers={
+                "Connection": "Upgrade",
+                "Upgrade": "websocket",
+                "Sec-WebSocket-Version": "13",
+                "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+            },
+        ) as second:
+            body = await second.json()
+        assert time.monotonic() - started < 0.5
+        assert second.status == 503 and body["error"] == "streams_full"
+
+
+# -- fair under overload (issue 17, point 8) -----------------------------------------------
+
+
+async def test_a_flood_of_slow_calls_on_one_path_leaves_room_for_every_other_path(
+    start_proxy: StartProxy, standin: StandIn
+) -> None:
+    """200 concurrent slow calls to one resource may hold at most appcircle.flow_share of
+    the connections and of the waiting slots; the excess is refused at once (flow_full),
+    and small GETs to other paths meanwhile keep >= 95% success with p99 <= 1 s."""
+    proxy = await start_proxy(
+        appcircle={"max_connections": 10, "pool_timeout": 2}, server={"max_pending": 20}
+    )
+    timeout = aiohttp.ClientTimeout(total=30)
+    async with (
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as slow,
+        aiohttp.ClientSession(timeout=timeout) as small,
+    ):
+        assert (await request(small, "GET", f"{proxy}/build/v2/profiles")).status == 200
+
+        async def slow_call() -> tuple[int, str, float]:
+            started = time.monotonic()
+            reply = await request(slow, "GET", f"{proxy}/_test/slow?seconds=3")
+            error = reply.json().get("error", "") if reply.status != 200 else ""
+            return reply.status, error, time.monotonic() - started
+
+        flood = [asyncio.ensure_future(slow_call()) for _ in range(200)]
+        await eventually(lambda: standin.in_flight >= 5)
+        probes = [await slow_call() for _ in range(5)]  # once the burst has been met
+        took: list[float] = []
+        statuses: list[int] = []
+        for number in range(40):
+            started = time.monotonic()
+            reply = await request(small, "GET", f"{proxy}/build/v2/profiles?n={number}")
+            took.append(time.monotonic() - started)
+            statuses.append(reply.status)
+            await asyncio.sleep(0.02)
+        assert standin.in_flight >= 5  # the flood was still on
+        slow_answers = await asyncio.gather(*flood)
+    assert statuses.count(200) >= 0.95 * len(statuses), statuses
+    assert sorted(took)[int(len(took) * 0.99) - 1] <= 1.0
+    assert standin.max_in_flight <= 5 + 1  # the slow flow's share, and a small GET
+    refusals = [took for status, error, took in slow_answers if error == "flow_full"]
+    assert len(refusals) >= 100
+    # At once, not after pool_timeout (2 s), even amid the burst of 200 connections; and
+    # a client arriving after it is refused in milliseconds.
+    assert sorted(refusals)[len(refusals) // 2] <= 0.5
+    assert all(error == "flow_full" for _, error, _ in probes)
+    assert sorted(took for _, _, took in probes)[2] <= 0.1

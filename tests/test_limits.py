@@ -7,7 +7,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import shutil
+import subprocess
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -234,3 +237,18 @@ def no_tracebacks(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
     """Refused heads and connections are not errors of the proxy: no traceback."""
     yield
     assert not [r.getMessage() for r in caplog.records if r.exc_info]
+
+
+async def test_the_listen_backlog_holds_max_client_connections(start_proxy: StartProxy) -> None:
+    """Issue 17, point 8: the listen queue is sized for server.max_client_connections, so a
+    burst of connections waits to be accepted (and refused at once if over the limit)
+    instead of overflowing asyncio's default backlog of 100 into SYN retries a second late."""
+    if shutil.which("ss") is None:
+        pytest.skip("needs ss (iproute2) to read the listen backlog")
+    proxy = await start_proxy(server={"max_client_connections": 700})
+    _, port = endpoint(proxy)
+    listing = subprocess.run(
+        ["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    backlog = int(listing[2])  # Send-Q of a listening socket: its backlog
+    assert backlog >= min(700, int(Path("/proc/sys/net/core/somaxconn").read_text()))

@@ -79,6 +79,7 @@ async def scripted() -> AsyncIterator[MakePool]:
                 pool_timeout=settings["pool_timeout"],
                 connect_timeout=settings["connect_timeout"],
                 read_timeout=settings["read_timeout"],
+                flow_share=settings.get("flow_share", 1.0),
             ),
         )
         pools.append(pool)
@@ -304,3 +305,37 @@ async def test_admission_waits_for_a_slot_then_refuses(scripted: MakePool) -> No
     pool.release(stream)
     pool.release(held)
     assert (pool.calls.in_use, pool.streams.in_use, pool.pending) == (0, 0, 0)
+
+
+async def test_one_flow_holds_at_most_its_share_and_a_freed_slot_skips_its_waiters(
+    scripted: MakePool,
+) -> None:
+    """The per-flow cap (issue 17, point 8): with flow_share 0.5 of 4 connections, a flow
+    holds 2; its third call waits for one of its own, its waiting share (2 of 4) full, the
+    next is refused at once (flow_full); another flow still gets a connection, and a slot
+    it frees goes past the capped flow's waiter to the first waiter below its cap."""
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(5)
+
+    pool, _ = await scripted(script, max_pending=4, pool_timeout=2, flow_share=0.5)
+    slow, other = ("api", "_test/slow"), ("api", "build/v2/profiles")
+    held = [await pool.acquire(stream=False, flow=slow) for _ in range(2)]
+    slow_waiters = [asyncio.ensure_future(pool.acquire(stream=False, flow=slow)) for _ in range(2)]
+    await asyncio.sleep(0.01)
+    with pytest.raises(Refused) as refused:
+        await pool.acquire(stream=False, flow=slow)
+    assert refused.value.kind == "flow_full"
+    others = [await pool.acquire(stream=False, flow=other) for _ in range(2)]  # room left
+    waiting_other = asyncio.ensure_future(pool.acquire(stream=False, flow=other))
+    await asyncio.sleep(0.01)
+    pool.release(others[0])  # the slow flow's waiters came first, but are at their cap
+    lease = await asyncio.wait_for(waiting_other, 1)
+    assert not any(waiter.done() for waiter in slow_waiters)
+    pool.release(held[0])  # now one of the slow flow's own
+    first = await asyncio.wait_for(slow_waiters[0], 1)
+    for leased in (lease, others[1], held[1], first):
+        pool.release(leased)
+    second = await asyncio.wait_for(slow_waiters[1], 1)
+    pool.release(second)
+    assert (pool.calls.in_use, pool.calls.held, pool.pending) == (0, {}, 0)

@@ -6,6 +6,7 @@ to do with the answer (that is `exchange` and `tokens`). Only `form()` reads the
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +69,15 @@ class Credential:
     @property
     def secret_origin(self) -> str:
         return self.secret.origin
+
+    def pinned(self) -> Credential:
+        """This credential with its secret as it reads now, kept in memory: the key that
+        stays in service when a rewritten secret file holds one the auth host refuses.
+        Raises SecretUnavailable."""
+        if isinstance(self.secret, _InlineSecret):
+            return self
+        value = SecretStr(self.secret.read())
+        return dataclasses.replace(self, secret=_InlineSecret(value, self.secret.origin))
 
     def form(self, sub_organization: str | None) -> dict[str, str]:
         """The exchange's form fields; raises SecretUnavailable."""

@@ -2,6 +2,11 @@
 
 Every way an exchange can fail ends in `ExchangeError`, whose text is safe to show a user:
 it says what the auth host answered and what to check, never the key or the token.
+
+One exchange has one deadline, `tokens.exchange_timeout`, and no shorter connect or
+first-byte one: an auth host that is slow but answers must still give a token. An exchange
+that hangs is the token source's to work around, by starting another beside it (hedging,
+see `tokens`), which recovers as fast as a short deadline would without cutting slow hosts.
 """
 
 from __future__ import annotations
@@ -240,6 +245,15 @@ class Exchanger:
         token = _parse_reply(body, self.clock(), self.refresh_margin, self.auth_url)
         self._check_organization(token)
         return dataclasses.replace(token, key_fingerprint=fingerprint(form))
+
+    def pinned(self) -> Exchanger:
+        """This exchanger with the key as it reads now, held in memory (see
+        `Credential.pinned`); itself when the secret cannot be read, so that the exchange
+        fails and says why."""
+        try:
+            return dataclasses.replace(self, credential=self.credential.pinned())
+        except SecretUnavailable:
+            return self
 
     def key_fingerprint(self) -> str:
         """The fingerprint an exchange made now would have; raises SecretUnavailable."""

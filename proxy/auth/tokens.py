@@ -9,7 +9,19 @@ Under faults: a request never waits longer than `tokens.wait_timeout`; while a r
 token its backoff stays short and a request may bring the next attempt forward, so a route
 recovers within seconds of the auth host's return; a 401 renews at most once per
 `tokens.min_renew_interval`; a reloaded key must prove itself before the token it replaces
-is given up.
+is given up, and a reloaded key the auth host rejects leaves the previous key in service
+(readiness says `reload_failed`) until a reload brings one that works.
+
+A hung auth host is met by hedging, not by a short deadline. While a route holds no valid
+token, an exchange that has had no answer for `tokens.hedge_after` (1 s) gets a fresh one
+started beside it, on a new connection, and again each `hedge_after`; the first answer wins
+and the others are cancelled. A route is then back within about `hedge_after` of the auth
+host answering again, however the old exchange hangs (connect, first byte, or mid-body).
+A connect or first-byte deadline short enough for that (under 2 s) would also cut an auth
+host that is merely slow, which would then never give a token; hedging keeps the slow
+attempt running to `exchange_timeout`. Its cost is bounded: only while requests are failing
+for want of a token, at most one new attempt per `hedge_after`, each ended by
+`exchange_timeout` (so at most exchange_timeout / hedge_after in flight: 10 by default).
 """
 
 from __future__ import annotations
@@ -45,6 +57,12 @@ log = logging.getLogger("appcircle_proxy.tokens")
 
 Clock = Callable[[], float]
 TokenKey = tuple[str, str | None]  # (credential name, sub-organization id or None for its own)
+
+# Failures that are the key's own fault (the auth host's verdict on it, or its file cannot
+# be read), not the auth host's health: a new key failing so leaves the previous in service.
+KEY_FAULTS: Final = frozenset(
+    {"key_rejected", "bad_request", "wrong_organization", "secret_unavailable"}
+)
 
 # A request on a route with no token brings the next attempt forward, but never sooner than
 # this after the last one began: a flood of requests must not hammer a dead auth host.
@@ -88,6 +106,8 @@ class TokenPolicy:
     wait_timeout: float
     # A 401 from the API drops the route's token at most this often.
     min_renew_interval: float
+    # Without a token, an exchange unanswered for this long gets another beside it.
+    hedge_after: float = 1.0
 
     @classmethod
     def from_settings(cls, tokens: TokenSettings) -> TokenPolicy:
@@ -96,6 +116,7 @@ class TokenPolicy:
             retry_max_without_token=tokens.retry_max_without_token,
             wait_timeout=tokens.wait_timeout,
             min_renew_interval=tokens.min_renew_interval,
+            hedge_after=tokens.hedge_after,
         )
 
 
@@ -151,8 +172,12 @@ class TokenSource:
         # when a 401 last dropped the token.
         self._attempted_at = float("-inf")
         self._refused_at = float("-inf")
-        # A reloaded key whose first exchange has not succeeded yet, and why it failed.
-        self._reload_pending = False
+        # The last key that gave a token, pinned to its value (a secret file may have been
+        # rewritten since): it stays in service while the configured key is one the auth
+        # host refused, known by `_refused`, its fingerprint ("" when it could not be read).
+        self._proven: Exchanger | None = None
+        self._refused: str | None = None
+        # Why a configured key other than the one in service has not given a token.
         self._reload_failure: ExchangeError | None = None
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
@@ -266,17 +291,16 @@ class TokenSource:
 
     def stage(self, exchanger: Exchanger) -> None:
         """Take up a reloaded credential. An unchanged key changes nothing. A changed one is
-        used from now on, but the running token keeps serving until the new key's exchange
-        succeeds (at once, then retried with backoff); a failure is logged as an error and
-        kept in `reload_failure` for readiness, and the old token serves until it expires."""
-        token = self._cache.get(self.key)
-        try:
-            unchanged = token is not None and exchanger.key_fingerprint() == token.key_fingerprint
-        except SecretUnavailable:
-            unchanged = False  # the exchange below fails and says why
+        tried at once, and the key in service stays until the new one has given a token
+        (tried again with backoff while the auth host cannot say). If the auth host refuses
+        the new key, the previous key goes on renewing the route's token, the refusal is
+        logged as an error and kept in `reload_failure` for readiness, until a reload (or a
+        rewritten secret file) brings a key that works."""
         self._exchanger = exchanger
+        self._refused = None
         name = self.key[0]
-        if unchanged:
+        if self._proven is not None and _fingerprint(exchanger) == _fingerprint(self._proven):
+            self._reload_failure = None
             log.info("reload: credential '%s' unchanged", name)
             return
         log.info(
@@ -284,7 +308,6 @@ class TokenSource:
             "the new key has given a token)",
             name,
         )
-        self._reload_pending = token is not None
         self._reload_failure = None
         self._failures = 0
         if self._task is not None:
@@ -334,13 +357,13 @@ class TokenSource:
                 await asyncio.sleep(rate_limited)
 
     async def _attempt(self) -> float:
-        """One exchange; returns how long to sleep before the next one."""
+        """One exchange (hedged while the route has no token); returns how long to sleep
+        before the next one."""
         self._exchanging = True
         self._attempted_at = self._clock()
-        self.exchanges += 1
-        exchanger = self._exchanger
+        exchanger = self._key_to_use()
         try:
-            token = await exchanger.exchange()
+            token = await self._hedged(exchanger)
         except ExchangeError as err:
             self.outcomes[err.kind] += 1
             return self._failed(err, exchanger)
@@ -362,11 +385,12 @@ class TokenSource:
         self._failures = 0
         self._failure = None
         self._cache.put(self.key, token)
-        if exchanger is self._exchanger and self._reload_pending:
-            self._reload_pending = False
-            log.info("reload: the new key for %s works; its token now serves", self._label())
-        if exchanger is self._exchanger:
+        previous, self._proven = self._proven, exchanger
+        if exchanger is not previous:
+            self._refused = None
             self._reload_failure = None
+            if previous is not None and token.key_fingerprint != _fingerprint(previous):
+                log.info("reload: the new key for %s works; its token now serves", self._label())
         log.info(
             "obtained session token for %s (organization %s, expires in %.0f s)",
             self._label(),
@@ -376,11 +400,67 @@ class TokenSource:
         )
         return token.refresh_at - self._clock()
 
+    def _key_to_use(self) -> Exchanger:
+        """The configured key, pinned to its value now; or, while that is the key the auth
+        host refused, the last key that worked."""
+        if self._proven is not None and self._refused is not None:
+            if _fingerprint(self._exchanger) == self._refused:
+                return self._proven
+        return self._exchanger.pinned()
+
+    async def _hedged(self, exchanger: Exchanger) -> SessionToken:
+        """An exchange; while the route holds no token, one more beside those in flight
+        each `hedge_after` that none has answered. The first answer wins (a token before a
+        failure that came with it); the rest are cancelled."""
+        attempts: set[asyncio.Task[SessionToken]] = set()
+        try:
+            while True:
+                if not attempts or self._cache.get(self.key) is None:
+                    self.exchanges += 1
+                    attempts.add(asyncio.ensure_future(exchanger.exchange()))
+                done, attempts = await asyncio.wait(
+                    attempts, timeout=self._policy.hedge_after, return_when=asyncio.FIRST_COMPLETED
+                )
+                if done:
+                    answers = sorted(done, key=lambda attempt: attempt.exception() is not None)
+                    return answers[0].result()
+        finally:
+            for attempt in attempts:
+                attempt.cancel()
+
     def _failed(self, err: ExchangeError, exchanger: Exchanger) -> float:
-        self._failures += 1
-        self._failure = err
         held = self._cache.get(self.key)
         now = self._clock()
+        proven = self._proven
+        if proven is not None and _fingerprint(exchanger) != _fingerprint(proven):
+            # A key other than the one in service (reloaded, or its file rewritten) failed.
+            first = self._reload_failure is None
+            self._reload_failure = err
+            if err.kind in KEY_FAULTS:
+                # Refused: the key in service goes on; a token is wanted now if none is held.
+                self._refused = _fingerprint(self._exchanger)
+                log.error(
+                    "reload: the new key for %s was refused (%s): %s; the previous key stays "
+                    "in service until a reload brings a key that works",
+                    self._label(),
+                    err.kind,
+                    err,
+                    extra={"fields": self._fields(err.kind)},
+                )
+                delay = 0.0 if held is None else max(0.0, held.refresh_at - now)
+                self._retry_at = now + delay
+                return delay
+            if first:
+                log.error(
+                    "reload: the new key for %s did not give a token yet (%s): %s; the "
+                    "previous token serves meanwhile",
+                    self._label(),
+                    err.kind,
+                    err,
+                    extra={"fields": self._fields(err.kind)},
+                )
+        self._failures += 1
+        self._failure = err
         if held is None:
             # Requests are failing: keep the next attempt close, however long the outage was.
             delay = self._policy.retry.delay(self._failures, self._policy.retry_max_without_token)
@@ -391,26 +471,6 @@ class TokenSource:
             delay = max(delay, err.retry_after)
             self._not_before = now + err.retry_after
         self._retry_at = now + delay
-        if self._reload_pending and exchanger is self._exchanger:
-            first = self._reload_failure is None
-            self._reload_failure = err
-            if first:
-                serving = (
-                    f"the previous token serves until it expires in {held.expires_at - now:.0f} s"
-                    if held is not None
-                    else "the previous token has expired"
-                )
-                log.error(
-                    "reload: the new key for %s did not give a token (%s): %s; %s; "
-                    "retrying in %.1f s",
-                    self._label(),
-                    err.kind,
-                    err,
-                    serving,
-                    delay,
-                    extra={"fields": self._fields(err.kind)},
-                )
-                return delay
         log.warning(
             "token exchange for %s failed (%s): %s; retrying in %.1f s",
             self._label(),
@@ -453,3 +513,11 @@ class TokenSources:
     async def close(self) -> None:
         for source in self._sources.values():
             await source.close()
+
+
+def _fingerprint(exchanger: Exchanger) -> str:
+    """The fingerprint of the key an exchange would send now; "" when it cannot be read."""
+    try:
+        return exchanger.key_fingerprint()
+    except SecretUnavailable:
+        return ""

@@ -225,6 +225,10 @@ class AppcircleSettings(_Section):
     # A separate budget for long-lived streams (WebSockets, server-sent events, bodies
     # streamed rather than buffered), so they can never starve short API calls.
     max_streams: int = Field(default=100, ge=1)
+    # The largest share of max_connections (and of server.max_pending) that calls to one
+    # flow (a route and API resource, e.g. build/v1/commits) may hold, so one slow path
+    # cannot starve the others. 1: no per-flow cap.
+    flow_share: float = Field(default=0.5, gt=0, le=1)
     # Turns off TLS verification for the auth and API hosts. Logged loudly; prefer ca_file.
     insecure_skip_verify: bool = False
     # Appcircle's MCP server, for routes with upstream = "mcp".
@@ -248,6 +252,9 @@ class TokenSettings(_Section):
     # so it recovers within seconds of the auth host's return. Never above retry_max.
     retry_max_without_token: PositiveFloat = 2.0
     exchange_timeout: PositiveFloat = 10.0
+    # While a route holds no valid token, an exchange with no answer after this many seconds
+    # gets a second one started beside it (hedging), so a hung one cannot hold recovery.
+    hedge_after: PositiveFloat = 1.0
     # The longest a request waits for a token exchange before it gets 503.
     wait_timeout: PositiveFloat = 5.0
     # A 401 from the API renews a route's token at most this often (seconds), so an

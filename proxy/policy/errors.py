@@ -96,7 +96,7 @@ def upstream_timeout(api_url: str) -> web.Response:
 
 def admission_refused(kind: str, detail: str, retry_after: int) -> web.Response:
     """No connection to the API for this request now (pool_full, pool_timeout,
-    streams_full): the proxy is at a configured limit."""
+    streams_full, flow_full): the proxy is at a configured limit."""
     response = _answer(503, kind, detail, retry_after=retry_after)
     response.headers["Retry-After"] = str(retry_after)
     return response

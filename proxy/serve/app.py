@@ -77,6 +77,7 @@ def _pool(settings: Settings, tls: ssl.SSLContext) -> Pool:
             pool_timeout=appcircle.pool_timeout,
             connect_timeout=appcircle.connect_timeout,
             read_timeout=appcircle.read_timeout,
+            flow_share=appcircle.flow_share,
         ),
         egress,
     )

@@ -28,7 +28,7 @@ from ..policy.routes import Route
 from ..telemetry.facts import Facts
 from ..telemetry.stats import Stats
 from ..upstream.connection import Connection, Response, UpstreamError, UpstreamTimeout
-from ..upstream.pool import Lease, Pool, Refused
+from ..upstream.pool import Lease, Pool, Refused, flow_of
 
 __all__ = ["SMALL_BODY", "Forwarder", "refusal", "rewrite_location"]
 
@@ -115,9 +115,10 @@ class Forwarder:
             # Without a wait when the route holds a token and a connection is idle (nearly
             # always); otherwise waiting at most tokens.wait_timeout, then pool_timeout.
             token = tokens.to_send() or await tokens.get()
-            lease = self._pool.lease_now(stream=body is None)
+            flow = flow_of(route.name, target)
+            lease = self._pool.lease_now(stream=body is None, flow=flow)
             if lease is None:
-                lease = await self._pool.acquire(stream=body is None)
+                lease = await self._pool.acquire(stream=body is None, flow=flow)
                 # That wait may have taken long: never send a token past usable.
                 token = await tokens.fresh(token)
             started = time.monotonic()
@@ -167,6 +168,14 @@ class Forwarder:
             return b"", b"", b""
         if length == 0:
             return b"", b"Content-Length: 0\r\n", b""
+        if length is not None and length > self._replay_limit:
+            # A stream: refused before 100 Continue invites its body, and before it is read.
+            try:
+                self._pool.check_stream_room()
+            except Refused as refused:
+                answer = refusal(self._stats, refused)
+                answer.force_close()  # the unread body must not be taken for a request
+                raise _BodyFailed(answer) from None
         if expect is not None:
             # Answered here, not upstream: the client may send the body now.
             await request.writer.write(CONTINUE)

@@ -30,7 +30,7 @@ from ..policy.restricted import override
 from ..policy.routes import Route, RouteTable
 from ..telemetry.facts import ERROR_CODE, FACTS, Facts
 from ..telemetry.stats import Stats
-from ..upstream.pool import Pool, Refused
+from ..upstream.pool import Pool, Refused, flow_of
 from . import mcp, userinfo, websocket
 from .drain import Drain
 from .forward import Forwarder, refusal
@@ -149,7 +149,7 @@ class Handler:
     ) -> web.StreamResponse:
         # Held to the same admission as API calls, though it goes to the auth host.
         try:
-            async with self._pool.slot(self._pool.calls):
+            async with self._pool.slot(self._pool.calls, flow_of(route.name, rest)):
                 answer = await self._auth_host.answer(request, route, rest)
         except Refused as refused:
             return refusal(self._stats, refused)

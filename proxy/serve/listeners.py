@@ -160,12 +160,15 @@ async def listen(
     assert runner.server is not None
     factory = connections.factory(runner.server)
     loop = asyncio.get_running_loop()
+    # Room in the kernel's queue for every connection the cap admits: a burst waits there
+    # to be answered (or refused with 503), not dropped to a client's SYN retry seconds later.
+    backlog = max(BACKLOG, connections.limit)
     listeners = []
     for sock in bound.sockets:
         if sock.family == socket.AF_UNIX:
-            server = await loop.create_unix_server(factory, sock=sock, backlog=BACKLOG)
+            server = await loop.create_unix_server(factory, sock=sock, backlog=backlog)
         else:
-            server = await loop.create_server(factory, sock=sock, backlog=BACKLOG)
+            server = await loop.create_server(factory, sock=sock, backlog=backlog)
         listeners.append(Listener(server))
     if owned:
         # The last one closes them all, after every server has stopped accepting.

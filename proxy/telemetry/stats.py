@@ -186,7 +186,8 @@ class _Collector(Collector):
             )
         refused = CounterMetricFamily(
             "appcircle_proxy_refused",
-            "Requests refused by upstream admission (pool_full, pool_timeout, streams_full)",
+            "Requests refused by upstream admission (pool_full, pool_timeout, streams_full, "
+            "flow_full)",
             labels=["reason"],
         )
         for kind, count in sorted(stats.refused.items()):
