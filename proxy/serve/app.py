@@ -184,7 +184,7 @@ def build(
         send_timeout=settings.server.send_timeout,
     )
     handler = Handler(
-        Guard.from_settings(settings.server),
+        Guard.from_settings(settings),
         runtime.routes,
         forwarder,
         runtime.pool,

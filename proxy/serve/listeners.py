@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import socket
+import ssl
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ class Listener:
     server: asyncio.Server
     # A Unix socket file this process created, and its identity, to remove it on exit.
     socket_file: tuple[Path, int, int] | None = None
+    secure: bool = False
 
     def close(self) -> None:
         self.server.close()
@@ -43,16 +45,19 @@ class Listener:
 
 def addresses(listeners: tuple[Listener, ...]) -> list[str]:
     return [
-        url_of(sock.getsockname()) for listener in listeners for sock in listener.server.sockets
+        url_of(sock.getsockname(), listener.secure)
+        for listener in listeners
+        for sock in listener.server.sockets
     ]
 
 
-def url_of(address: object) -> str:
+def url_of(address: object, secure: bool = False) -> str:
     if isinstance(address, str):
         return f"unix:{address}"
     assert isinstance(address, tuple)
     host, port = address[0], address[1]
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    scheme = "https" if secure else "http"
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
 async def listen(
@@ -61,15 +66,21 @@ async def listen(
     endpoint: Endpoint | UnixSocket,
     mode: int,
     reuse_port: bool,
+    tls: ssl.SSLContext | None = None,
 ) -> tuple[Listener, ...]:
     assert runner.server is not None
     factory = connections.factory(runner.server)
     loop = asyncio.get_running_loop()
     if isinstance(endpoint, Endpoint):
         server = await loop.create_server(
-            factory, endpoint.host, endpoint.port, reuse_address=True, reuse_port=reuse_port
+            factory,
+            endpoint.host,
+            endpoint.port,
+            reuse_address=True,
+            reuse_port=reuse_port,
+            ssl=tls,
         )
-        return (Listener(server),)
+        return (Listener(server, secure=tls is not None),)
     path = endpoint.path
     _claim_socket_path(path)
     if mode & 0o002:
@@ -82,12 +93,12 @@ async def listen(
     # Created under a restrictive umask, so there is no moment when others could connect.
     previous = os.umask(0o777 & ~mode)
     try:
-        server = await loop.create_unix_server(factory, str(path))
+        server = await loop.create_unix_server(factory, str(path), ssl=tls)
     finally:
         os.umask(previous)
     os.chmod(path, mode)
     created = path.lstat()
-    return (Listener(server, (path, created.st_dev, created.st_ino)),)
+    return (Listener(server, (path, created.st_dev, created.st_ino), tls is not None),)
 
 
 def _claim_socket_path(path: Path) -> None:
