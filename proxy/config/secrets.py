@@ -73,7 +73,7 @@ def secret_problems(settings: Settings) -> list[Problem]:
     if server.client_token_file is not None:
         attempt(("server",), read_secret_file, server.client_token_file, "client_token_file")
     if server.tls_cert_file is not None and server.tls_key_file is not None:
-        attempt(("server",), listener_tls, server)
+        attempt(("server", "tls_cert_file"), listener_tls, server)
     for name, client in settings.clients.items():
         if client.token_env is not None:
             attempt(("clients", name), _variable, client.token_env, "token_env", "")
@@ -158,11 +158,11 @@ def load_listener_certificate(context: ssl.SSLContext, server: ServerSettings) -
     try:
         context.load_cert_chain(server.tls_cert_file, server.tls_key_file, password=_no_password)
     except (OSError, ssl.SSLError) as err:
-        reason = (
-            err.strerror
-            if isinstance(err, OSError) and err.strerror and not isinstance(err, ssl.SSLError)
-            else getattr(err, "reason", None) or type(err).__name__
-        )
+        if isinstance(err, ssl.SSLError):
+            # OpenSSL's reason (KEY_VALUES_MISMATCH, NO_START_LINE...), or its message.
+            reason = err.reason or (str(err.args[-1]) if err.args else "not PEM")
+        else:
+            reason = err.strerror or type(err).__name__
         raise ValueError(
             f"the TLS certificate '{server.tls_cert_file}' and key '{server.tls_key_file}' "
             f"cannot be used ({reason}); give PEM files: the certificate chain (server "
