@@ -438,6 +438,7 @@ async def test_the_clients_name_is_in_the_access_log_and_a_metric_never_its_toke
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A shared proxy can tell which team did what: `client_name` in the access line, and
     `appcircle_proxy_client_requests_total{client=...}`; the tokens appear nowhere."""
@@ -478,7 +479,7 @@ async def test_the_clients_name_is_in_the_access_log_and_a_metric_never_its_toke
         ("/x", "mobile"),
         ("/_proxy/metrics", "mobile"),
     ]
-    for output in (written.out, written.err, metrics.body.decode()):
+    for output in (written.out, written.err, metrics.body.decode(), caplog.text):
         assert TEAM_TOKEN not in output and CLIENT_TOKEN not in output
 
 
