@@ -429,6 +429,10 @@ async def test_a_wrong_or_missing_token_gets_401_with_named_clients(
     assert standin.api_requests == []
     default = {"Authorization": f"Bearer {CLIENT_TOKEN}"}
     assert (await request(http, "GET", f"{proxy}/x", headers=default)).status == 200
+    metrics = await request(http, "GET", f"{proxy}/_proxy/metrics", headers=default)
+    assert 'client_requests_total{client="default",route="apps",status_class="2xx"} 1.0' in (
+        metrics.body.decode()
+    )
 
 
 async def test_the_clients_name_is_in_the_access_log_and_a_metric_never_its_token(
