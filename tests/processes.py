@@ -31,7 +31,7 @@ async def serving(
     assert process.stdout is not None
     try:
         banner = (await asyncio.wait_for(process.stdout.readline(), 20)).decode()
-        match = re.search(r"listening on (http://\S+)", banner)
+        match = re.search(r"listening on (https?://\S+)", banner)
         assert match, banner
         yield match.group(1), process
     finally:

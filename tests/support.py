@@ -62,6 +62,7 @@ def proxy_config(
     appcircle: Table | None = None,
     tokens: Table | None = None,
     log: Table | None = None,
+    clients: Table | None = None,
 ) -> dict[str, Any]:
     """A config document for the proxy in front of the Appcircle at `api_url`/`auth_url`.
     Each given table is laid over the test defaults: any port, lazy start (so tests see
@@ -76,5 +77,7 @@ def proxy_config(
         document["log"] = log
     if routes is not None:
         document["routes"] = routes
+    if clients is not None:
+        document["clients"] = clients
     # Deep, so a test that edits its document cannot change a shared constant.
     return copy.deepcopy(document)

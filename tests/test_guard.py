@@ -5,18 +5,23 @@ from __future__ import annotations
 
 import json
 import logging
+import ssl
 import stat
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
+import trustme
+from prometheus_client.parser import text_string_to_metric_families
 from yarl import URL
 
+from proxy.config.errors import ConfigError
 from proxy.config.load import load_settings
 from proxy.serve.server import start
 from tests.standin import StandIn
 
-from .conftest import CLIENT_TOKEN, StartProxy, WriteConfig
+from .conftest import CLIENT_TOKEN, PERSONAL_KEY, SUB_ORG, StartProxy, WriteConfig
 from .rawhttp import exchange, json_of, status_of
 from .support import request
 
@@ -400,3 +405,239 @@ async def test_an_encoded_health_path_is_not_exempt_from_the_client_token(
     assert standin.api_requests == []
     reply = await request(http, "GET", f"{proxy}/_proxy/health")
     assert reply.status == 200
+
+
+# -- named clients ------------------------------------------------------------------------
+
+TEAM_TOKEN = "team_" + "5f0c" * 8  # a second client's token, checked for leaks by hand
+TWO_ROUTES: dict[str, Any] = {
+    "apps": {"prefix": "/", "credential": "main"},
+    "eu": {"prefix": "/eu", "credential": "main", "sub_organization": SUB_ORG},
+}
+
+
+def named_clients(tmp_path: Path) -> dict[str, Any]:
+    """Two teams: 'mobile' (from a variable, every route) and 'web' (from a file, /eu only)."""
+    token_file = tmp_path / "web-token"
+    token_file.write_text(TEAM_TOKEN + "\n")
+    return {
+        "mobile": {"token_env": "TEST_MOBILE_TOKEN"},
+        "web": {"token_file": str(token_file), "routes": ["eu"]},
+    }
+
+
+async def test_named_clients_each_use_only_their_routes(
+    start_proxy: StartProxy,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each client token names a client; a client limited to some routes gets 403 (naming
+    itself and the route) on the others, before any token is taken for them."""
+    monkeypatch.setenv("TEST_MOBILE_TOKEN", CLIENT_TOKEN)
+    proxy = await start_proxy(routes=TWO_ROUTES, clients=named_clients(tmp_path))
+    mobile = {"Authorization": f"Bearer {CLIENT_TOKEN}"}
+    web = {"Proxy-Authorization": f"Bearer {TEAM_TOKEN}"}
+    assert (await request(http, "GET", f"{proxy}/build/v2/profiles", headers=mobile)).status == 200
+    assert (
+        await request(http, "GET", f"{proxy}/eu/build/v2/profiles", headers=mobile)
+    ).status == 200
+    assert (await request(http, "GET", f"{proxy}/eu/build/v2/profiles", headers=web)).status == 200
+    refused = await request(http, "GET", f"{proxy}/build/v2/profiles", headers=web)
+    assert refused.status == 403
+    assert refused.json()["error"] == "client_not_allowed"
+    assert (refused.json()["client"], refused.json()["route"]) == ("web", "apps")
+    assert TEAM_TOKEN.encode() not in refused.body
+
+
+async def test_a_wrong_or_missing_token_gets_401_with_named_clients(
+    start_proxy: StartProxy,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    standin: StandIn,
+) -> None:
+    """Named clients guard the proxy as the single client token does: no token of theirs,
+    no request upstream; server.client_token still works, as client "default"."""
+    monkeypatch.setenv("TEST_MOBILE_TOKEN", "mobile_" + "a1" * 16)
+    proxy = await start_proxy(
+        routes=TWO_ROUTES, clients=named_clients(tmp_path), server={"client_token": CLIENT_TOKEN}
+    )
+    for number, wrong in enumerate(("Bearer nope", f"Bearer {TEAM_TOKEN}x", "Basic Og==")):
+        reply = await request(http, "GET", f"{proxy}/x", headers={"Authorization": wrong})
+        assert reply.status == 401, number
+        assert reply.json()["error"] == "client_token_required"
+    assert (await request(http, "GET", f"{proxy}/x")).status == 407
+    assert standin.api_requests == []
+    default = {"Authorization": f"Bearer {CLIENT_TOKEN}"}
+    assert (await request(http, "GET", f"{proxy}/x", headers=default)).status == 200
+    metrics = await request(http, "GET", f"{proxy}/_proxy/metrics", headers=default)
+    assert 'client_requests_total{client="default",route="apps",status_class="2xx"} 1.0' in (
+        metrics.body.decode()
+    )
+
+
+async def test_the_clients_name_is_in_the_access_log_and_a_metric_never_its_token(
+    standin: StandIn,
+    write_config: WriteConfig,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A shared proxy can tell which team did what: `client_name` in the access line, and
+    `appcircle_proxy_client_requests_total{client=...}`; the tokens appear nowhere."""
+    monkeypatch.setenv("TEST_MOBILE_TOKEN", CLIENT_TOKEN)
+    config = write_config(
+        routes=TWO_ROUTES, clients=named_clients(tmp_path), log={"format": "json"}
+    )
+    running = await start(load_settings(config))
+    try:
+        proxy = running.urls[0]
+        web = {"Authorization": f"Bearer {TEAM_TOKEN}"}
+        mobile = {"Authorization": f"Bearer {CLIENT_TOKEN}"}
+        assert (await request(http, "GET", f"{proxy}/eu/x", headers=web)).status == 200
+        assert (await request(http, "GET", f"{proxy}/x", headers=web)).status == 403
+        assert (await request(http, "GET", f"{proxy}/x", headers=mobile)).status == 200
+        metrics = await request(http, "GET", f"{proxy}/_proxy/metrics", headers=mobile)
+    finally:
+        await running.stop()  # writes every access line
+    samples = {
+        (s.labels["client"], s.labels["route"], s.labels["status_class"]): s.value
+        for family in text_string_to_metric_families(metrics.body.decode())
+        if family.name == "appcircle_proxy_client_requests"
+        for s in family.samples
+        if s.name.endswith("_total")
+    }
+    assert samples == {
+        ("web", "eu", "2xx"): 1,
+        ("web", "apps", "4xx"): 1,
+        ("mobile", "apps", "2xx"): 1,
+    }
+    written = capsys.readouterr()
+    lines = [
+        json.loads(line) for line in written.err.splitlines() if "appcircle_proxy.access" in line
+    ]
+    assert [(line["path"], line["client_name"]) for line in lines] == [
+        ("/eu/x", "web"),
+        ("/x", "web"),
+        ("/x", "mobile"),
+        ("/_proxy/metrics", "mobile"),
+    ]
+    for output in (written.out, written.err, metrics.body.decode(), caplog.text):
+        assert TEAM_TOKEN not in output and CLIENT_TOKEN not in output
+
+
+@pytest.mark.parametrize(
+    ("clients", "server", "complaint"),
+    [
+        (
+            {"a": {"token_env": "TEST_MOBILE_TOKEN"}, "b": {"token_env": "TEST_MOBILE_TOKEN"}},
+            {},
+            "same token",
+        ),
+        (
+            {"default": {"token_env": "TEST_MOBILE_TOKEN"}},
+            {"client_token": CLIENT_TOKEN},
+            "that token's name",
+        ),
+        (
+            {"a": {"token_env": "TEST_MOBILE_TOKEN", "routes": ["nope"]}},
+            {},
+            "'nope', which is not a route",
+        ),
+        ({"a": {}}, {}, "exactly one of token_env"),
+        ({"a b": {"token_env": "TEST_MOBILE_TOKEN"}}, {}, "letters, digits"),
+        ({"a": {"token_env": "TEST_UNSET_TOKEN"}}, {}, "TEST_UNSET_TOKEN (token_env) is not set"),
+    ],
+)
+def test_named_clients_are_checked_at_start_up(
+    write_config: WriteConfig,
+    monkeypatch: pytest.MonkeyPatch,
+    clients: dict[str, Any],
+    server: dict[str, Any],
+    complaint: str,
+) -> None:
+    """A client configuration the proxy could not enforce stops it with one line."""
+    monkeypatch.setenv("TEST_MOBILE_TOKEN", CLIENT_TOKEN)
+    with pytest.raises(ConfigError) as refused:
+        load_settings(write_config(clients=clients, server=server))
+    assert complaint in str(refused.value)
+    assert CLIENT_TOKEN not in str(refused.value)
+
+
+# -- TLS on the listener ------------------------------------------------------------------
+
+
+def listener_certificate(ca: trustme.CA, directory: Path, name: str) -> dict[str, str]:
+    """A certificate for 127.0.0.1 signed by `ca`, as the two files server.tls_* name."""
+    issued = ca.issue_cert("127.0.0.1", "localhost", common_name=name)
+    cert, key = directory / "tls.crt", directory / "tls.key"
+    issued.private_key_pem.write_to_path(str(key))
+    cert.write_bytes(b"".join(blob.bytes() for blob in issued.cert_chain_pems))
+    return {"tls_cert_file": str(cert), "tls_key_file": str(key)}
+
+
+async def test_the_listener_serves_https_with_its_certificate(
+    start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    """With server.tls_*, the proxy speaks HTTPS (its URL says so) with that certificate,
+    and a plain-HTTP request gets no answer from the API."""
+    ca = trustme.CA()
+    proxy = await start_proxy(server=listener_certificate(ca, tmp_path, "first"))
+    assert proxy.startswith("https://127.0.0.1:")
+    trusted = ssl.create_default_context()
+    ca.configure_trust(trusted)
+    connector = aiohttp.TCPConnector(ssl=trusted)
+    async with aiohttp.ClientSession(connector=connector) as https:
+        assert (await request(https, "GET", f"{proxy}/build/v2/profiles")).status == 200
+    async with aiohttp.ClientSession() as plain:
+        with pytest.raises(aiohttp.ClientError):
+            await request(plain, "GET", proxy.replace("https:", "http:") + "/x")
+
+
+def test_tls_needs_both_files_and_usable_ones(write_config: WriteConfig, tmp_path: Path) -> None:
+    """Half a TLS configuration, or files that are not a matching PEM pair, stop the start
+    with one line naming the files (never their content)."""
+    ca = trustme.CA()
+    files = listener_certificate(ca, tmp_path, "first")
+    with pytest.raises(ConfigError, match="tls_cert_file is set but tls_key_file is not"):
+        load_settings(write_config(server={"tls_cert_file": files["tls_cert_file"]}))
+    other = tmp_path / "other.key"
+    ca.issue_cert("127.0.0.1").private_key_pem.write_to_path(str(other))
+    for key in (str(other), str(tmp_path / "missing.key")):
+        with pytest.raises(ConfigError, match="cannot be used") as refused:
+            load_settings(write_config(server={**files, "tls_key_file": key}))
+        assert key in str(refused.value) and "PRIVATE KEY" not in str(refused.value)
+
+
+async def test_a_key_exchange_with_named_clients_needs_a_clients_token_and_stands_for_it(
+    start_proxy: StartProxy,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    standin: StandIn,
+) -> None:
+    """With only named clients (no server.client_token), the local key exchange still needs
+    a client's token as its key (anything else: 401, so no local token opens the proxy
+    without one); a client exchanges only under its own routes, and its local token then
+    acts as that client: its routes, its name in the access log."""
+    monkeypatch.setenv("TEST_MOBILE_TOKEN", CLIENT_TOKEN)
+    proxy = await start_proxy(routes=TWO_ROUTES, clients=named_clients(tmp_path))
+    endpoint = "/auth/v3/token"
+    for key in ("anything", PERSONAL_KEY):
+        refused = await request(http, "POST", proxy + endpoint, data={"personalAccessKey": key})
+        assert refused.status == 401 and refused.json()["error"] == "exchange_key_rejected"
+    # 'web' may use /eu only: no exchange under / for it.
+    outside = await request(http, "POST", proxy + endpoint, data={"personalAccessKey": TEAM_TOKEN})
+    assert outside.status == 403 and outside.json()["error"] == "client_not_allowed"
+    answer = await request(
+        http, "POST", f"{proxy}/eu{endpoint}", data={"personalAccessKey": TEAM_TOKEN}
+    )
+    assert answer.status == 200
+    local = {"Authorization": f"Bearer {answer.json()['access_token']}"}
+    assert (
+        await request(http, "GET", f"{proxy}/eu/build/v2/profiles", headers=local)
+    ).status == 200
+    assert standin.exchanges and all(e.status == 200 for e in standin.exchanges)

@@ -10,22 +10,30 @@ import os
 import re
 import shlex
 import shutil
+import ssl
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
+import trustme
 import yaml
 
 from proxy import __version__
 from proxy.config.load import load_settings
 from proxy.config.secrets import read_client_token
+from proxy.serve.server import start
 from tests.standin import StandIn
+
+from .conftest import CLIENT_TOKEN, PERSONAL_KEY
+from .support import request
 
 ROOT = Path(__file__).parent.parent
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
+README = (ROOT / "README.md").read_text()
 
 
 def instructions(keyword: str) -> list[str]:
@@ -222,3 +230,148 @@ def test_kubernetes_example_is_a_native_sidecar_with_probes_and_a_secret_file(
     assert str(settings.server.admin_endpoint) == "0.0.0.0:9090"
     assert settings.server.listen == "127.0.0.1:8787"
     assert [p["containerPort"] for p in sidecar["ports"]] == [9090]
+
+
+# -- Kubernetes manifests -----------------------------------------------------------------
+
+MANIFESTS = ("kubernetes.yaml", "kubernetes-shared.yaml")
+
+
+def manifest(name: str) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all((ROOT / "examples" / name).read_text()) if doc]
+
+
+def pod_of(documents: list[dict[str, Any]]) -> dict[str, Any]:
+    (deployment,) = [doc for doc in documents if doc["kind"] == "Deployment"]
+    return dict(deployment["spec"]["template"]["spec"])
+
+
+@pytest.mark.parametrize("name", MANIFESTS)
+def test_kubernetes_manifest_passes_kubernetes_validate_strict(name: str) -> None:
+    """Every resource matches the Kubernetes API schema, with no field it does not know."""
+    validate = shutil.which("kubernetes-validate") or str(
+        Path(sys.executable).parent / "kubernetes-validate"
+    )
+    result = subprocess.run(
+        [validate, "--strict", "--quiet", str(ROOT / "examples" / name)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("name", MANIFESTS)
+def test_kubernetes_pod_passes_pod_security_restricted(name: str) -> None:
+    """The checks of Pod Security "restricted" that a manifest decides: a namespace that
+    enforces it admits the pod (every container, the app's included)."""
+    pod = pod_of(manifest(name))
+    assert not pod.get("hostNetwork") and not pod.get("hostPID") and not pod.get("hostIPC")
+    assert all("hostPath" not in volume for volume in pod.get("volumes", []))
+    pod_context = pod.get("securityContext", {})
+    containers = pod.get("initContainers", []) + pod["containers"]
+    for container in containers:
+        context = container.get("securityContext")
+        assert context is not None, container["name"]
+        seccomp = context.get("seccompProfile", pod_context.get("seccompProfile", {}))
+        assert seccomp.get("type") == "RuntimeDefault", container["name"]
+        assert context.get("runAsNonRoot", pod_context.get("runAsNonRoot")) is True
+        # runAsNonRoot is only checkable for a numeric user (curl's image names its user).
+        assert context.get("runAsUser", pod_context.get("runAsUser", 1)) != 0
+        assert isinstance(context.get("runAsUser", pod_context.get("runAsUser")), int)
+        assert context["allowPrivilegeEscalation"] is False, container["name"]
+        assert context["capabilities"]["drop"] == ["ALL"], container["name"]
+        assert not context["capabilities"].get("add") and not context.get("privileged")
+
+
+@pytest.mark.parametrize("name", MANIFESTS)
+def test_kubernetes_manifest_uses_the_image_the_readme_builds_and_secret_files(
+    name: str,
+) -> None:
+    """The image is the tag `docker build` in the README makes (a bare name is :latest),
+    pulled only if absent; the setup in the header puts secrets in with --from-file, never
+    on a command line."""
+    (built,) = re.findall(r"^docker build -t (\S+) \.$", README, re.MULTILINE)
+    tag = built if ":" in built else f"{built}:latest"
+    pod = pod_of(manifest(name))
+    (proxy,) = [
+        c
+        for c in pod.get("initContainers", []) + pod["containers"]
+        if c["name"] == "appcircle-proxy"
+    ]
+    assert proxy["image"] == tag
+    assert proxy["imagePullPolicy"] == "IfNotPresent"
+    text = (ROOT / "examples" / name).read_text()
+    assert "--from-literal" not in text
+    assert "kubectl create secret generic appcircle-key --from-file" in re.sub(
+        r"-n appcircle-proxy |\\\n#\s+", "", text
+    )
+
+
+async def test_shared_deployment_serves_named_clients_over_tls_behind_its_service(
+    standin: StandIn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, http: aiohttp.ClientSession
+) -> None:
+    """examples/kubernetes-shared.yaml: 2-3 replicas behind a Service, admitted only from the
+    runners' namespace, one down at most, ready on /_proxy/ready; its configuration, with
+    the mounted secrets made up here, starts a proxy that serves each team over TLS."""
+    documents = {doc["kind"]: doc for doc in manifest("kubernetes-shared.yaml")}
+    deployment, pod = documents["Deployment"], pod_of(list(documents.values()))
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert 2 <= deployment["spec"]["replicas"] <= 3
+    assert documents["Service"]["spec"]["selector"] == labels
+    assert documents["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"] == labels
+    assert documents["PodDisruptionBudget"]["spec"]["maxUnavailable"] == 1
+    policy = documents["NetworkPolicy"]["spec"]
+    assert policy["podSelector"]["matchLabels"] == labels
+    api_rule = [rule for rule in policy["ingress"] if rule["ports"][0]["port"] == 8787]
+    assert api_rule[0]["from"] == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ci-runners"}}}
+    ]
+    (container,) = pod["containers"]
+    assert container["readinessProbe"]["httpGet"] == {"path": "/_proxy/ready", "port": "admin"}
+    assert container["resources"]["requests"]["memory"] and container["resources"]["limits"]
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+
+    # The configuration as the pod reads it, its secret files made up under tmp_path.
+    config_text = documents["ConfigMap"]["data"]["config.toml"]
+    paths = re.findall(r'"(/var/run/secrets/[^"]+)"', config_text)
+    assert {str(Path(path).parent) for path in paths} <= mounts
+    ca = trustme.CA()
+    issued = ca.issue_cert("appcircle-proxy.appcircle-proxy.svc", "127.0.0.1")
+    tokens = {"mobile": CLIENT_TOKEN, "qa": "qa_" + "7e" * 16}
+    secrets = tmp_path / "secrets"
+    for path in paths:
+        made_up = secrets / Path(path).relative_to("/var/run/secrets")
+        made_up.parent.mkdir(parents=True, exist_ok=True)
+        if made_up.name == "tls.crt":
+            made_up.write_bytes(b"".join(blob.bytes() for blob in issued.cert_chain_pems))
+        elif made_up.name == "tls.key":
+            issued.private_key_pem.write_to_path(str(made_up))
+        else:
+            made_up.write_text(tokens.get(made_up.name, PERSONAL_KEY))
+    config = tmp_path / "config.toml"
+    config.write_text(config_text.replace("/var/run/secrets/", f"{secrets}/"))
+    monkeypatch.setenv("APPCIRCLE_PROXY_SERVER__LISTEN", "127.0.0.1:0")
+    monkeypatch.setenv("APPCIRCLE_PROXY_SERVER__ADMIN_LISTEN", "127.0.0.1:0")
+    monkeypatch.setenv("APPCIRCLE_PROXY_APPCIRCLE__API_URL", standin.api_url)
+    monkeypatch.setenv("APPCIRCLE_PROXY_APPCIRCLE__AUTH_URL", standin.auth_url)
+    settings = load_settings(config)
+    assert settings.server.tls_cert_file is not None and set(settings.clients) == set(tokens)
+    assert "appcircle-proxy.appcircle-proxy.svc" in settings.server.allowed_hosts
+    running = await start(settings)
+    try:
+        trusted = ssl.create_default_context()
+        ca.configure_trust(trusted)
+        proxy = running.urls[0]
+        assert proxy.startswith("https://")
+
+        async def status(path: str, team: str) -> int:
+            headers = {"Authorization": f"Bearer {tokens[team]}"}
+            reply = await request(http, "GET", proxy + path, headers=headers, ssl=trusted)
+            return reply.status
+
+        assert await status("/build/v2/profiles", "mobile") == 200
+        assert await status("/qa/distribution/v2/profiles", "qa") == 200
+        assert await status("/build/v2/profiles", "qa") == 403  # not qa's route
+        assert await status("/qa/build/v2/profiles", "qa") == 403  # not in the route's rules
+    finally:
+        await running.stop()

@@ -8,17 +8,21 @@ import json
 import os
 import signal
 import socket
+import ssl
 import sys
 from pathlib import Path
 
 import aiohttp
 import pytest
+import trustme
+from yarl import URL
 
 from tests.standin import StandIn
 
 from .conftest import INLINE_KEY_CONFIG, PERSONAL_KEY, ROOT_ORG, WriteConfig
 from .processes import serving
 from .support import eventually, request
+from .test_guard import listener_certificate
 
 
 async def stderr_of(process: asyncio.subprocess.Process) -> str:
@@ -144,3 +148,45 @@ async def test_json_logs_are_one_object_per_line(
     assert {"time", "level", "message", "duration_ms", "bytes_in", "bytes_out"} <= set(access[0])
     exchanges = [e for e in entries if "obtained session token" in e["message"]]
     assert [(e["routes"], e["outcome"]) for e in exchanges] == [("default", "ok")]
+
+
+async def test_sighup_gives_new_connections_the_new_listener_certificate(
+    standin: StandIn, write_config: WriteConfig, tmp_path: Path
+) -> None:
+    """Certificate rotation without a restart: after the files are replaced and SIGHUP, a
+    new connection is served with the new certificate; one opened before keeps working."""
+    ca = trustme.CA()
+    config = write_config(
+        credentials=INLINE_KEY_CONFIG, server=listener_certificate(ca, tmp_path, "first")
+    )
+    trusted = ssl.create_default_context()
+    ca.configure_trust(trusted)
+
+    async def served_as(url: str) -> str:
+        reader, writer = await asyncio.open_connection(
+            URL(url).host, URL(url).port, ssl=trusted, server_hostname="127.0.0.1"
+        )
+        certificate = writer.get_extra_info("peercert")
+        writer.close()
+        await writer.wait_closed()
+        (common_name,) = [v for rdn in certificate["subject"] for k, v in rdn if k == "commonName"]
+        return str(common_name)
+
+    async with serving(config) as (proxy, process):
+        connector = aiohttp.TCPConnector(ssl=trusted)
+        async with aiohttp.ClientSession(connector=connector) as https:
+            assert (await request(https, "GET", f"{proxy}/x")).status == 200  # kept alive
+            assert await served_as(proxy) == "first"
+            listener_certificate(ca, tmp_path, "second")
+            process.send_signal(signal.SIGHUP)
+
+            async def renewed() -> bool:
+                return await served_as(proxy) == "second"
+
+            await eventually(renewed, within=5)
+            assert (await request(https, "GET", f"{proxy}/x")).status == 200
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 20) == 0
+        logs = await stderr_of(process)
+    assert "reloaded the listener's TLS certificate" in logs
+    assert "PRIVATE KEY" not in logs

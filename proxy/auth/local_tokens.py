@@ -32,6 +32,8 @@ EXCHANGE_ENDPOINTS: Final[Mapping[str, str]] = {
 COPIED_CLAIMS: Final = ("currentOrganizationId", "sub", "email")
 ISSUER: Final = "appcircle-proxy"
 ROUTE_CLAIM: Final = "appcircle_proxy_route"
+# The named client (server.client_token's is "default") whose token the exchange was given.
+CLIENT_CLAIM: Final = "appcircle_proxy_client"
 ALGORITHM: Final = "HS256"
 # One random key per running proxy; never configured, never written anywhere.
 PROCESS_SECRET: Final = secrets.token_bytes(32)
@@ -49,6 +51,8 @@ class LocalClaims:
 
     route: str
     expires_at: float
+    # The client it stands for; None when the proxy asks for no client token.
+    client: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,8 +62,15 @@ class LocalTokens:
     clock: Callable[[], float]
     secret: bytes = field(default=PROCESS_SECRET, repr=False)
 
-    def mint(self, route: str, real_claims: Mapping[str, Any], expires_at: float) -> str:
-        """A local token for `route`, ending at `expires_at` (whole seconds, rounded down)."""
+    def mint(
+        self,
+        route: str,
+        real_claims: Mapping[str, Any],
+        expires_at: float,
+        client: str | None = None,
+    ) -> str:
+        """A local token for `route` (and `client`), ending at `expires_at` (whole seconds,
+        rounded down)."""
         claims: dict[str, Any] = {
             name: real_claims[name] for name in COPIED_CLAIMS if name in real_claims
         }
@@ -70,6 +81,8 @@ class LocalTokens:
             jti=secrets.token_hex(8),
             **{ROUTE_CLAIM: route},
         )
+        if client is not None:
+            claims[CLIENT_CLAIM] = client
         return jwt.encode(claims, self.secret, algorithm=ALGORITHM)
 
     def read(self, authorization: str | None) -> LocalClaims | None:
@@ -98,7 +111,7 @@ def _verified(token: str, secret: bytes) -> LocalClaims | None:
         )
     except jwt.PyJWTError:
         return None
-    route, expires_at = claims[ROUTE_CLAIM], claims["exp"]
+    route, expires_at, client = claims[ROUTE_CLAIM], claims["exp"], claims.get(CLIENT_CLAIM)
     if not isinstance(route, str) or not isinstance(expires_at, int | float):
         return None
-    return LocalClaims(route, float(expires_at))
+    return LocalClaims(route, float(expires_at), client if isinstance(client, str) else None)

@@ -49,9 +49,10 @@ def key_variables(settings: Settings, environ: Iterable[str]) -> set[str]:
     names |= {c.secret_env for c in settings.credentials.values() if c.secret_env is not None}
     if settings.server.client_token_env is not None:
         names.add(settings.server.client_token_env)
+    names |= {c.token_env for c in settings.clients.values() if c.token_env is not None}
     # Settings given as APPCIRCLE_PROXY_* variables can hold secrets too (credentials, the
     # client token, or a whole section as JSON). Names are case-insensitive there.
-    secret_words = ("CREDENTIALS", "SECRET", "CLIENT_TOKEN")
+    secret_words = ("CREDENTIALS", "SECRET", "CLIENT_TOKEN", "CLIENTS")
     names |= {
         name
         for name in environ

@@ -5,6 +5,7 @@ Pure data: nothing here reads a file or the environment (`sources` and `secrets`
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from functools import cached_property
 from pathlib import Path
@@ -39,6 +40,8 @@ __all__ = [
     "ENV_PREFIX",
     "DEFAULT_LISTEN",
     "AppcircleSettings",
+    "DEFAULT_CLIENT",
+    "ClientSettings",
     "CredentialSettings",
     "LogSettings",
     "RouteSettings",
@@ -130,6 +133,10 @@ class ServerSettings(_Section):
     client_token: SecretStr | None = None
     client_token_env: str | None = None
     client_token_file: Path | None = None
+    # TLS on the listener (both or neither), for traffic that leaves the machine or the pod;
+    # the files are re-read on SIGHUP (new connections get the new certificate).
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
     # Seconds a connection may take to send a complete request head, and may stay idle.
     header_timeout: PositiveFloat = 15.0
     # A second listener for /_proxy/ (health, readiness, metrics) alone, for probes and
@@ -209,6 +216,20 @@ class ServerSettings(_Section):
             raise ValueError(f"set at most one of {', '.join(given)}")
         if self.client_token is not None:
             check_utf8(self.client_token.get_secret_value(), "client_token")
+        return self
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ServerSettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            given, missing = (
+                ("tls_cert_file", "tls_key_file")
+                if self.tls_key_file is None
+                else ("tls_key_file", "tls_cert_file")
+            )
+            raise ValueError(
+                f"{given} is set but {missing} is not; TLS on the listener needs both "
+                "(the certificate chain and its private key, PEM files), or neither"
+            )
         return self
 
 
@@ -299,6 +320,36 @@ class CredentialSettings(_Section):
             raise ValueError("an api-key credential needs name (the API key's name)")
         if self.kind != "api-key" and self.name is not None:
             raise ValueError(f"name is only for api-key credentials, not {self.kind}")
+        return self
+
+
+# A client's name goes into log lines and metric labels: keep it plain.
+CLIENT_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+# server.client_token, when named clients are configured too.
+DEFAULT_CLIENT: Final = "default"
+
+
+class ClientSettings(_Section):
+    """A named client of a shared proxy: its own token, and optionally the routes it may use."""
+
+    token_env: str | None = None
+    token_file: Path | None = None
+    # Route names (the [routes.NAME] keys); None: every route.
+    routes: tuple[str, ...] | None = None
+
+    @model_validator(mode="after")
+    def _one_token_source(self) -> ClientSettings:
+        given = [f for f in ("token_env", "token_file") if getattr(self, f) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "set exactly one of token_env (a variable's name) or token_file (a path); "
+                f"found {len(given)}" + (f": {', '.join(given)}" if given else "")
+            )
+        if self.routes is not None and not self.routes:
+            raise ValueError(
+                "routes is empty, so the client could use nothing; list route names, or "
+                "remove routes to let it use every route"
+            )
         return self
 
 
@@ -412,6 +463,8 @@ class Settings(BaseSettings):
     log: LogSettings = LogSettings()
     credentials: dict[str, CredentialSettings] = {}
     routes: dict[str, RouteSettings] = {}
+    # Named clients, each with its own client token (see the README's "Shared deployment").
+    clients: dict[str, ClientSettings] = {}
 
     @model_validator(mode="before")
     @classmethod
@@ -450,4 +503,30 @@ class Settings(BaseSettings):
                     f"'{route.prefix}'; give each route its own prefix"
                 )
             seen[route.prefix] = name
+        self._check_clients()
         return self
+
+    def _check_clients(self) -> None:
+        server = self.server
+        single = any(
+            value is not None
+            for value in (server.client_token, server.client_token_env, server.client_token_file)
+        )
+        for name, client in self.clients.items():
+            if not CLIENT_NAME.fullmatch(name):
+                raise ValueError(
+                    f"clients.{name}: a client's name is letters, digits, '_', '.' and '-' "
+                    "(it goes into log lines and metric labels), at most 63 characters"
+                )
+            if name == DEFAULT_CLIENT and single:
+                raise ValueError(
+                    f"clients.{DEFAULT_CLIENT}: with server.client_token (or client_token_env "
+                    f"/ client_token_file) set, '{DEFAULT_CLIENT}' is that token's name; "
+                    "give this client another name"
+                )
+            unknown = [route for route in client.routes or () if route not in self.routes]
+            if unknown:
+                raise ValueError(
+                    f"clients.{name}.routes names {', '.join(repr(r) for r in unknown)}, "
+                    f"which is not a route; defined routes: {', '.join(sorted(self.routes))}"
+                )

@@ -126,6 +126,7 @@ def refuse_ignored_zero_config(settings: Settings, config_file: Path) -> None:
     unless the file itself reads that variable (secret_env = "APPCIRCLE_PERSONAL_ACCESS_KEY")."""
     used = {credential.secret_env for credential in settings.credentials.values()}
     used.add(settings.server.client_token_env)
+    used |= {client.token_env for client in settings.clients.values()}
     ignored = [name for name in zero_config_variables() if name not in used]
     if ignored:
         raise ConfigError(

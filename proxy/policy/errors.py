@@ -18,6 +18,7 @@ __all__ = [
     "auth_unreachable",
     "bad_request_body",
     "body_not_allowed",
+    "client_not_allowed",
     "no_route",
     "not_allowed_by_route",
     "override_on_restricted_route",
@@ -40,6 +41,17 @@ def _answer(status: int, error: str, detail: str, **extra: Any) -> web.Response:
 def refused(status: int, error: str, detail: str) -> web.Response:
     """The inbound guard's answer to a request it will not forward."""
     return _answer(status, error, detail)
+
+
+def client_not_allowed(client: str, route: Route) -> web.Response:
+    return _answer(
+        403,
+        "client_not_allowed",
+        f"client '{client}' may not use route '{route.name}' ({route.prefix}); "
+        f"add it to clients.{client}.routes if it should",
+        client=client,
+        route=route.name,
+    )
 
 
 def no_route(path: str, prefixes: list[str]) -> web.Response:

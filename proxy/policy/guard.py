@@ -23,12 +23,12 @@ from urllib.parse import unquote
 
 from aiohttp import hdrs, web
 from multidict import CIMultiDict
-from pydantic import SecretStr
 
-from ..auth.local_tokens import LocalTokens
-from ..config.secrets import read_client_token
-from ..config.settings import ServerSettings
+from ..auth.local_tokens import LocalClaims, LocalTokens
+from ..config.secrets import Client, read_clients
+from ..config.settings import Settings
 from ..paths import HEALTH_PATH
+from ..telemetry.facts import Facts
 from . import errors
 
 __all__ = ["Guard"]
@@ -129,7 +129,10 @@ def _presented_token(credentials: str) -> bytes | None:
 def _client_token_refusal(request: web.BaseRequest) -> web.Response:
     """401 for a client that sent Authorization only (ordinary clients understand that);
     407 otherwise, as a proxy answers."""
-    setting = "the client token set in server.client_token, client_token_env or client_token_file"
+    setting = (
+        "the client token set in server.client_token, client_token_env or client_token_file, "
+        "or your clients.NAME token"
+    )
     if hdrs.AUTHORIZATION in request.headers and hdrs.PROXY_AUTHORIZATION not in request.headers:
         response = errors.refused(
             401,
@@ -153,7 +156,8 @@ def _client_token_refusal(request: web.BaseRequest) -> web.Response:
 class Guard:
     allowed_hosts: frozenset[str]
     allowed_origins: frozenset[str]
-    client_token: SecretStr | None = field(repr=False)
+    # Empty: no client token is asked for.
+    clients: tuple[Client, ...] = field(repr=False)
     max_url_length: int
     max_header_bytes: int
     max_header_count: int
@@ -166,14 +170,15 @@ class Guard:
     @classmethod
     def from_settings(
         cls,
-        server: ServerSettings,
+        settings: Settings,
         exchange_paths: frozenset[str] = frozenset(),
         local_tokens: LocalTokens | None = None,
     ) -> Guard:
+        server = settings.server
         return cls(
             allowed_hosts=LOOPBACK_NAMES | frozenset(server.allowed_hosts),
             allowed_origins=frozenset(server.allowed_origins),
-            client_token=read_client_token(server),
+            clients=read_clients(settings),
             max_url_length=server.max_url_length,
             max_header_bytes=server.max_header_bytes,
             max_header_count=server.max_header_count,
@@ -181,9 +186,9 @@ class Guard:
             local_tokens=local_tokens,
         )
 
-    def refusal(self, request: web.BaseRequest, path: str) -> web.Response | None:
+    def refusal(self, request: web.BaseRequest, path: str, facts: Facts) -> web.Response | None:
         """The answer that refuses `request`, or None when it may be forwarded. `path` is
-        its raw path without the query."""
+        its raw path without the query; the client its token names goes into `facts`."""
         if request.method in REFUSED_METHODS:
             return errors.refused(
                 405,
@@ -237,21 +242,30 @@ class Guard:
         # Liveness says nothing but "up", and container health checks cannot send a token;
         # nor can a browser's CORS preflight (an allowed origin's, as refused ones are above).
         if (
-            self.client_token is not None
+            self.clients
             and path != HEALTH_PATH
             and not self._is_preflight(request)
+            # Key exchanges carry the client token as their key and check it themselves.
             and not (request.method == hdrs.METH_POST and path in self.exchange_paths)
-            and not self._client_token_matches(request)
-            and not self._local_token_valid(request)
         ):
-            if self._local_token_expired(request):
-                return errors.refused(
-                    401,
-                    "local_token_expired",
-                    "this token from the proxy's key exchange has expired: exchange again "
-                    "(log in again), as with a token from Appcircle's auth host",
-                )
-            return _client_token_refusal(request)
+            client = self._client(request)
+            local = None if client is not None else self._local_token(request)
+            if client is not None:
+                facts.client = client.name
+            elif (
+                local is not None and local.client is not None and local.expires_at > self._clock()
+            ):
+                # A local token stands for the client whose token its exchange was given.
+                facts.client = local.client
+            else:
+                if local is not None:
+                    return errors.refused(
+                        401,
+                        "local_token_expired",
+                        "this token from the proxy's key exchange has expired: exchange again "
+                        "(log in again), as with a token from Appcircle's auth host",
+                    )
+                return _client_token_refusal(request)
         problem = _path_problem(path)
         if problem is not None:
             return errors.refused(400, "bad_path", problem)
@@ -263,30 +277,43 @@ class Guard:
             return origin.rstrip("/").lower() not in self.allowed_origins
         return request.headers.get("Sec-Fetch-Site", "").lower() in CROSS_SITE
 
-    def _client_token_matches(self, request: web.BaseRequest) -> bool:
-        """The client token in either header, as Bearer or as HTTP Basic's password: most
-        tools (the appcircle CLI, Postman, SDKs) can only set Authorization."""
-        assert self.client_token is not None
-        expected = self.client_token.get_secret_value().encode()
-        matched = False
-        # Both headers are always compared, so the timing does not tell which one held it.
-        for name in (hdrs.PROXY_AUTHORIZATION, hdrs.AUTHORIZATION):
-            presented = _presented_token(request.headers.get(name, ""))
-            matched |= presented is not None and hmac.compare_digest(presented, expected)
-        return matched
+    def _client(self, request: web.BaseRequest) -> Client | None:
+        """The client whose token is in either header, as Bearer or as HTTP Basic's
+        password (most tools, the appcircle CLI, Postman, SDKs, can only set
+        Authorization); None when no client's is."""
+        presented = [
+            _presented_token(request.headers.get(name, ""))
+            for name in (hdrs.PROXY_AUTHORIZATION, hdrs.AUTHORIZATION)
+        ]
+        found: Client | None = None
+        # Both headers against every client, always: the timing tells neither which header
+        # held a token nor which client's it is.
+        for client in self.clients:
+            expected = client.token.get_secret_value().encode()
+            matched = False
+            for token in presented:
+                matched |= token is not None and hmac.compare_digest(token, expected)
+            if matched and found is None:
+                found = client
+        return found
 
-    def _local_token_valid(self, request: web.BaseRequest) -> bool:
-        """A local token (see auth.local_tokens) not yet expired; which route it is for is
+    def client_may_use(self, client: str, route: str) -> bool:
+        """Whether a named client limited to some routes may use `route`."""
+        for known in self.clients:
+            if known.name == client:
+                return known.routes is None or route in known.routes
+        return True
+
+    def _local_token(self, request: web.BaseRequest) -> LocalClaims | None:
+        """A local token (see auth.local_tokens), expired or not; which route it is for is
         the handler's check, once the route is known."""
         if self.local_tokens is None:
-            return False
-        local = self.local_tokens.read(request.headers.get(hdrs.AUTHORIZATION))
-        return local is not None and local.expires_at > self.local_tokens.clock()
+            return None
+        return self.local_tokens.read(request.headers.get(hdrs.AUTHORIZATION))
 
-    def _local_token_expired(self, request: web.BaseRequest) -> bool:
-        if self.local_tokens is None:
-            return False
-        return self.local_tokens.read(request.headers.get(hdrs.AUTHORIZATION)) is not None
+    def _clock(self) -> float:
+        assert self.local_tokens is not None
+        return self.local_tokens.clock()
 
     @staticmethod
     def _is_preflight(request: web.BaseRequest) -> bool:

@@ -21,7 +21,6 @@ from ..auth.credentials import Credential, credential_from_settings
 from ..auth.exchange import Exchanger
 from ..auth.local_tokens import LocalTokens
 from ..auth.tokens import Clock, TokenKey, TokenPolicy, TokenSources
-from ..config.secrets import read_client_token
 from ..config.settings import Settings
 from ..policy.guard import Guard
 from ..policy.routes import Route, RouteTable
@@ -205,8 +204,9 @@ def build(
         send_timeout=settings.server.send_timeout,
     )
     local_tokens = LocalTokens(clock)
+    guard = Guard.from_settings(settings, exchange_paths(runtime.routes), local_tokens)
     handler = Handler(
-        Guard.from_settings(settings.server, exchange_paths(runtime.routes), local_tokens),
+        guard,
         runtime.routes,
         forwarder,
         runtime.pool,
@@ -217,7 +217,7 @@ def build(
         userinfo.Relay(
             runtime.session, settings.appcircle.auth_url, settings.tokens.exchange_timeout
         ),
-        LocalExchange(runtime.routes, local_tokens, read_client_token(settings.server)),
+        LocalExchange(runtime.routes, local_tokens, guard.clients),
         mcp.Relay(runtime.session, settings.server.send_timeout),
     )
     return Proxy(runtime, handler, stats, registry, access_log, admin)

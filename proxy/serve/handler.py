@@ -92,7 +92,7 @@ class Handler:
 
     async def _answer(self, request: web.BaseRequest, facts: Facts) -> web.StreamResponse:
         path, has_query, query = request.raw_path.partition("?")
-        refusal = self._guard.refusal(request, path)
+        refusal = self._guard.refusal(request, path, facts)
         if refusal is not None:
             return refusal
         preflight = self._guard.preflight_answer(request)
@@ -111,8 +111,11 @@ class Handler:
         local_refusal = self._local.refusal(request, route)
         if local_refusal is not None:
             return local_refusal
-        # The route's allow rules (or read_only) apply before any token is taken; then
-        # /auth/... belongs to the auth host: userinfo relayed, the rest refused.
+        # The client's routes, then the route's allow rules (or read_only), apply before any
+        # token is taken; then /auth/... belongs to the auth host: userinfo relayed, the
+        # rest refused.
+        if not self._guard.client_may_use(facts.client, route.name):
+            return errors.client_not_allowed(facts.client, route)
         if not route.allows(request.method, rest):
             return errors.not_allowed_by_route(route, request.method, rest)
         if route.policy.restricted:

@@ -9,6 +9,7 @@ import asyncio
 import logging
 import os
 import socket
+import ssl
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,8 @@ class Listener:
     # What to close with it: the sockets this process bound (None: a --workers supervisor
     # owns them, and closes them when the last worker is gone).
     bound: Bound | None = None
+    # Serving TLS (server.tls_cert_file): its URLs are https.
+    secure: bool = False
 
     def close(self) -> None:
         self.server.close()
@@ -68,16 +71,19 @@ class Listener:
 
 def addresses(listeners: tuple[Listener, ...]) -> list[str]:
     return [
-        url_of(sock.getsockname()) for listener in listeners for sock in listener.server.sockets
+        url_of(sock.getsockname(), listener.secure)
+        for listener in listeners
+        for sock in listener.server.sockets
     ]
 
 
-def url_of(address: object) -> str:
+def url_of(address: object, secure: bool = False) -> str:
     if isinstance(address, str):
         return f"unix:{address}"
     assert isinstance(address, tuple)
     host, port = address[0], address[1]
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    scheme = "https" if secure else "http"
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
 def bind(server: ServerSettings) -> tuple[Bound, ...]:
@@ -153,10 +159,16 @@ def _bind_tcp(endpoint: Endpoint) -> tuple[socket.socket, ...]:
 
 
 async def listen(
-    runner: web.BaseRunner, connections: Connections, bound: Bound, *, owned: bool
+    runner: web.BaseRunner,
+    connections: Connections,
+    bound: Bound,
+    *,
+    owned: bool,
+    tls: ssl.SSLContext | None = None,
 ) -> tuple[Listener, ...]:
-    """Serve on bound sockets; `owned`: closing the listener closes them (and removes its
-    socket file), as the process that bound them, not a worker sharing them."""
+    """Serve on bound sockets, over TLS when given a context; `owned`: closing the listener
+    closes them (and removes its socket file), as the process that bound them, not a worker
+    sharing them."""
     assert runner.server is not None
     factory = connections.factory(runner.server)
     loop = asyncio.get_running_loop()
@@ -166,13 +178,13 @@ async def listen(
     listeners = []
     for sock in bound.sockets:
         if sock.family == socket.AF_UNIX:
-            server = await loop.create_unix_server(factory, sock=sock, backlog=backlog)
+            server = await loop.create_unix_server(factory, sock=sock, backlog=backlog, ssl=tls)
         else:
-            server = await loop.create_server(factory, sock=sock, backlog=backlog)
-        listeners.append(Listener(server))
+            server = await loop.create_server(factory, sock=sock, backlog=backlog, ssl=tls)
+        listeners.append(Listener(server, secure=tls is not None))
     if owned:
         # The last one closes them all, after every server has stopped accepting.
-        listeners[-1] = Listener(listeners[-1].server, bound)
+        listeners[-1] = Listener(listeners[-1].server, bound, tls is not None)
     return tuple(listeners)
 
 

@@ -17,10 +17,10 @@ from typing import Any, Final
 
 import jwt
 from aiohttp import hdrs, web
-from pydantic import SecretStr
 
 from ..auth.local_tokens import EXCHANGE_ENDPOINTS, LocalTokens
 from ..auth.tokens import TokenUnavailable
+from ..config.secrets import Client
 from ..policy import errors
 from ..policy.routes import Route, RouteTable
 
@@ -47,6 +47,15 @@ def exchange_paths(routes: RouteTable) -> frozenset[str]:
     return frozenset(paths)
 
 
+def _client_of(key: str, clients: tuple[Client, ...]) -> Client | None:
+    """The client whose token `key` is; every client compared, so timing tells nothing."""
+    found = None
+    for client in clients:
+        if hmac.compare_digest(key.encode(), client.token.get_secret_value().encode()):
+            found = found or client
+    return found
+
+
 def _invalid_token(error: str, detail: str) -> web.Response:
     response = errors.refused(401, error, detail)
     response.headers[hdrs.WWW_AUTHENTICATE] = (
@@ -59,11 +68,12 @@ class LocalExchange:
     """Answers exchanges and checks the local tokens they hand out; one per process."""
 
     def __init__(
-        self, routes: RouteTable, tokens: LocalTokens, client_token: SecretStr | None
+        self, routes: RouteTable, tokens: LocalTokens, clients: tuple[Client, ...]
     ) -> None:
         self._routes = routes
         self._tokens = tokens
-        self._client_token = client_token
+        # Empty: the proxy asks for no client token, and any key value is accepted.
+        self._clients = clients
 
     @staticmethod
     def is_exchange(method: str, path: str) -> bool:
@@ -107,14 +117,17 @@ class LocalExchange:
                 f"POST {endpoint} needs the form field {' and '.join(missing)} "
                 "(application/x-www-form-urlencoded), as on Appcircle's auth host",
             )
-        if self._client_token is not None and not hmac.compare_digest(
-            form[key_field].encode(), self._client_token.get_secret_value().encode()
-        ):
-            return _invalid_token(
-                "exchange_key_rejected",
-                f"this proxy has a client token: exchange it, not an Appcircle key (send the "
-                f"client token as '{key_field}'); the proxy holds the Appcircle key itself",
-            )
+        client: Client | None = None
+        if self._clients:
+            client = _client_of(form[key_field], self._clients)
+            if client is None:
+                return _invalid_token(
+                    "exchange_key_rejected",
+                    f"this proxy has a client token: exchange it, not an Appcircle key (send "
+                    f"the client token as '{key_field}'); the proxy holds the Appcircle key",
+                )
+            if client.routes is not None and route.name not in client.routes:
+                return errors.client_not_allowed(client.name, route)
         try:
             token = route.tokens.to_send() or await route.tokens.get()
         except TokenUnavailable as problem:
@@ -128,7 +141,9 @@ class LocalExchange:
         real_claims: dict[str, Any] = jwt.decode(token.value, options={"verify_signature": False})
         now = self._tokens.clock()
         expires_at = int(token.usable_until)
-        access_token = self._tokens.mint(route.name, real_claims, expires_at)
+        access_token = self._tokens.mint(
+            route.name, real_claims, expires_at, None if client is None else client.name
+        )
         response = web.json_response(
             {
                 "access_token": access_token,

@@ -11,6 +11,7 @@ import gc
 import logging
 import os
 import signal
+import ssl
 import time
 from collections.abc import Callable, Coroutine
 from contextlib import AsyncExitStack
@@ -26,7 +27,7 @@ from ..auth.tokens import Clock
 from ..config.addresses import Endpoint, is_loopback
 from ..config.errors import ConfigError
 from ..config.hardening import secrets_in_environment, withhold
-from ..config.secrets import read_client_token
+from ..config.secrets import listener_tls, load_listener_certificate, read_clients
 from ..config.settings import Settings
 from ..telemetry import logs
 from ..telemetry.access_log import LOGGER_NAME, access_logger
@@ -135,6 +136,8 @@ class Running:
     resources: AsyncExitStack
     listeners: tuple[tuple[Listener, ...], ...]
     shutdown_timeout: float
+    # The API listener's TLS context, which SIGHUP loads the certificate into again.
+    tls: ssl.SSLContext | None = None
 
     @property
     def urls(self) -> list[str]:
@@ -221,10 +224,17 @@ async def start(
     address, setting = server.endpoint, "--listen or server.listen"
     owned = bound is None
     try:
+        # Checked when the settings were loaded; read here, once more, for this process.
+        tls = listener_tls(server)
+    except ValueError as err:
+        await resources.aclose()
+        log.error("%s", err)
+        raise SystemExit(2) from None
+    try:
         if bound is None:
             bound = bind(server)
         await runner.setup()
-        listeners.append(await listen(runner, connections, bound[0], owned=owned))
+        listeners.append(await listen(runner, connections, bound[0], owned=owned, tls=tls))
         if server.admin_endpoint is not None:
             address, setting = server.admin_endpoint, "--admin-listen or server.admin_listen"
             admin_runner = web.ServerRunner(
@@ -252,15 +262,16 @@ async def start(
         raise SystemExit(2) from None
     endpoint = server.endpoint
     if isinstance(endpoint, Endpoint) and not is_loopback(endpoint.host):
-        if read_client_token(server) is None:
+        if not read_clients(settings):
             log.warning(
                 "LISTENING ON %s, BEYOND LOOPBACK, WITHOUT A CLIENT TOKEN: anyone who can "
                 "reach this address can use the Appcircle key(s) with their full rights. "
-                "Set server.client_token (or client_token_env / client_token_file), or "
+                "Set server.client_token (or client_token_env / client_token_file) or "
+                "[clients.NAME], or "
                 "listen on 127.0.0.1 unless this is a container's own network namespace.",
                 endpoint,
             )
-    return Running(proxy, tuple(runners), resources, tuple(listeners), server.shutdown_timeout)
+    return Running(proxy, tuple(runners), resources, tuple(listeners), server.shutdown_timeout, tls)
 
 
 def _reload(running: Running, load: Callable[[], Settings]) -> None:
@@ -273,6 +284,15 @@ def _reload(running: Running, load: Callable[[], Settings]) -> None:
             return
         running.proxy.runtime.reload(settings)
     withhold(settings)
+    if running.tls is not None and settings.server.tls_cert_file is not None:
+        # Loaded already by the settings' check; the same context, so every connection
+        # accepted from now on gets the new certificate and the open ones keep theirs.
+        try:
+            load_listener_certificate(running.tls, settings.server)
+        except ValueError as err:
+            log.error("reload of the listener's certificate failed, keeping the old: %s", err)
+            return
+        log.info("SIGHUP: reloaded the listener's TLS certificate")
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:

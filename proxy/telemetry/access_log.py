@@ -19,7 +19,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from ..paths import HEALTH_PATH, READY_PATH
-from .facts import ERROR_CODE, FACTS, Facts
+from .facts import ERROR_CODE, FACTS, NO_CLIENT, Facts
 from .stats import NO_ROUTE, Stats
 
 __all__ = ["LOGGER_NAME", "AccessLog", "access_logger"]
@@ -71,6 +71,7 @@ class AccessLog:
         route = facts.route if facts is not None else NO_ROUTE
         upstream_status = facts.upstream_status if facts is not None else None
         request_id = facts.request_id if facts is not None else None
+        client_name = facts.client if facts is not None else NO_CLIENT
         if self._json:
             entry = {
                 "time": self._timestamp(now),
@@ -88,6 +89,7 @@ class AccessLog:
                 "bytes_out": bytes_out,
                 "client": client,
                 "request_id": request_id,
+                "client_name": None if client_name == NO_CLIENT else client_name,
             }
             if self._worker is not None:
                 entry["worker"] = self._worker
@@ -97,7 +99,8 @@ class AccessLog:
                 f"{self._timestamp(now)} INFO {LOGGER_NAME}: {request.method} {path} {status} "
                 f"route={route} upstream_status={upstream_status or '-'} "
                 f"error={error or '-'} duration_ms={seconds * 1000:.1f} bytes_in={bytes_in} "
-                f"bytes_out={bytes_out} client={client} request_id={request_id or '-'}"
+                f"bytes_out={bytes_out} client={client} request_id={request_id or '-'} "
+                f"client_name={client_name}"
             )
             if self._worker is not None:
                 line += f" worker={self._worker}"
@@ -160,6 +163,8 @@ def access_logger(log: AccessLog, stats: Stats) -> type[AbstractAccessLogger]:
                 bytes_out,
                 facts.upstream_seconds if facts is not None else None,
             )
+            if facts is not None and facts.client != NO_CLIENT:
+                stats.record_client(facts.client, route, status)
             if not log.enabled:
                 return
             # The raw path: decoding it (request.path) costs a URL parse per request.

@@ -96,6 +96,8 @@ class Stats:
         self.bytes_out: dict[str, int] = {}
         self.latency: dict[str, _Latency] = {}
         self.refused: dict[str, int] = {}
+        # By (client, route, status class), for requests that named a client by its token.
+        self.clients: dict[tuple[str, str, str], int] = {}
         self.in_flight = 0
         # With --workers: how often this worker's slot was re-forked after its process died.
         self.worker_restarts: int | None = None
@@ -121,6 +123,10 @@ class Stats:
                 latency = self.latency[route] = _Latency()
             latency.counts[bisect.bisect_left(BUCKETS, upstream_seconds)] += 1
             latency.total += upstream_seconds
+
+    def record_client(self, client: str, route: str, status: int) -> None:
+        key = (client, route, f"{status // 100}xx")
+        self.clients[key] = self.clients.get(key, 0) + 1
 
     def refusal(self, kind: str) -> None:
         self.refused[kind] = self.refused.get(kind, 0) + 1
@@ -193,6 +199,14 @@ class _Collector(Collector):
         for kind, count in sorted(stats.refused.items()):
             refused.add_metric([kind], count)
         yield refused
+        clients = CounterMetricFamily(
+            "appcircle_proxy_client_requests",
+            "Requests answered, by the client their token named, route and status class",
+            labels=["client", "route", "status_class"],
+        )
+        for labels, count in sorted(stats.clients.items()):
+            clients.add_metric(list(labels), count)
+        yield clients
 
     def _tokens(self, runtime: Runtime) -> Iterator[Metric]:
         exchanges = CounterMetricFamily(
