@@ -29,7 +29,8 @@ from ..telemetry.stats import Stats
 from ..upstream.pool import Pool, Refused
 from . import userinfo, websocket
 from .drain import Drain
-from .forward import Forwarder, refusal
+from .failures import refusal
+from .forward import Forwarder
 
 __all__ = ["AdminHandler", "Handler"]
 
