@@ -5,12 +5,21 @@ connection that dies between requests, silence, and backpressure."""
 from __future__ import annotations
 
 import asyncio
+import itertools
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Final
 
+import aiohttp
 import pytest
 
 from proxy.upstream.connection import HIGH_WATER, READ_SIZE, UpstreamError, UpstreamTimeout
 from proxy.upstream.pool import Limits, Pool, Refused
+
+from .conftest import StartProxy
+from .rawapi import Answer, RawApi, Received
+from .rawhttp import exchange
+from .support import request
 
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 MakePool = Callable[..., Awaitable[tuple[Pool, "Scripted"]]]
@@ -274,3 +283,247 @@ async def test_admission_waits_for_a_slot_then_refuses(scripted: MakePool) -> No
     pool.release(stream)
     pool.release(held)
     assert (pool.calls.in_use, pool.streams.in_use, pool.pending) == (0, 0, 0)
+
+
+# The forwarding client behind the proxy, against an API that misbehaves ----------------
+
+MakeApi = Callable[[Answer], Awaitable[RawApi]]
+OK: Final = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+REFUSED: Final = b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n"
+
+
+def errors_logged(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        f"{r.name}: {r.getMessage()}"
+        for r in caplog.get_records("call")
+        if r.levelno >= logging.ERROR or r.exc_info
+    ]
+
+
+@pytest.mark.timeout(120)
+async def test_a_request_reaches_the_api_at_most_once_more_whatever_401s_and_losses_befall_it(
+    start_proxy: StartProxy, raw_api: MakeApi, http: aiohttp.ClientSession
+) -> None:
+    """Guards issue 17.1: a replay after a 401 goes at most once, and a replay whose
+    connection dies is a 502; a POST is never acted on twice. Every sequence of three API
+    behaviours (401, hang up without an answer, 200), on a fresh and on a reused
+    connection, for a POST and a GET."""
+    plan: list[str] = []
+
+    async def answer(got: Received, _: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if got.path == "/warm":
+            writer.write(OK)
+        elif got.path == "/cold":  # leaves no connection in the pool
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            writer.close()
+        else:
+            action = plan.pop(0) if plan else "ok"
+            if action == "401":
+                writer.write(REFUSED)
+            elif action == "ok":
+                writer.write(OK)
+            else:
+                writer.close()
+
+    api = await raw_api(answer)
+    proxy = await start_proxy(
+        appcircle={"api_url": api.url, "read_timeout": 5},
+        tokens={"min_renew_interval": 0},
+    )
+    outcome = {"401": 401, "ok": 200, "close": 502}
+    for number, (method, warm, sequence) in enumerate(
+        itertools.product(("POST", "GET"), (True, False), itertools.product(outcome, repeat=3))
+    ):
+        await request(http, "GET", f"{proxy}/{'warm' if warm else 'cold'}")
+        plan[:] = list(sequence)
+        path = f"/case{number}"
+        reply = await request(
+            http, method, f"{proxy}{path}", data=b"x" if method == "POST" else None
+        )
+        applied = sequence[: 3 - len(plan)]
+        case = (method, warm, sequence, applied)
+        sent = [got for got in api.received if got.path == path]
+        assert len(sent) == len(applied), case
+        assert reply.status == outcome[applied[-1]], case
+        if "401" in applied:
+            assert len(applied) - applied.index("401") <= 2, case  # one replay at most
+        if method == "POST":
+            assert [a for a in applied if a != "401"].count("ok") + applied.count("close") <= 1, (
+                case
+            )
+
+
+def endless(first: bytes, repeat: bytes) -> Answer:
+    """An answer that starts with `first` and then sends `repeat` for ever (until the
+    connection breaks); a GET of /small is answered at once."""
+
+    async def answer(got: Received, _: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if got.path == "/small":
+            writer.write(OK)
+            return
+        writer.write(first)
+        while True:
+            writer.write(repeat)
+            await writer.drain()
+
+    return answer
+
+
+@pytest.mark.parametrize(
+    ("first", "repeat"),
+    [
+        (b"HTTP/1.1 200 OK\r\n", b"X-Filler: " + b"f" * 1000 + b"\r\n"),
+        (b"HTTP/1.1 200 OK\r\nX-Endless: ", b"v" * 4096),
+        (b"HTTP/1.1 200 O", b"K" * 4096),
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nX-Trailer: ",
+            b"t" * 4096,
+        ),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2;ext=", b"e" * 4096),
+    ],
+    ids=["header-lines", "header-value", "reason", "trailer", "chunk-extension"],
+)
+async def test_an_endless_response_head_is_a_502_and_other_requests_go_on(
+    start_proxy: StartProxy,
+    raw_api: MakeApi,
+    http: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+    first: bytes,
+    repeat: bytes,
+) -> None:
+    """Guards issue 17.2: the response head, each of its lines, trailers and chunk
+    extensions are bounded; past the bound the client gets 502 upstream_bad_response at
+    once (not after read_timeout: bytes keep coming), and small requests are unaffected."""
+    api = await raw_api(endless(first, repeat))
+    proxy = await start_proxy(appcircle={"api_url": api.url, "read_timeout": 30})
+    async with asyncio.timeout(10):
+        endless_request = asyncio.ensure_future(request(http, "GET", f"{proxy}/endless"))
+        small = await request(http, "GET", f"{proxy}/small")
+        assert small.status == 200
+        if b"chunked" in first:
+            # The head went to the client before the trailer or extension began: only a
+            # cut connection can tell it the answer failed.
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await endless_request
+        else:
+            reply = await endless_request
+            assert reply.status == 502, reply.body
+            assert reply.json()["error"] == "upstream_bad_response"
+    assert errors_logged(caplog) == []
+
+
+@pytest.mark.parametrize(("size", "status"), [(900, 200), (1100, 502)])
+async def test_the_response_line_limit_is_a_setting(
+    start_proxy: StartProxy, raw_api: MakeApi, http: aiohttp.ClientSession, size: int, status: int
+) -> None:
+    """Guards issue 17.2: appcircle.max_response_line bounds each header line."""
+
+    async def answer(got: Received, _: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nX-Long: %s\r\n%s" % (b"l" * (size - 8), OK[17:]))
+
+    api = await raw_api(answer)
+    proxy = await start_proxy(appcircle={"api_url": api.url, "max_response_line": 1000})
+    assert (await request(http, "GET", f"{proxy}/x")).status == status
+
+
+def answering(raw: bytes) -> Answer:
+    async def answer(got: Received, _: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(raw if got.path == "/x" else OK)
+
+    return answer
+
+
+async def test_a_control_byte_in_the_reason_phrase_is_replaced_and_the_request_counted(
+    start_proxy: StartProxy,
+    raw_api: MakeApi,
+    http: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Guards issue 17.3: a reason phrase aiohttp cannot write (a control byte) is replaced
+    by the standard one; the answer is relayed, logged and counted, with no traceback."""
+    api = await raw_api(answering(b"HTTP/1.1 200 O\x01K\r\nContent-Length: 2\r\n\r\nok"))
+    proxy = await start_proxy(appcircle={"api_url": api.url})
+    answered = await exchange(proxy, b"GET /x HTTP/1.1\r\nHost: localhost\r\n\r\n", read_for=0.5)
+    assert answered.startswith(b"HTTP/1.1 200 OK\r\n") and answered.endswith(b"\r\n\r\nok")
+    metrics = (await request(http, "GET", f"{proxy}/_proxy/metrics")).body.decode()
+    assert 'method="GET",route="default",status_class="2xx"} 1.0' in metrics
+    assert errors_logged(caplog) == []
+
+
+async def test_a_control_byte_in_a_header_value_is_a_clean_502(
+    start_proxy: StartProxy,
+    raw_api: MakeApi,
+    http: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Guards issue 17.3: a header value no client may be sent gives the proxy's JSON 502,
+    counted, with no traceback."""
+    api = await raw_api(
+        answering(b"HTTP/1.1 200 OK\r\nX-Bad: a\x01b\r\nContent-Length: 2\r\n\r\nok")
+    )
+    proxy = await start_proxy(appcircle={"api_url": api.url})
+    reply = await request(http, "GET", f"{proxy}/x")
+    assert reply.status == 502 and reply.json()["error"] == "upstream_bad_response"
+    metrics = (await request(http, "GET", f"{proxy}/_proxy/metrics")).body.decode()
+    assert 'method="GET",route="default",status_class="5xx"} 1.0' in metrics
+    assert errors_logged(caplog) == []
+
+
+def chunk_sizes(answer: bytes) -> list[int]:
+    """The sizes of the chunks of a chunked answer, as the proxy framed them."""
+    rest = answer.partition(b"\r\n\r\n")[2]
+    sizes = []
+    while rest:
+        line, _, rest = rest.partition(b"\r\n")
+        size = int(line, 16)
+        sizes.append(size)
+        rest = rest[size + 2 :]
+        if not size:
+            break
+    return sizes
+
+
+async def test_body_bytes_that_arrive_together_leave_together(
+    start_proxy: StartProxy, raw_api: MakeApi
+) -> None:
+    """Guards issue 17.4: 64 KiB sent as one-byte chunks costs per read, not per chunk: the
+    proxy writes far fewer chunks to the client than the API sent."""
+    body = bytes(range(256)) * 256
+
+    async def answer(got: Received, _: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        writer.write(b"".join(b"1\r\n%s\r\n" % body[i : i + 1] for i in range(len(body))))
+        writer.write(b"0\r\n\r\n")
+
+    api = await raw_api(answer)
+    proxy = await start_proxy(appcircle={"api_url": api.url})
+    answered = await exchange(
+        proxy, b"GET /x HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n", read_for=10
+    )
+    sizes = chunk_sizes(answered)
+    assert sum(sizes) == len(body)
+    assert len(sizes) < 100, len(sizes)
+
+
+@pytest.mark.parametrize("coding", [b"chunked, identity", b"xchunked"])
+async def test_a_transfer_coding_the_parser_reads_to_the_close_is_relayed_whole(
+    start_proxy: StartProxy,
+    raw_api: MakeApi,
+    http: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+    coding: bytes,
+) -> None:
+    """Guards issue 17.5: one framing decision, the parser's. With chunked not the last
+    coding, the body runs to the connection's close (RFC 9112, 6.3), and is relayed whole,
+    never as a cut chunked body."""
+    raw_body = b"5\r\nhello\r\n0\r\n\r\n"
+
+    async def answer(got: Received, _: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: %s\r\n\r\n%s" % (coding, raw_body))
+        writer.close()
+
+    api = await raw_api(answer)
+    proxy = await start_proxy(appcircle={"api_url": api.url})
+    reply = await request(http, "GET", f"{proxy}/x")
+    assert (reply.status, reply.body) == (200, raw_body)
+    assert "mid-response" not in caplog.text

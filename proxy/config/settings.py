@@ -341,6 +341,12 @@ class AppcircleSettings(_Section):
     # A separate budget for long-lived streams (WebSockets, server-sent events, bodies
     # streamed rather than buffered), so they can never starve short API calls.
     max_streams: int = Field(default=100, ge=1)
+    # What the API may send besides a body, in bytes: the status line and each header line
+    # (aiohttp's own limit), a whole response head, and a chunked body's extensions and
+    # trailers in a row. Past them: 502 upstream_bad_response, the connection dropped.
+    max_response_line: int = Field(default=8190, ge=64)
+    max_response_head: int = Field(default=64 * 1024, ge=256)
+    max_response_trailers: int = Field(default=64 * 1024, ge=256)
     # Turns off TLS verification for the auth and API hosts. Logged loudly; prefer ca_file.
     insecure_skip_verify: bool = False
 

@@ -27,6 +27,7 @@ from ..telemetry import stats as stats_module
 from ..telemetry.access_log import AccessLog, enabled_by_level
 from ..telemetry.stats import Stats
 from ..telemetry.tracing import debug_traces
+from ..upstream.connection import HeadLimits
 from ..upstream.pool import Limits, Pool
 from . import userinfo
 from .admin import admin_handlers
@@ -70,6 +71,11 @@ def _pool(settings: Settings, tls: ssl.SSLContext) -> Pool:
             pool_timeout=appcircle.pool_timeout,
             connect_timeout=appcircle.connect_timeout,
             read_timeout=appcircle.read_timeout,
+            response=HeadLimits(
+                line=appcircle.max_response_line,
+                head=appcircle.max_response_head,
+                trailers=appcircle.max_response_trailers,
+            ),
         ),
     )
 

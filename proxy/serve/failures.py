@@ -7,7 +7,7 @@ from aiohttp import web
 
 from ..policy import errors
 from ..telemetry.stats import Stats
-from ..upstream.connection import UpstreamError, UpstreamTimeout
+from ..upstream.connection import UpstreamBadResponse, UpstreamError, UpstreamTimeout
 from ..upstream.pool import Refused
 
 __all__ = ["refusal", "upstream_failed"]
@@ -16,9 +16,12 @@ __all__ = ["refusal", "upstream_failed"]
 def upstream_failed(api_url: str, failure: Exception) -> web.Response:
     """The answer to a failed exchange with the API at `api_url`: 504 when it was silent
     too long (our client's UpstreamTimeout, or aiohttp's timeouts for WebSockets), 502
+    upstream_bad_response for an answer it will not relay, 502 upstream_unreachable
     otherwise."""
     if isinstance(failure, (UpstreamTimeout, TimeoutError)):
         return errors.upstream_timeout(api_url)
+    if isinstance(failure, UpstreamBadResponse):
+        return errors.upstream_bad_response(api_url, failure.reason)
     reason = failure.reason if isinstance(failure, UpstreamError) else str(failure)
     return errors.upstream_unreachable(api_url, reason)
 

@@ -18,7 +18,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from .connection import Connection, UpstreamError, UpstreamTimeout
+from .connection import Connection, HeadLimits, UpstreamError, UpstreamTimeout
 
 __all__ = ["Budget", "Lease", "Limits", "Pool", "Refused"]
 
@@ -37,6 +37,7 @@ class Limits:
     pool_timeout: float
     connect_timeout: float
     read_timeout: float
+    response: HeadLimits = HeadLimits()
 
 
 class Refused(Exception):
@@ -233,7 +234,7 @@ class Pool:
         try:
             async with asyncio.timeout(limits.connect_timeout):
                 _, protocol = await loop.create_connection(
-                    lambda: Connection(loop, limits.read_timeout),
+                    lambda: Connection(loop, limits.read_timeout, limits.response),
                     self._host,
                     self._port,
                     ssl=self._tls,
