@@ -31,15 +31,19 @@ Answer = Callable[[Received, asyncio.StreamReader, asyncio.StreamWriter], Awaita
 
 
 class RawApi:
-    def __init__(self, answer: Answer) -> None:
+    """With `read_body` False, `answer` is called once the head is read and reads the body
+    itself, if at all (Received.body is then empty)."""
+
+    def __init__(self, answer: Answer, *, read_body: bool = True) -> None:
         self.answer = answer
+        self.read_body = read_body
         self.received: list[Received] = []
         self.connections = 0
         self.url = ""
         self._server: asyncio.Server | None = None
 
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, limit=1 << 20)
+    async def start(self, port: int = 0) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", port, limit=1 << 20)
         self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
 
     async def close(self) -> None:
@@ -52,7 +56,8 @@ class RawApi:
         try:
             while not writer.is_closing():
                 head = await reader.readuntil(b"\r\n\r\n")
-                received = Received(head, await _body(head, reader), number)
+                body = await _body(head, reader) if self.read_body else b""
+                received = Received(head, body, number)
                 self.received.append(received)
                 await self.answer(received, reader, writer)
                 if not writer.is_closing():

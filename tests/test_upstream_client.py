@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import socket
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Final
 
@@ -527,3 +529,224 @@ async def test_a_transfer_coding_the_parser_reads_to_the_close_is_relayed_whole(
     reply = await request(http, "GET", f"{proxy}/x")
     assert (reply.status, reply.body) == (200, raw_body)
     assert "mid-response" not in caplog.text
+
+
+# What the forwarding client must keep doing (issue 20, point 7) ------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+async def test_failed_connects_give_their_call_slots_back(
+    start_proxy: StartProxy, raw_api: MakeApi, http: aiohttp.ClientSession
+) -> None:
+    """A connect that fails frees its call slot: after max_connections failed connects,
+    requests succeed as soon as the API is back (not 503 pool_timeout)."""
+    port = free_port()
+    proxy = await start_proxy(
+        appcircle={
+            "api_url": f"http://127.0.0.1:{port}",
+            "max_connections": 2,
+            "pool_timeout": 0.3,
+        }
+    )
+    for _ in range(3):
+        reply = await request(http, "GET", f"{proxy}/x")
+        assert reply.status == 502 and reply.json()["error"] == "upstream_unreachable"
+    api = RawApi(answering(OK))
+    await api.start(port)
+    try:
+        replies = await asyncio.gather(*(request(http, "GET", f"{proxy}/x") for _ in range(2)))
+        assert [reply.status for reply in replies] == [200, 200]
+    finally:
+        await api.close()
+
+
+async def test_the_silence_timer_restarts_with_every_byte_that_arrives(
+    start_proxy: StartProxy, raw_api: MakeApi, http: aiohttp.ClientSession
+) -> None:
+    """read_timeout counts silence, not the whole answer: a body streamed steadily for
+    three times read_timeout is relayed whole."""
+
+    async def answer(got: Received, _: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 30\r\n\r\n")
+        for _ in range(30):
+            await asyncio.sleep(0.05)
+            writer.write(b"s")
+            await writer.drain()
+
+    api = await raw_api(answer)
+    proxy = await start_proxy(appcircle={"api_url": api.url, "read_timeout": 0.5})
+    reply = await request(http, "GET", f"{proxy}/slow")
+    assert (reply.status, reply.body) == (200, b"s" * 30)
+
+
+async def test_a_close_delimited_body_cut_by_a_reset_cuts_the_client_connection(
+    start_proxy: StartProxy, raw_api: MakeApi, http: aiohttp.ClientSession
+) -> None:
+    """A body delimited by the connection's close ends only at a clean close: a reset
+    mid-body is a failure, passed on by cutting the client's connection."""
+
+    async def answer(got: Received, _: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + b"c" * 1000)
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()  # a reset, not a close
+
+    api = await raw_api(answer)
+    proxy = await start_proxy(appcircle={"api_url": api.url})
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await request(http, "GET", f"{proxy}/download")
+
+
+async def test_a_connection_answered_before_its_upload_ended_is_never_reused(
+    start_proxy: StartProxy, raw_api: MakeApi, http: aiohttp.ClientSession
+) -> None:
+    """When the API answers while a streamed upload is still going, the rest of the body
+    would reach it as the next request: that connection must never carry another."""
+
+    async def answer(got: Received, _: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(OK)  # at once, reading no body
+
+    api = RawApi(answer, read_body=False)
+    await api.start()
+    proxy = await start_proxy(appcircle={"api_url": api.url}, tokens={"replay_limit": 1024})
+
+    async def trickle() -> AsyncIterator[bytes]:
+        for _ in range(5):
+            yield b"u" * 2048
+            await asyncio.sleep(0.1)
+
+    try:
+        async with aiohttp.ClientSession() as uploader:
+            upload = await request(uploader, "POST", f"{proxy}/upload", data=trickle())
+        assert upload.status == 200
+        for _ in range(3):
+            assert (await request(http, "GET", f"{proxy}/next")).status == 200
+        (first,) = [got.connection for got in api.received if got.path == "/upload"]
+        assert [got.path for got in api.received if got.connection == first] == ["/upload"]
+    finally:
+        await api.close()
+
+
+@pytest.mark.parametrize("method", ["GET", "PUT", "POST"])
+async def test_a_reused_connection_that_dies_inside_the_response_head_is_not_replayed(
+    start_proxy: StartProxy, raw_api: MakeApi, http: aiohttp.ClientSession, method: str
+) -> None:
+    """Part of a response head means the API had the request: whatever the method, it is
+    not sent again, even on a kept-alive connection (where a silent close would be)."""
+
+    async def answer(got: Received, _: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if got.path == "/warm":
+            writer.write(OK)
+        else:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-")
+            await writer.drain()
+            writer.close()
+
+    api = await raw_api(answer)
+    proxy = await start_proxy(appcircle={"api_url": api.url})
+    assert (await request(http, "GET", f"{proxy}/warm")).status == 200
+    reply = await request(http, method, f"{proxy}/once", data=b"b" if method != "GET" else None)
+    assert reply.status == 502
+    assert [got.path for got in api.received] == ["/warm", "/once"]
+    assert api.received[1].connection == api.received[0].connection  # it was reused
+
+
+async def test_an_answer_with_connection_close_never_goes_back_to_the_pool(
+    start_proxy: StartProxy, raw_api: MakeApi, http: aiohttp.ClientSession
+) -> None:
+    """`Connection: close` from the API ends that connection's use, even when the API
+    leaves it open."""
+
+    async def answer(got: Received, _: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if got.path == "/last":
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+        else:
+            writer.write(OK)
+
+    api = await raw_api(answer)
+    proxy = await start_proxy(appcircle={"api_url": api.url})
+    for path in ("/last", "/after"):
+        assert (await request(http, "GET", f"{proxy}{path}")).status == 200
+    connection = {got.path: got.connection for got in api.received}
+    assert connection["/after"] != connection["/last"]
+
+
+async def test_max_connections_holds_and_waiting_calls_keep_their_turn(
+    scripted: MakePool,
+) -> None:
+    """A connection given back goes to the call that waited longest: a new call cannot
+    take it first (even while it sits idle for a moment), and the API never sees more than
+    max_connections connections at once."""
+    open_now = most = 0
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal open_now, most
+        open_now += 1
+        most = max(most, open_now)
+        try:
+            while True:
+                await read_head(reader)
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        finally:
+            open_now -= 1
+
+    pool, server = await scripted(script, max_connections=2, pool_timeout=2.0)
+    held = [await pool.acquire(stream=False) for _ in range(2)]
+    for lease in held:
+        lease.connection.send(REQUEST)
+        lease.connection.body_sent()
+        await lease.connection.response()
+        await lease.connection.read_all()
+    order: list[str] = []
+
+    async def call(name: str) -> None:
+        lease = pool.lease_now(stream=False) or await pool.acquire(stream=False)
+        order.append(name)
+        await asyncio.sleep(0.05)
+        pool.release(lease)
+
+    first = asyncio.ensure_future(call("waited"))
+    await asyncio.sleep(0.01)
+    pool.release(held[0])  # kept alive: idle, and the slot handed to the waiting call
+    second = asyncio.ensure_future(call("new"))
+    await asyncio.gather(first, second)
+    pool.release(held[1])
+    assert order == ["waited", "new"]
+    assert most <= 2 and pool.calls.in_use == 0
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+async def test_a_body_of_exactly_replay_limit_bytes_is_kept_and_replayed(
+    start_proxy: StartProxy, raw_api: MakeApi, http: aiohttp.ClientSession, chunked: bool
+) -> None:
+    """replay_limit is inclusive: a body of exactly that size (with a length, or chunked)
+    is kept, so a 401 is replayed with a new token instead of reaching the client."""
+    refused = False
+
+    async def answer(got: Received, _: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal refused
+        writer.write(OK if refused else REFUSED)
+        refused = True
+
+    async def in_pieces() -> AsyncIterator[bytes]:
+        yield b"r" * 600
+        yield b"r" * 400
+
+    api = await raw_api(answer)
+    proxy = await start_proxy(
+        appcircle={"api_url": api.url},
+        tokens={"replay_limit": 1000, "min_renew_interval": 0},
+    )
+    reply = await request(
+        http, "POST", f"{proxy}/upload", data=in_pieces() if chunked else b"r" * 1000
+    )
+    assert reply.status == 200
+    assert [got.body for got in api.received] == [b"r" * 1000] * 2
