@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import logging
 import socket
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -21,7 +20,7 @@ from proxy.upstream.pool import Limits, Pool, Refused
 from .conftest import StartProxy
 from .rawapi import Answer, RawApi, Received
 from .rawhttp import exchange
-from .support import request
+from .support import errors_logged, request
 
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 MakePool = Callable[..., Awaitable[tuple[Pool, "Scripted"]]]
@@ -292,14 +291,6 @@ async def test_admission_waits_for_a_slot_then_refuses(scripted: MakePool) -> No
 MakeApi = Callable[[Answer], Awaitable[RawApi]]
 OK: Final = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 REFUSED: Final = b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n"
-
-
-def errors_logged(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [
-        f"{r.name}: {r.getMessage()}"
-        for r in caplog.get_records("call")
-        if r.levelno >= logging.ERROR or r.exc_info
-    ]
 
 
 @pytest.mark.timeout(120)
