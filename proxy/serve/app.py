@@ -27,7 +27,7 @@ from ..telemetry import stats as stats_module
 from ..telemetry.access_log import AccessLog, enabled_by_level
 from ..telemetry.stats import Stats
 from ..telemetry.tracing import debug_traces
-from ..upstream.connection import HeadLimits
+from ..upstream.framing import HeadLimits
 from ..upstream.pool import Limits, Pool
 from . import userinfo
 from .admin import admin_handlers

@@ -17,18 +17,16 @@ from __future__ import annotations
 import asyncio
 import collections
 import enum
-import re
-from dataclasses import dataclass
-from http import HTTPStatus
 from typing import Final, cast
 
 import httptools
+
+from .framing import HeadCount, HeadLimits, HeadTooLarge, body_framing, writable_reason
 
 __all__ = [
     "HIGH_WATER",
     "READ_SIZE",
     "Connection",
-    "HeadLimits",
     "Phase",
     "Response",
     "UpstreamBadResponse",
@@ -48,20 +46,6 @@ LOW_WATER: Final = 16 * 1024
 READ_SIZE: Final = 64 * 1024
 _READ_BYTES: Final = bytearray(READ_SIZE)
 _READ_BUFFER: Final = memoryview(_READ_BYTES)
-# What aiohttp's server refuses to write in a status line or header (it raises mid-answer).
-_UNWRITABLE: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
-
-
-@dataclass(frozen=True, slots=True)
-class HeadLimits:
-    """What the API may send besides a body (aiohttp's client allows lines of 8190 bytes).
-    httptools keeps a line whole until it ends, re-copying it at every read, so without
-    these an endless header costs unbounded memory and a core."""
-
-    line: int = 8190  # the status line, each header line
-    head: int = 64 * 1024  # a whole response head, interim 1xx heads included
-    # Bytes of a chunked body that are not body (chunk extensions, trailers), in a row.
-    trailers: int = 64 * 1024
 
 
 class UpstreamError(Exception):
@@ -116,11 +100,10 @@ class _Exchange:
         "chunks",
         "error",
         "head_only",
-        "head_bytes",
+        "head",
         "headers",
         "interim",
         "keep",
-        "line",
         "nonbody",
         "parts",
         "phase",
@@ -136,8 +119,7 @@ class _Exchange:
         # A HEAD request: the answer has no body, whatever its headers say.
         self.head_only = head_only
         self.received = 0  # response bytes, of any kind
-        self.head_bytes = 0  # of the response heads so far
-        self.line = 0  # bytes of the head line being read
+        self.head = HeadCount()  # of the response heads so far
         self.nonbody = 0  # bytes of a chunked body since its last body bytes
         self.interim = False  # inside a 1xx answer, which is skipped
         self.reason = b""
@@ -342,7 +324,7 @@ class Connection(asyncio.BufferedProtocol):
             while start < nbytes and exchange.response is None:
                 # A head is fed up to its end, then the body on its own: a head's lines are
                 # counted as they arrive, a body's never are.
-                end = self._head_part(exchange, start, nbytes)
+                end = exchange.head.end(_READ_BYTES, start, nbytes, self._limits)
                 self._parser.feed_data(_READ_BUFFER[start:end])
                 start = end
             if start < nbytes:
@@ -371,8 +353,8 @@ class Connection(asyncio.BufferedProtocol):
         except (httptools.HttpParserError, httptools.HttpParserUpgrade):
             self._fail(UpstreamBadResponse("the API sent a malformed response"))
             self._abort()
-        except UpstreamBadResponse as error:
-            self._fail(error)
+        except HeadTooLarge as error:
+            self._fail(UpstreamBadResponse(str(error)))
             self._abort()
         finally:
             parts = exchange.parts
@@ -445,14 +427,11 @@ class Connection(asyncio.BufferedProtocol):
             exchange.headers = []
             exchange.reason = b""
             return
-        length, chunked = _framing(exchange.headers)
+        length, chunked = body_framing(exchange.headers)
         no_body = exchange.head_only or status in (204, 304)
         exchange.until_eof = not no_body and not chunked and length is None
-        reason = exchange.reason
-        if _UNWRITABLE.search(reason) is not None:
-            # No client could be sent it; the status says all the reason phrase may say.
-            reason = _standard_reason(status)
-        response = Response(status, reason.decode("latin-1"), exchange.headers, length)
+        reason = writable_reason(status, exchange.reason).decode("latin-1")
+        response = Response(status, reason, exchange.headers, length)
         exchange.response = response
         exchange.phase = Phase.BODY
         # Counts from here even when the answer came before the request was all sent.
@@ -481,48 +460,6 @@ class Connection(asyncio.BufferedProtocol):
         assert exchange is not None, "no exchange on this connection"
         return exchange
 
-    def _head_part(self, exchange: _Exchange, start: int, end: int) -> int:
-        """Where the head being read ends within the read buffer's [start, end) (`end` if
-        it goes on), counting its lines against the limits; raises UpstreamBadResponse."""
-        limits = self._limits
-        found = _READ_BYTES.find(b"\r\n\r\n", start, end)
-        stop = end if found < 0 else found + 4
-        if exchange.line + stop - start > limits.line:
-            # Some line may be too long: look at each (only heads this large pay for it).
-            stop = self._head_lines(exchange, start, end)
-        elif found >= 0:
-            exchange.line = 0
-        else:
-            last = _READ_BYTES.rfind(b"\n", start, end)
-            exchange.line = end - last - 1 if last >= 0 else exchange.line + end - start
-        exchange.head_bytes += stop - start
-        if exchange.head_bytes > limits.head:
-            raise UpstreamBadResponse(
-                f"the API sent a response head over {limits.head} bytes "
-                "(appcircle.max_response_head)"
-            )
-        return stop
-
-    def _head_lines(self, exchange: _Exchange, start: int, end: int) -> int:
-        limit = self._limits.line
-        position = start
-        while position < end:
-            newline = _READ_BYTES.find(b"\n", position, end)
-            stop = end if newline < 0 else newline + 1
-            exchange.line += stop - position
-            if exchange.line - 2 > limit:  # the line's CRLF is not counted
-                raise UpstreamBadResponse(
-                    f"the API sent a response line over {limit} bytes (appcircle.max_response_line)"
-                )
-            if newline < 0:
-                return end
-            blank = exchange.line <= 2
-            exchange.line = 0
-            position = stop
-            if blank:
-                return stop
-        return end
-
     def _count_nonbody(self, exchange: _Exchange, fed: int) -> None:
         """Bound what a chunked body sends besides body (extensions, trailers): httptools
         keeps a trailer whole, and an endless extension would hold the exchange for ever."""
@@ -531,7 +468,7 @@ class Connection(asyncio.BufferedProtocol):
             return
         exchange.nonbody = 0 if delivered else exchange.nonbody + fed
         if exchange.nonbody > self._limits.trailers:
-            raise UpstreamBadResponse(
+            raise HeadTooLarge(
                 f"the API sent over {self._limits.trailers} bytes of chunk extensions or "
                 "trailers (appcircle.max_response_trailers)"
             )
@@ -622,31 +559,6 @@ class Connection(asyncio.BufferedProtocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-
-
-def _framing(headers: list[tuple[bytes, bytes]]) -> tuple[int | None, bool]:
-    """The body's length (None: unknown) and whether it is chunked, by httptools' own rule
-    (RFC 9112, section 6.3): with Transfer-Encoding, chunked only when chunked is the last
-    coding ('chunked, identity' and 'xchunked' are read until the connection closes) and
-    any Content-Length ignored (httptools refuses the pair anyway); else Content-Length."""
-    codings: list[bytes] = []
-    length: int | None = None
-    for name, value in headers:
-        lowered = name.lower()
-        if lowered == b"transfer-encoding":
-            codings.extend(value.split(b","))
-        elif lowered == b"content-length":
-            length = int(value)
-    if codings:
-        return None, codings[-1].strip().lower() == b"chunked"
-    return length, False
-
-
-def _standard_reason(status: int) -> bytes:
-    try:
-        return HTTPStatus(status).phrase.encode()
-    except ValueError:
-        return b""
 
 
 class _HeadDone(Exception):

@@ -18,7 +18,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from .connection import Connection, HeadLimits, UpstreamError, UpstreamTimeout
+from .connection import Connection, UpstreamError, UpstreamTimeout
+from .framing import HeadLimits
 
 __all__ = ["Budget", "Lease", "Limits", "Pool", "Refused"]
 
