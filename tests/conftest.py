@@ -16,6 +16,7 @@ import tomli_w
 from proxy.config.load import load_settings
 from proxy.config.settings import ENV_PREFIX
 from proxy.serve.server import Running, start
+from tests.rawapi import Answer, RawApi
 from tests.standin import StandIn
 
 from .support import proxy_config
@@ -139,3 +140,19 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
         auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar()
     ) as session:
         yield session
+
+
+@pytest.fixture
+async def raw_api() -> AsyncIterator[Callable[[Answer], Awaitable[RawApi]]]:
+    """Start a scripted raw API (tests/rawapi.py) with the given answer; returns it."""
+    apis: list[RawApi] = []
+
+    async def make(answer: Answer) -> RawApi:
+        api = RawApi(answer)
+        await api.start()
+        apis.append(api)
+        return api
+
+    yield make
+    for api in apis:
+        await api.close()

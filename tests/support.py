@@ -7,12 +7,14 @@ import asyncio
 import copy
 import inspect
 import json
+import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import pytest
 from multidict import CIMultiDictProxy
 from yarl import URL
 
@@ -50,6 +52,16 @@ async def eventually(condition: Callable[[], bool | Awaitable[bool]], within: fl
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(0.01)
+
+
+def errors_logged(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The test's log records at ERROR or above, or with a traceback: a clean failure has
+    none."""
+    return [
+        f"{r.name}: {r.getMessage()}"
+        for r in caplog.get_records("call")
+        if r.levelno >= logging.ERROR or r.exc_info
+    ]
 
 
 def proxy_config(

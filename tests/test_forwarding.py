@@ -341,3 +341,29 @@ async def test_an_api_failing_inside_a_chunked_answer_cuts_the_client_connection
     with pytest.raises(aiohttp.ClientPayloadError):
         await request(http, "GET", f"{proxy}/_test/cut", params={"length": "chunked"})
     assert (await request(http, "GET", f"{proxy}/still/serving")).status == 200
+
+
+@pytest.mark.parametrize(
+    "given",
+    [b"r" * 129, b"has space", "caf\u00e9".encode(), b"tab\there"],
+    ids=["too-long", "space", "non-ascii", "tab"],
+)
+async def test_an_unfit_request_id_is_replaced_not_kept(
+    start_proxy: StartProxy, standin: StandIn, given: bytes
+) -> None:
+    """X-Request-Id goes upstream and into the log: one that is too long or holds a space,
+    a control or non-ASCII byte is replaced by the proxy's own, both ways."""
+    proxy = await start_proxy()
+    answered = await exchange(
+        proxy,
+        b"GET /x HTTP/1.1\r\nHost: localhost\r\nX-Request-Id: %s\r\n"
+        b"Connection: close\r\n\r\n" % given,
+    )
+    head = answered.partition(b"\r\n\r\n")[0]
+    (sent_back,) = [
+        line.split(b":", 1)[1].strip()
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"x-request-id:")
+    ]
+    assert sent_back != given.strip() and sent_back
+    assert given.strip() not in answered

@@ -252,3 +252,30 @@ async def test_the_listen_backlog_holds_max_client_connections(start_proxy: Star
     ).stdout.split()
     backlog = int(listing[2])  # Send-Q of a listening socket: its backlog
     assert backlog >= min(700, int(Path("/proc/sys/net/core/somaxconn").read_text()))
+
+
+async def test_the_head_count_restarts_with_each_request_on_a_kept_alive_connection(
+    start_proxy: StartProxy,
+) -> None:
+    """The inbound head bound is per request: a long-lived client whose heads arrive in
+    pieces, each well within the bound but together far beyond it, is never cut."""
+    proxy = await start_proxy(server={"max_header_bytes": 1024, "max_url_length": 256})
+    host, port = proxy.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    head = b"GET /x HTTP/1.1\r\nHost: localhost\r\nX-Padding: " + b"p" * 500 + b"\r\n\r\n"
+    try:
+        for _ in range(10):  # 10 heads of ~550 bytes against a bound of 2,304
+            for start in range(0, len(head), 200):
+                writer.write(head[start : start + 200])
+                await writer.drain()
+                await asyncio.sleep(0.01)
+            answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert status_of(answer) == 200
+            length = next(
+                int(line.split(b":")[1])
+                for line in answer.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            )
+            await reader.readexactly(length)
+    finally:
+        writer.close()

@@ -1,10 +1,14 @@
-"""The Location rewrite, case by case: a redirect at the API comes back through the proxy."""
+"""Pure pieces of the forwarding path: the Location rewrite (a redirect at the API comes
+back through the proxy) and the rule for sending a request again."""
 
 from __future__ import annotations
 
 import pytest
 
-from proxy.serve.forward import rewrite_location
+from proxy.policy.headers import rewrite_location
+from proxy.serve.body import Body
+from proxy.serve.call import may_send_again
+from proxy.upstream.connection import UpstreamError
 
 API = "https://api.appcircle.io"
 PROXY = "http://localhost:8787"
@@ -78,3 +82,19 @@ def test_the_clients_scheme_and_host_are_used() -> None:
         rewrite_location(f"{API}/x", API, "/", "https", "proxy.internal:9000")
         == "https://proxy.internal:9000/x"
     )
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD", "OPTIONS", "PUT", "DELETE", "POST", "PATCH"])
+@pytest.mark.parametrize("kept", [True, False])
+@pytest.mark.parametrize("answered", [True, False])
+@pytest.mark.parametrize("resent", [True, False])
+def test_a_request_is_sent_again_only_when_every_condition_holds(
+    method: str, kept: bool, answered: bool, resent: bool
+) -> None:
+    """Guards the one resend rule: idempotent method, body kept, no byte of an answer,
+    and not already a second sending (retry or 401 replay), every combination."""
+    body = Body(b"x" if kept else None, b"")
+    failure = UpstreamError("closed", replayable=not answered)
+    expected = method in {"GET", "HEAD", "OPTIONS", "PUT", "DELETE"} and kept
+    expected = expected and not answered and not resent
+    assert may_send_again(method, body, failure, resent=resent) is expected

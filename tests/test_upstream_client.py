@@ -5,12 +5,22 @@ connection that dies between requests, silence, and backpressure."""
 from __future__ import annotations
 
 import asyncio
+import itertools
+import socket
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Final
 
+import aiohttp
 import pytest
 
 from proxy.upstream.connection import HIGH_WATER, READ_SIZE, UpstreamError, UpstreamTimeout
 from proxy.upstream.pool import Limits, Pool, Refused
+
+from .conftest import StartProxy
+from .rawapi import Answer, RawApi, Received
+from .rawhttp import exchange
+from .support import errors_logged, request
 
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 MakePool = Callable[..., Awaitable[tuple[Pool, "Scripted"]]]
@@ -272,7 +282,7 @@ async def test_reading_pauses_while_the_consumer_is_slow(scripted: MakePool) -> 
     lease.connection.body_sent()
     await lease.connection.response()
     await asyncio.sleep(0.3)  # nobody reads: the proxy must stop reading too
-    buffered = lease.connection._buffered
+    buffered = lease.connection._current().buffered
     assert buffered <= HIGH_WATER + READ_SIZE
     assert sent < 20_000_000  # the server is held back by TCP, not buffered by us
     received = 0
@@ -339,3 +349,460 @@ async def test_one_flow_holds_at_most_its_share_and_a_freed_slot_skips_its_waite
     second = await asyncio.wait_for(slow_waiters[1], 1)
     pool.release(second)
     assert (pool.calls.in_use, pool.calls.held, pool.pending) == (0, {}, 0)
+
+
+# The forwarding client behind the proxy, against an API that misbehaves ----------------
+
+MakeApi = Callable[[Answer], Awaitable[RawApi]]
+OK: Final = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+REFUSED: Final = b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n"
+
+
+@pytest.mark.timeout(120)
+async def test_a_request_reaches_the_api_at_most_once_more_whatever_401s_and_losses_befall_it(
+    start_proxy: StartProxy, raw_api: MakeApi, http: aiohttp.ClientSession
+) -> None:
+    """Guards issue 17.1: a replay after a 401 goes at most once, and a replay whose
+    connection dies is a 502; a POST is never acted on twice. Every sequence of three API
+    behaviours (401, hang up without an answer, 200), on a fresh and on a reused
+    connection, for a POST and a GET."""
+    plan: list[str] = []
+
+    async def answer(got: Received, _: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if got.path == "/warm":
+            writer.write(OK)
+        elif got.path == "/cold":  # leaves no connection in the pool
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            writer.close()
+        else:
+            action = plan.pop(0) if plan else "ok"
+            if action == "401":
+                writer.write(REFUSED)
+            elif action == "ok":
+                writer.write(OK)
+            else:
+                writer.close()
+
+    api = await raw_api(answer)
+    proxy = await start_proxy(
+        appcircle={"api_url": api.url, "read_timeout": 5},
+        tokens={"min_renew_interval": 0},
+    )
+    outcome = {"401": 401, "ok": 200, "close": 502}
+    for number, (method, warm, sequence) in enumerate(
+        itertools.product(("POST", "GET"), (True, False), itertools.product(outcome, repeat=3))
+    ):
+        await request(http, "GET", f"{proxy}/{'warm' if warm else 'cold'}")
+        plan[:] = list(sequence)
+        path = f"/case{number}"
+        reply = await request(
+            http, method, f"{proxy}{path}", data=b"x" if method == "POST" else None
+        )
+        applied = sequence[: 3 - len(plan)]
+        case = (method, warm, sequence, applied)
+        sent = [got for got in api.received if got.path == path]
+        assert len(sent) == len(applied), case
+        assert reply.status == outcome[applied[-1]], case
+        if "401" in applied:
+            assert len(applied) - applied.index("401") <= 2, case  # one replay at most
+        if method == "POST":
+            assert [a for a in applied if a != "401"].count("ok") + applied.count("close") <= 1, (
+                case
+            )
+
+
+def endless(first: bytes, repeat: bytes) -> Answer:
+    """An answer that starts with `first` and then sends `repeat` for ever (until the
+    connection breaks); a GET of /small is answered at once."""
+
+    async def answer(got: Received, _: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if got.path == "/small":
+            writer.write(OK)
+            return
+        writer.write(first)
+        while True:
+            writer.write(repeat)
+            await writer.drain()
+
+    return answer
+
+
+@pytest.mark.parametrize(
+    ("first", "repeat"),
+    [
+        (b"HTTP/1.1 200 OK\r\n", b"X-Filler: " + b"f" * 1000 + b"\r\n"),
+        (b"HTTP/1.1 200 OK\r\nX-Endless: ", b"v" * 4096),
+        (b"HTTP/1.1 200 O", b"K" * 4096),
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nX-Trailer: ",
+            b"t" * 4096,
+        ),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2;ext=", b"e" * 4096),
+    ],
+    ids=["header-lines", "header-value", "reason", "trailer", "chunk-extension"],
+)
+async def test_an_endless_response_head_is_a_502_and_other_requests_go_on(
+    start_proxy: StartProxy,
+    raw_api: MakeApi,
+    http: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+    first: bytes,
+    repeat: bytes,
+) -> None:
+    """Guards issue 17.2: the response head, each of its lines, trailers and chunk
+    extensions are bounded; past the bound the client gets 502 upstream_bad_response at
+    once (not after read_timeout: bytes keep coming), and small requests are unaffected."""
+    api = await raw_api(endless(first, repeat))
+    proxy = await start_proxy(appcircle={"api_url": api.url, "read_timeout": 30})
+    async with asyncio.timeout(10):
+        endless_request = asyncio.ensure_future(request(http, "GET", f"{proxy}/endless"))
+        small = await request(http, "GET", f"{proxy}/small")
+        assert small.status == 200
+        if b"chunked" in first:
+            # The head went to the client before the trailer or extension began: only a
+            # cut connection can tell it the answer failed.
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await endless_request
+        else:
+            reply = await endless_request
+            assert reply.status == 502, reply.body
+            assert reply.json()["error"] == "upstream_bad_response"
+    assert errors_logged(caplog) == []
+
+
+@pytest.mark.parametrize(("size", "status"), [(900, 200), (1100, 502)])
+async def test_the_response_line_limit_is_a_setting(
+    start_proxy: StartProxy, raw_api: MakeApi, http: aiohttp.ClientSession, size: int, status: int
+) -> None:
+    """Guards issue 17.2: appcircle.max_response_line bounds each header line."""
+
+    async def answer(got: Received, _: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nX-Long: %s\r\n%s" % (b"l" * (size - 8), OK[17:]))
+
+    api = await raw_api(answer)
+    proxy = await start_proxy(appcircle={"api_url": api.url, "max_response_line": 1000})
+    assert (await request(http, "GET", f"{proxy}/x")).status == status
+
+
+def answering(raw: bytes) -> Answer:
+    async def answer(got: Received, _: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(raw if got.path == "/x" else OK)
+
+    return answer
+
+
+async def test_a_control_byte_in_the_reason_phrase_is_replaced_and_the_request_counted(
+    start_proxy: StartProxy,
+    raw_api: MakeApi,
+    http: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Guards issue 17.3: a reason phrase aiohttp cannot write (a control byte) is replaced
+    by the standard one; the answer is relayed, logged and counted, with no traceback."""
+    api = await raw_api(answering(b"HTTP/1.1 200 O\x01K\r\nContent-Length: 2\r\n\r\nok"))
+    proxy = await start_proxy(appcircle={"api_url": api.url})
+    answered = await exchange(proxy, b"GET /x HTTP/1.1\r\nHost: localhost\r\n\r\n", read_for=0.5)
+    assert answered.startswith(b"HTTP/1.1 200 OK\r\n") and answered.endswith(b"\r\n\r\nok")
+    metrics = (await request(http, "GET", f"{proxy}/_proxy/metrics")).body.decode()
+    assert 'method="GET",route="default",status_class="2xx"} 1.0' in metrics
+    assert errors_logged(caplog) == []
+
+
+async def test_a_control_byte_in_a_header_value_is_a_clean_502(
+    start_proxy: StartProxy,
+    raw_api: MakeApi,
+    http: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Guards issue 17.3: a header value no client may be sent gives the proxy's JSON 502,
+    counted, with no traceback."""
+    api = await raw_api(
+        answering(b"HTTP/1.1 200 OK\r\nX-Bad: a\x01b\r\nContent-Length: 2\r\n\r\nok")
+    )
+    proxy = await start_proxy(appcircle={"api_url": api.url})
+    reply = await request(http, "GET", f"{proxy}/x")
+    assert reply.status == 502 and reply.json()["error"] == "upstream_bad_response"
+    metrics = (await request(http, "GET", f"{proxy}/_proxy/metrics")).body.decode()
+    assert 'method="GET",route="default",status_class="5xx"} 1.0' in metrics
+    assert errors_logged(caplog) == []
+
+
+def chunk_sizes(answer: bytes) -> list[int]:
+    """The sizes of the chunks of a chunked answer, as the proxy framed them."""
+    rest = answer.partition(b"\r\n\r\n")[2]
+    sizes = []
+    while rest:
+        line, _, rest = rest.partition(b"\r\n")
+        size = int(line, 16)
+        sizes.append(size)
+        rest = rest[size + 2 :]
+        if not size:
+            break
+    return sizes
+
+
+async def test_body_bytes_that_arrive_together_leave_together(
+    start_proxy: StartProxy, raw_api: MakeApi
+) -> None:
+    """Guards issue 17.4: 64 KiB sent as one-byte chunks costs per read, not per chunk: the
+    proxy writes far fewer chunks to the client than the API sent."""
+    body = bytes(range(256)) * 256
+
+    async def answer(got: Received, _: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        writer.write(b"".join(b"1\r\n%s\r\n" % body[i : i + 1] for i in range(len(body))))
+        writer.write(b"0\r\n\r\n")
+
+    api = await raw_api(answer)
+    proxy = await start_proxy(appcircle={"api_url": api.url})
+    answered = await exchange(
+        proxy, b"GET /x HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n", read_for=10
+    )
+    sizes = chunk_sizes(answered)
+    assert sum(sizes) == len(body)
+    assert len(sizes) < 100, len(sizes)
+
+
+@pytest.mark.parametrize("coding", [b"chunked, identity", b"xchunked"])
+async def test_a_transfer_coding_the_parser_reads_to_the_close_is_relayed_whole(
+    start_proxy: StartProxy,
+    raw_api: MakeApi,
+    http: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+    coding: bytes,
+) -> None:
+    """Guards issue 17.5: one framing decision, the parser's. With chunked not the last
+    coding, the body runs to the connection's close (RFC 9112, 6.3), and is relayed whole,
+    never as a cut chunked body."""
+    raw_body = b"5\r\nhello\r\n0\r\n\r\n"
+
+    async def answer(got: Received, _: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: %s\r\n\r\n%s" % (coding, raw_body))
+        writer.close()
+
+    api = await raw_api(answer)
+    proxy = await start_proxy(appcircle={"api_url": api.url})
+    reply = await request(http, "GET", f"{proxy}/x")
+    assert (reply.status, reply.body) == (200, raw_body)
+    assert "mid-response" not in caplog.text
+
+
+# What the forwarding client must keep doing (issue 20, point 7) ------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+async def test_failed_connects_give_their_call_slots_back(
+    start_proxy: StartProxy, raw_api: MakeApi, http: aiohttp.ClientSession
+) -> None:
+    """A connect that fails frees its call slot: after max_connections failed connects,
+    requests succeed as soon as the API is back (not 503 pool_timeout)."""
+    port = free_port()
+    proxy = await start_proxy(
+        appcircle={
+            "api_url": f"http://127.0.0.1:{port}",
+            "max_connections": 2,
+            "pool_timeout": 0.3,
+        }
+    )
+    for _ in range(3):
+        reply = await request(http, "GET", f"{proxy}/x")
+        assert reply.status == 502 and reply.json()["error"] == "upstream_unreachable"
+    api = RawApi(answering(OK))
+    await api.start(port)
+    try:
+        replies = await asyncio.gather(*(request(http, "GET", f"{proxy}/x") for _ in range(2)))
+        assert [reply.status for reply in replies] == [200, 200]
+    finally:
+        await api.close()
+
+
+async def test_the_silence_timer_restarts_with_every_byte_that_arrives(
+    start_proxy: StartProxy, raw_api: MakeApi, http: aiohttp.ClientSession
+) -> None:
+    """read_timeout counts silence, not the whole answer: a body streamed steadily for
+    three times read_timeout is relayed whole."""
+
+    async def answer(got: Received, _: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 30\r\n\r\n")
+        for _ in range(30):
+            await asyncio.sleep(0.05)
+            writer.write(b"s")
+            await writer.drain()
+
+    api = await raw_api(answer)
+    proxy = await start_proxy(appcircle={"api_url": api.url, "read_timeout": 0.5})
+    reply = await request(http, "GET", f"{proxy}/slow")
+    assert (reply.status, reply.body) == (200, b"s" * 30)
+
+
+async def test_a_close_delimited_body_cut_by_a_reset_cuts_the_client_connection(
+    start_proxy: StartProxy, raw_api: MakeApi, http: aiohttp.ClientSession
+) -> None:
+    """A body delimited by the connection's close ends only at a clean close: a reset
+    mid-body is a failure, passed on by cutting the client's connection."""
+
+    async def answer(got: Received, _: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + b"c" * 1000)
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()  # a reset, not a close
+
+    api = await raw_api(answer)
+    proxy = await start_proxy(appcircle={"api_url": api.url})
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await request(http, "GET", f"{proxy}/download")
+
+
+async def test_a_connection_answered_before_its_upload_ended_is_never_reused(
+    start_proxy: StartProxy, raw_api: MakeApi, http: aiohttp.ClientSession
+) -> None:
+    """When the API answers while a streamed upload is still going, the rest of the body
+    would reach it as the next request: that connection must never carry another."""
+
+    async def answer(got: Received, _: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(OK)  # at once, reading no body
+
+    api = RawApi(answer, read_body=False)
+    await api.start()
+    proxy = await start_proxy(appcircle={"api_url": api.url}, tokens={"replay_limit": 1024})
+
+    async def trickle() -> AsyncIterator[bytes]:
+        for _ in range(5):
+            yield b"u" * 2048
+            await asyncio.sleep(0.1)
+
+    try:
+        async with aiohttp.ClientSession() as uploader:
+            upload = await request(uploader, "POST", f"{proxy}/upload", data=trickle())
+        assert upload.status == 200
+        for _ in range(3):
+            assert (await request(http, "GET", f"{proxy}/next")).status == 200
+        (first,) = [got.connection for got in api.received if got.path == "/upload"]
+        assert [got.path for got in api.received if got.connection == first] == ["/upload"]
+    finally:
+        await api.close()
+
+
+@pytest.mark.parametrize("method", ["GET", "PUT", "POST"])
+async def test_a_reused_connection_that_dies_inside_the_response_head_is_not_replayed(
+    start_proxy: StartProxy, raw_api: MakeApi, http: aiohttp.ClientSession, method: str
+) -> None:
+    """Part of a response head means the API had the request: whatever the method, it is
+    not sent again, even on a kept-alive connection (where a silent close would be)."""
+
+    async def answer(got: Received, _: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if got.path == "/warm":
+            writer.write(OK)
+        else:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-")
+            await writer.drain()
+            writer.close()
+
+    api = await raw_api(answer)
+    proxy = await start_proxy(appcircle={"api_url": api.url})
+    assert (await request(http, "GET", f"{proxy}/warm")).status == 200
+    reply = await request(http, method, f"{proxy}/once", data=b"b" if method != "GET" else None)
+    assert reply.status == 502
+    assert [got.path for got in api.received] == ["/warm", "/once"]
+    assert api.received[1].connection == api.received[0].connection  # it was reused
+
+
+async def test_an_answer_with_connection_close_never_goes_back_to_the_pool(
+    start_proxy: StartProxy, raw_api: MakeApi, http: aiohttp.ClientSession
+) -> None:
+    """`Connection: close` from the API ends that connection's use, even when the API
+    leaves it open."""
+
+    async def answer(got: Received, _: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if got.path == "/last":
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+        else:
+            writer.write(OK)
+
+    api = await raw_api(answer)
+    proxy = await start_proxy(appcircle={"api_url": api.url})
+    for path in ("/last", "/after"):
+        assert (await request(http, "GET", f"{proxy}{path}")).status == 200
+    connection = {got.path: got.connection for got in api.received}
+    assert connection["/after"] != connection["/last"]
+
+
+async def test_max_connections_holds_and_waiting_calls_keep_their_turn(
+    scripted: MakePool,
+) -> None:
+    """A connection given back goes to the call that waited longest: a new call cannot
+    take it first (even while it sits idle for a moment), and the API never sees more than
+    max_connections connections at once."""
+    open_now = most = 0
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal open_now, most
+        open_now += 1
+        most = max(most, open_now)
+        try:
+            while True:
+                await read_head(reader)
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        finally:
+            open_now -= 1
+
+    pool, server = await scripted(script, max_connections=2, pool_timeout=2.0)
+    held = [await pool.acquire(stream=False) for _ in range(2)]
+    for lease in held:
+        lease.connection.send(REQUEST)
+        lease.connection.body_sent()
+        await lease.connection.response()
+        await lease.connection.read_all()
+    order: list[str] = []
+
+    async def call(name: str) -> None:
+        lease = pool.lease_now(stream=False) or await pool.acquire(stream=False)
+        order.append(name)
+        await asyncio.sleep(0.05)
+        pool.release(lease)
+
+    first = asyncio.ensure_future(call("waited"))
+    await asyncio.sleep(0.01)
+    pool.release(held[0])  # kept alive: idle, and the slot handed to the waiting call
+    second = asyncio.ensure_future(call("new"))
+    await asyncio.gather(first, second)
+    pool.release(held[1])
+    assert order == ["waited", "new"]
+    assert most <= 2 and pool.calls.in_use == 0
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+async def test_a_body_of_exactly_replay_limit_bytes_is_kept_and_replayed(
+    start_proxy: StartProxy, raw_api: MakeApi, http: aiohttp.ClientSession, chunked: bool
+) -> None:
+    """replay_limit is inclusive: a body of exactly that size (with a length, or chunked)
+    is kept, so a 401 is replayed with a new token instead of reaching the client."""
+    refused = False
+
+    async def answer(got: Received, _: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal refused
+        writer.write(OK if refused else REFUSED)
+        refused = True
+
+    async def in_pieces() -> AsyncIterator[bytes]:
+        yield b"r" * 600
+        yield b"r" * 400
+
+    api = await raw_api(answer)
+    proxy = await start_proxy(
+        appcircle={"api_url": api.url},
+        tokens={"replay_limit": 1000, "min_renew_interval": 0},
+    )
+    reply = await request(
+        http, "POST", f"{proxy}/upload", data=in_pieces() if chunked else b"r" * 1000
+    )
+    assert reply.status == 200
+    assert [got.body for got in api.received] == [b"r" * 1000] * 2

@@ -250,6 +250,12 @@ class AppcircleSettings(_Section):
     # flow (a route and API resource, e.g. build/v1/commits) may hold, so one slow path
     # cannot starve the others. 1: no per-flow cap.
     flow_share: float = Field(default=0.5, gt=0, le=1)
+    # What the API may send besides a body, in bytes: the status line and each header line
+    # (aiohttp's own limit), a whole response head, and a chunked body's extensions and
+    # trailers in a row. Past them: 502 upstream_bad_response, the connection dropped.
+    max_response_line: int = Field(default=8190, ge=64)
+    max_response_head: int = Field(default=64 * 1024, ge=256)
+    max_response_trailers: int = Field(default=64 * 1024, ge=256)
     # Turns off TLS verification for the auth and API hosts. Logged loudly; prefer ca_file.
     insecure_skip_verify: bool = False
     # Appcircle's MCP server, for routes with upstream = "mcp".

@@ -24,6 +24,7 @@ __all__ = [
     "override_on_restricted_route",
     "refused",
     "token_unavailable",
+    "upstream_bad_response",
     "upstream_refused_websocket",
     "upstream_timeout",
     "upstream_unreachable",
@@ -85,6 +86,15 @@ def upstream_unreachable(api_url: str, reason: str) -> web.Response:
         "upstream_unreachable",
         f"the Appcircle API at {api_url} cannot be reached ({reason}); check "
         "appcircle.api_url and this machine's network",
+    )
+
+
+def upstream_bad_response(api_url: str, reason: str) -> web.Response:
+    return _answer(
+        502,
+        "upstream_bad_response",
+        f"the Appcircle API at {api_url} sent an answer the proxy will not relay ({reason}); "
+        "retry, and report it to the API's operator if it persists",
     )
 
 

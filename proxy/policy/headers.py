@@ -7,12 +7,14 @@ from collections.abc import Callable, Iterable
 from typing import Final
 
 from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
 __all__ = [
     "raw_request_headers",
     "raw_response_headers",
     "request_headers",
     "response_headers",
+    "rewrite_location",
 ]
 
 # RFC 9110 section 7.6.1, plus the Proxy-* family and the pre-standard Proxy-Connection.
@@ -110,6 +112,32 @@ def raw_response_headers(
             text = location(text)
         headers.append((name.decode("latin-1"), text))
     return headers
+
+
+def rewrite_location(location: str, api_url: str, prefix: str, scheme: str, host: str) -> str:
+    """Point a redirect at the API (under `api_url`'s path) back through the proxy, at
+    `scheme://host` and the route's `prefix`; any other Location is returned as it is."""
+    api = URL(api_url)
+    # A scheme-relative reference ('//host/path') is resolved against the API it came from.
+    absolute = f"{api.scheme}:{location}" if location.startswith("//") else location
+    try:
+        target = URL(absolute, encoded=True)
+        elsewhere = target.is_absolute() and target.origin() != api.origin()
+    except ValueError:
+        return location  # not a URL we can read: the client gets it as the API sent it
+    if elsewhere or not (target.is_absolute() or location.startswith("/")):
+        return location
+    base = api.raw_path.rstrip("/")
+    path = target.raw_path
+    if base and not (path == base or path.startswith(base + "/")):
+        return location
+    below = path[len(base) :] or "/"
+    rewritten = f"{scheme}://{host}{'' if prefix == '/' else prefix}{below}"
+    if target.raw_query_string:
+        rewritten += "?" + target.raw_query_string
+    if target.raw_fragment:
+        rewritten += "#" + target.raw_fragment
+    return rewritten
 
 
 def _text(value: bytes) -> str:

@@ -29,6 +29,7 @@ from ..telemetry.access_log import AccessLog, enabled_by_level
 from ..telemetry.stats import Stats
 from ..telemetry.tracing import debug_traces
 from ..upstream.egress import egress_proxy_for
+from ..upstream.framing import HeadLimits
 from ..upstream.pool import Limits, Pool
 from . import mcp, userinfo
 from .admin import admin_handlers
@@ -77,6 +78,11 @@ def _pool(settings: Settings, tls: ssl.SSLContext) -> Pool:
             connect_timeout=appcircle.connect_timeout,
             read_timeout=appcircle.read_timeout,
             flow_share=appcircle.flow_share,
+            response=HeadLimits(
+                line=appcircle.max_response_line,
+                head=appcircle.max_response_head,
+                trailers=appcircle.max_response_trailers,
+            ),
         ),
         egress,
     )

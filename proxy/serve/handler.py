@@ -33,7 +33,8 @@ from ..telemetry.stats import Stats
 from ..upstream.pool import Pool, Refused, flow_of
 from . import mcp, userinfo, websocket
 from .drain import Drain
-from .forward import Forwarder, refusal
+from .failures import refusal
+from .forward import Forwarder
 from .local_exchange import LocalExchange
 
 __all__ = ["AdminHandler", "Handler"]

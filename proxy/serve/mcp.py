@@ -28,10 +28,10 @@ from yarl import URL
 from ..auth.exchange import SessionToken, client_failure
 from ..auth.tokens import TokenUnavailable
 from ..policy import errors
-from ..policy.headers import request_headers, response_headers
+from ..policy.headers import request_headers, response_headers, rewrite_location
 from ..policy.routes import Route
 from ..telemetry.facts import Facts
-from .forward import Decorate, rewrite_location
+from .relay import Decorate
 
 __all__ = ["MAX_MESSAGE_BYTES", "Relay", "allowed_tool", "filter_tools", "tool_refusal"]
 

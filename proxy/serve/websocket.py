@@ -18,10 +18,10 @@ from aiohttp import WSMsgType, web
 from multidict import CIMultiDict
 from yarl import URL
 
-from ..auth.exchange import client_failure
 from ..auth.tokens import TokenUnavailable
 from ..policy import errors
 from ..policy.routes import Route
+from .failures import upstream_failed
 
 __all__ = ["Session", "is_upgrade", "relay"]
 
@@ -159,10 +159,8 @@ async def _handshake(
             if err.status == 401 and route.tokens.invalidate(token) and attempt == 1:
                 continue
             return errors.upstream_refused_websocket(err.status)
-        except (aiohttp.ServerTimeoutError, TimeoutError):
-            return errors.upstream_timeout(str(target.origin()))
-        except aiohttp.ClientError as err:
-            return errors.upstream_unreachable(str(target.origin()), client_failure(err))
+        except (TimeoutError, aiohttp.ClientError) as err:
+            return upstream_failed(str(target.origin()), err)
     raise AssertionError("unreachable")
 
 

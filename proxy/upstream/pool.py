@@ -31,6 +31,7 @@ from typing import Final, Literal
 
 from .connection import Connection, UpstreamError, UpstreamTimeout
 from .egress import EgressProxy, open_tunnel
+from .framing import HeadLimits
 
 __all__ = ["Budget", "Flow", "Lease", "Limits", "Pool", "Refused", "flow_of"]
 
@@ -61,6 +62,7 @@ class Limits:
     read_timeout: float
     # The largest share of the call connections (and of the waiting slots) one flow may hold.
     flow_share: float = 1.0
+    response: HeadLimits = HeadLimits()
 
 
 class Refused(Exception):
@@ -336,11 +338,11 @@ class Pool:
         try:
             async with asyncio.timeout(limits.connect_timeout):
                 if self._egress is not None:
-                    protocol = Connection(loop, limits.read_timeout)
+                    protocol = Connection(loop, limits.read_timeout, limits.response)
                     await open_tunnel(self._egress, self._host, self._port, protocol, self._tls)
                 else:
                     _, protocol = await loop.create_connection(
-                        lambda: Connection(loop, limits.read_timeout),
+                        lambda: Connection(loop, limits.read_timeout, limits.response),
                         self._host,
                         self._port,
                         ssl=self._tls,
