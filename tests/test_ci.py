@@ -280,6 +280,28 @@ async def test_run_without_a_command_or_with_a_missing_one_says_so(
     assert "Traceback" not in err
 
 
+async def test_run_with_json_logs_writes_every_line_as_json(
+    standin: StandIn, write_config: WriteConfig
+) -> None:
+    """`run --log-format json` for a log pipeline: the "serving ... for CMD" line and the
+    refusal of a missing command are JSON objects like every other line."""
+    config = str(write_config())
+    code, out, err = await appcircle_proxy(
+        "run", "--config", config, "--log-format", "json", "--", "true"
+    )
+    assert code == 0, err
+    lines = [line for line in (out + err).splitlines() if line.strip()]
+    assert any("serving" in line for line in lines), lines
+    entries = [json.loads(line) for line in lines]  # fails on any line that is not JSON
+    serving = next(entry for entry in entries if entry.get("event") == "serving")
+    assert serving["url"].startswith("http://127.0.0.1:") and serving["command"] == ["true"]
+    code, _, err = await appcircle_proxy(
+        "run", "--config", config, "--log-format", "json", "--", "no-such-command-here"
+    )
+    assert code == 127
+    assert "cannot run no-such-command-here" in json.loads(err.strip().splitlines()[-1])["message"]
+
+
 # -- wait -------------------------------------------------------------------------------
 
 

@@ -104,24 +104,19 @@ def run(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     timeout: float = getattr(args, "timeout", DEFAULT_TIMEOUT)
     route_name: str | None = getattr(args, "route", None)
     if not command:
-        print(
-            "appcircle-proxy run: name the command after --, e.g. "
-            "appcircle-proxy run -- appcircle build profile list",
-            file=sys.stderr,
+        raise ConfigError(
+            "run: name the command after --, e.g. appcircle-proxy run -- appcircle build "
+            "profile list"
         )
-        return 2
     if timeout <= 0:
-        print("appcircle-proxy run: --timeout must be more than 0 seconds", file=sys.stderr)
-        return 2
+        raise ConfigError("run: --timeout must be more than 0 seconds")
     overrides.setdefault("server", {}).setdefault("listen", RUN_LISTEN)
     settings = load_settings(getattr(args, "config", None), overrides)
     if route_name is not None and route_name not in settings.routes:
-        print(
-            f"appcircle-proxy run: no route named '{route_name}'; configured routes: "
-            f"{', '.join(sorted(settings.routes))}",
-            file=sys.stderr,
+        raise ConfigError(
+            f"run: no route named '{route_name}'; configured routes: "
+            f"{', '.join(sorted(settings.routes))}"
         )
-        return 2
     logs.configure(settings.log)
     return asyncio.run(_run(settings, command, route_name, timeout))
 
@@ -134,20 +129,25 @@ async def _run(
         routes = running.proxy.runtime.routes
         problems = await _tokens_for_every_route(list(routes), timeout)
         if problems:
-            print(
-                f"appcircle-proxy run: not running {command[0]}: "
-                f"{len(problems)} route(s) have no session token:",
-                file=sys.stderr,
+            logs.NOTICES.error(
+                "not running %s: %d route(s) have no session token: %s",
+                command[0],
+                len(problems),
+                "; ".join(f"route '{name}': {problem}" for name, problem in sorted(problems.items())),
+                extra={"fields": {"event": "not_running", "routes": problems}},
             )
-            for name, problem in sorted(problems.items()):
-                print(f"  route '{name}': {problem}", file=sys.stderr)
             return 1
         url = _client_url(running.urls[0])
         if route_name is not None:
             route = routes.by_name(route_name)
             assert route is not None  # checked against the settings before starting
             url += "" if route.prefix == "/" else route.prefix
-        print(f"appcircle-proxy: serving {url} for {shlex.join(command)}", file=sys.stderr)
+        logs.NOTICES.info(
+            "serving %s for %s",
+            url,
+            shlex.join(command),
+            extra={"fields": {"event": "serving", "url": url, "command": command}},
+        )
         environment = child_environment(settings, os.environ, url)
         return await _child(command, environment)
     finally:
@@ -187,10 +187,7 @@ async def _child(command: list[str], environment: dict[str, str]) -> int:
     try:
         child = await asyncio.create_subprocess_exec(*command, env=environment)
     except OSError as err:
-        print(
-            f"appcircle-proxy run: cannot run {command[0]}: {err.strerror or err}",
-            file=sys.stderr,
-        )
+        logs.NOTICES.error("cannot run %s: %s", command[0], err.strerror or err)
         # The shell's convention: 127 not found, 126 found but not runnable.
         return 127 if isinstance(err, FileNotFoundError) else 126
     loop = asyncio.get_running_loop()
