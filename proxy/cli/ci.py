@@ -37,7 +37,9 @@ __all__ = ["child_environment", "run", "wait"]
 # What CMD is given: the proxy (with the route's prefix), and its client token if it has one.
 PROXY_URL_ENV: Final = "APPCIRCLE_PROXY_URL"
 API_URL_ENV: Final = "APPCIRCLE_API_URL"
-CLIENT_TOKEN_ENV: Final = "APPCIRCLE_PROXY_TOKEN"
+CLIENT_TOKEN_ENV: Final = "APPCIRCLE_PROXY_CLIENT_TOKEN"
+# The name `run` and `wait` used before 0.2: still given and read, with a deprecation line.
+OLD_CLIENT_TOKEN_ENV: Final = "APPCIRCLE_PROXY_TOKEN"
 RUN_LISTEN: Final = "127.0.0.1:0"
 READY_PATH: Final = "/_proxy/ready"
 # Failures that retrying within the timeout cannot mend: report them at once.
@@ -94,6 +96,7 @@ def child_environment(
     client_token = read_client_token(settings.server)
     if client_token is not None:
         environment[CLIENT_TOKEN_ENV] = client_token.get_secret_value()
+        environment[OLD_CLIENT_TOKEN_ENV] = client_token.get_secret_value()
     return environment
 
 
@@ -133,7 +136,7 @@ async def _run(
                 "not running %s: %d route(s) have no session token: %s",
                 command[0],
                 len(problems),
-                "; ".join(f"route '{name}': {problem}" for name, problem in sorted(problems.items())),
+                "; ".join(f"route '{name}': {why}" for name, why in sorted(problems.items())),
                 extra={"fields": {"event": "not_running", "routes": problems}},
             )
             return 1
@@ -231,6 +234,21 @@ def _client_url(listening: str) -> str:
 # -- wait -------------------------------------------------------------------------------
 
 
+def given_client_token(environ: Mapping[str, str]) -> str | None:
+    """The client token a probe sends to a proxy named by --url, from CLIENT_TOKEN_ENV (or,
+    deprecated, OLD_CLIENT_TOKEN_ENV)."""
+    if token := environ.get(CLIENT_TOKEN_ENV, "").strip():
+        return token
+    if token := environ.get(OLD_CLIENT_TOKEN_ENV, "").strip():
+        print(
+            f"appcircle-proxy: {OLD_CLIENT_TOKEN_ENV} is deprecated; name the client token "
+            f"{CLIENT_TOKEN_ENV}",
+            file=sys.stderr,
+        )
+        return token
+    return None
+
+
 def wait(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     """`appcircle-proxy wait`; `overrides` are the command line's settings flags."""
     url: str | None = getattr(args, "url", None)
@@ -250,12 +268,12 @@ def wait(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
             )
             return 2
         base = str(given.origin())
-        if client_token := os.environ.get(CLIENT_TOKEN_ENV):
+        if client_token := given_client_token(os.environ):
             headers["Proxy-Authorization"] = f"Bearer {client_token}"
     else:
         try:
             # Offline: the addresses are needed, not the keys (a service job may not have them).
-            settings = load_settings(getattr(args, "config", None), overrides, offline=True)
+            settings = load_settings(getattr(args, "config", None), overrides, probe=True)
         except ConfigError as err:
             print(f"appcircle-proxy: {err}\n(or name the proxy with --url)", file=sys.stderr)
             return 2
@@ -314,8 +332,9 @@ async def _wait(base: str, headers: dict[str, str], socket_path: str | None, tim
 async def _not_ready_reason(reply: aiohttp.ClientResponse) -> str:
     if reply.status in (401, 407):
         return (
-            f"HTTP {reply.status}: the proxy wants its client token; set {CLIENT_TOKEN_ENV}, "
-            "or point --url at its admin_listen address"
+            f"HTTP {reply.status}: the proxy wants its client token; set {CLIENT_TOKEN_ENV} "
+            "(sent as Proxy-Authorization; the proxy takes it in Authorization too), or point "
+            "--url at its admin_listen address"
         )
     try:
         answer = await reply.json(content_type=None)

@@ -50,6 +50,7 @@ def load_settings(
     *,
     offline: bool = False,
     environment: bool = True,
+    probe: bool = False,
 ) -> Settings:
     """Read and validate the configuration; raise ConfigError with a user-facing message.
 
@@ -57,7 +58,9 @@ def load_settings(
     as nested dicts, and beat the environment. `offline` validates everything but the
     secrets, secret files and CA bundle, which need not exist here. Without `environment`,
     neither the environment nor a file is read: `overrides` are the whole configuration.
+    A `probe` (health, wait: offline too) needs the addresses alone, and no credential.
     """
+    offline = offline or probe
     if environment and config_file is None and os.environ.get(CONFIG_ENV):
         config_file = Path(os.environ[CONFIG_ENV])
     if config_file is not None:
@@ -81,7 +84,7 @@ def load_settings(
                 f"{err.start}); save it as UTF-8"
             ) from None
     try:
-        settings = settings_class(config_file, environment)(**(overrides or {}))
+        settings = settings_class(config_file, environment, probe)(**(overrides or {}))
     except SettingsError as err:
         raise ConfigError(_undecodable(err)) from None
     except ValidationError as err:

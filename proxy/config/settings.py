@@ -8,7 +8,7 @@ import json
 import uuid
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Any, ClassVar, Final, Literal
 
 from pydantic import (
     AfterValidator,
@@ -369,6 +369,8 @@ class Settings(BaseSettings):
     log: LogSettings = LogSettings()
     credentials: dict[str, CredentialSettings] = {}
     routes: dict[str, RouteSettings] = {}
+    # False for the probes (health, wait), which need the addresses alone.
+    need_credential: ClassVar[bool] = True
 
     @model_validator(mode="before")
     @classmethod
@@ -383,13 +385,13 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_references(self) -> Settings:
-        if not self.credentials:
+        if not self.credentials and self.need_credential:
             raise ValueError(
                 "no credential is configured; add a [credentials.NAME] section, or with no "
                 "config file set APPCIRCLE_PERSONAL_ACCESS_KEY (or APPCIRCLE_PERSONAL_API_TOKEN, "
                 "or APPCIRCLE_API_KEY_NAME and APPCIRCLE_API_KEY_SECRET)"
             )
-        if not self.routes:
+        if self.credentials and not self.routes:
             raise ValueError(
                 "several credentials but no [routes.NAME]; add routes that say which "
                 "credential serves which prefix"
