@@ -354,12 +354,26 @@ def _refuse_flags_that_do_not_apply(
             parser.error(f"{flag} does not apply to '{name}'; see appcircle-proxy {name} --help")
 
 
+def _refuse_unknown_setting_variables() -> None:
+    """A misspelled APPCIRCLE_PROXY_* variable would be silently ignored, as an unknown key
+    in the file is not: stop every command."""
+    from ..config.variables import unknown_setting_variables
+
+    problems = unknown_setting_variables()
+    if len(problems) == 2:  # one variable, and the note on what to do
+        raise ConfigError(" ".join(problems))
+    if problems:
+        raise ConfigError("unknown setting variables:\n  " + "\n  ".join(problems))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser, subparsers = _parser()
     args = parser.parse_args(argv)
     name = getattr(args, "command", None) or "serve"
     _refuse_flags_that_do_not_apply(args, subparsers[name], name)
     try:
+        if name != "demo":  # the demo reads no environment
+            _refuse_unknown_setting_variables()
         return COMMANDS[name].run(args)
     except ConfigError as err:
         # The file may be what is broken: the format can still come from a flag or variable.

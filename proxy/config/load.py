@@ -14,13 +14,14 @@ from pydantic_settings import SettingsError
 
 from .errors import ConfigError
 from .secrets import secret_problems
-from .settings import ENV_PREFIX, Settings
+from .settings import ENV_PREFIX, NO_CREDENTIAL, Settings
 from .sources import (
     CONFIG_ENV,
     refuse_ignored_zero_config,
     settings_class,
     zero_config_variables,
 )
+from .variables import near_key_variables
 
 __all__ = ["load_settings"]
 
@@ -89,7 +90,7 @@ def load_settings(
         raise ConfigError(_undecodable(err)) from None
     except ValidationError as err:
         problems = [_describe(e, config_file) for e in err.errors(include_input=False)]
-        raise ConfigError(_invalid(config_file, problems)) from None
+        raise ConfigError(_invalid(config_file, [_near_keys(p) for p in problems])) from None
     if not offline:
         problems = [
             _describe(_as_error(location, message), config_file)
@@ -100,6 +101,16 @@ def load_settings(
     if config_file is not None:
         refuse_ignored_zero_config(settings, config_file)
     return settings
+
+
+def _near_keys(problem: str) -> str:
+    """ "No credential", with any variable set whose name is close to a key variable's."""
+    if not problem.startswith(NO_CREDENTIAL):
+        return problem
+    near = near_key_variables()
+    if not near:
+        return problem
+    return problem + "".join(f"; {name} is set: did you mean {meant}?" for name, meant in near)
 
 
 def _invalid(config_file: Path | None, problems: list[str]) -> str:

@@ -37,6 +37,7 @@ from .allow import AllowRule, RoutePolicy, parse_rule
 
 __all__ = [
     "ENV_PREFIX",
+    "NO_CREDENTIAL",
     "AppcircleSettings",
     "CredentialSettings",
     "LogSettings",
@@ -49,6 +50,7 @@ __all__ = [
 ]
 
 ENV_PREFIX: Final = "APPCIRCLE_PROXY_"
+NO_CREDENTIAL: Final = "no credential is configured"
 
 CredentialKind = Literal["personal-access-key", "personal-api-token", "api-key"]
 
@@ -387,7 +389,7 @@ class Settings(BaseSettings):
     def _check_references(self) -> Settings:
         if not self.credentials and self.need_credential:
             raise ValueError(
-                "no credential is configured; add a [credentials.NAME] section, or with no "
+                f"{NO_CREDENTIAL}; add a [credentials.NAME] section, or with no "
                 "config file set APPCIRCLE_PERSONAL_ACCESS_KEY (or APPCIRCLE_PERSONAL_API_TOKEN, "
                 "or APPCIRCLE_API_KEY_NAME and APPCIRCLE_API_KEY_SECRET)"
             )
