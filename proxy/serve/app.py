@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import TextIO
 
 import aiohttp
-from prometheus_client import CollectorRegistry
 from yarl import URL
 
 from ..auth.credentials import Credential, credential_from_settings
@@ -23,9 +22,8 @@ from ..auth.tokens import Clock, TokenKey, TokenPolicy, TokenSources
 from ..config.settings import Settings
 from ..policy.guard import Guard
 from ..policy.routes import Route, RouteTable
-from ..telemetry import stats as stats_module
 from ..telemetry.access_log import AccessLog, enabled_by_level
-from ..telemetry.stats import Stats
+from ..telemetry.stats import Stats, exposition, take_snapshot
 from ..telemetry.tracing import debug_traces
 from ..upstream.pool import Limits, Pool
 from . import userinfo
@@ -33,6 +31,8 @@ from .admin import admin_handlers
 from .forward import Forwarder
 from .handler import AdminHandler, Handler
 from .runtime import Runtime
+from .siblings import Siblings
+from .workers import WorkerRole
 
 __all__ = ["Proxy", "build", "connect"]
 
@@ -152,9 +152,10 @@ class Proxy:
     runtime: Runtime
     handler: Handler
     stats: Stats
-    registry: CollectorRegistry
     access_log: AccessLog
     admin: dict[str, AdminHandler] = field(repr=False)
+    # With --workers: this worker among the others, for one scrape of them all.
+    siblings: Siblings | None = None
 
 
 def build(
@@ -162,17 +163,30 @@ def build(
     runtime: Runtime,
     clock: Clock = time.time,
     *,
-    worker: int | None = None,
+    role: WorkerRole | None = None,
     log_stream: Callable[[], TextIO] | None = None,
 ) -> Proxy:
     stats = Stats()
-    registry = stats_module.registry(stats, lambda: runtime, clock)
-    admin = admin_handlers(lambda: runtime, registry)
+    siblings = None
+    if role is not None and role.metrics_dir is not None:
+        siblings = Siblings(
+            role.metrics_dir,
+            role.index,
+            role.restarts,
+            lambda: take_snapshot(stats, runtime, clock),
+        )
+
+    async def metrics() -> tuple[bytes, str]:
+        if siblings is None:
+            return exposition(take_snapshot(stats, runtime, clock))
+        return exposition(*await siblings.gather())
+
+    admin = admin_handlers(lambda: runtime, metrics)
     access_log = AccessLog(
         log_stream or (lambda: sys.stderr),
         settings.log.format,
         query_strings=settings.log.query_strings,
-        worker=worker,
+        worker=None if role is None else role.index,
         enabled=enabled_by_level(),
     )
     forwarder = Forwarder(
@@ -196,4 +210,4 @@ def build(
             runtime.session, settings.appcircle.auth_url, settings.tokens.exchange_timeout
         ),
     )
-    return Proxy(runtime, handler, stats, registry, access_log, admin)
+    return Proxy(runtime, handler, stats, access_log, admin, siblings)

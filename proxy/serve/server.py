@@ -174,7 +174,7 @@ async def start(
     clock: Clock = time.time,
     *,
     reuse_port: bool = False,
-    worker: int | None = None,
+    role: WorkerRole | None = None,
     log_stream: Callable[[], TextIO] | None = None,
 ) -> Running:
     """Build the proxy and start its listeners; the caller must `stop()` it. With
@@ -182,7 +182,10 @@ async def start(
     server = settings.server
     resources = AsyncExitStack()
     runtime = await resources.enter_async_context(connect(settings, clock))
-    proxy = build(settings, runtime, clock, worker=worker, log_stream=log_stream)
+    proxy = build(settings, runtime, clock, role=role, log_stream=log_stream)
+    if proxy.siblings is not None:
+        await proxy.siblings.start()
+        resources.push_async_callback(proxy.siblings.close)
     give_back = asyncio.get_running_loop().create_task(
         give_back_after_streams(runtime.pool.streams), name="give back memory"
     )
@@ -283,9 +286,7 @@ async def _cancel(task: asyncio.Task[None]) -> None:
 async def _serve(
     settings: Settings, load: Callable[[], Settings], role: WorkerRole | None = None
 ) -> None:
-    running = await start(
-        settings, reuse_port=role is not None, worker=None if role is None else role.index
-    )
+    running = await start(settings, reuse_port=role is not None, role=role)
     started = time.monotonic()
     # Everything allocated so far lives as long as the process: keep the collector off it.
     gc.collect()
@@ -303,7 +304,6 @@ async def _serve(
             running, settings, banner=role is None or (role.index == 0 and role.restarts == 0)
         )
         if role is not None:
-            running.proxy.stats.worker_restarts = role.restarts
             if role.restarts:
                 log.warning(
                     "worker %d serving again (pid %d), restart %d of this worker",

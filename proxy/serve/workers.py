@@ -7,12 +7,15 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import shutil
 import signal
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 from typing import Final
 
 from ..config.settings import Settings
@@ -37,6 +40,8 @@ class WorkerRole:
     index: int
     restarts: int
     ready: Connection
+    # Private to this run (0700): where workers answer each other's metrics (siblings.py).
+    metrics_dir: Path | None = None
 
 
 # What each worker process runs: it serves, and tells the supervisor on `role.ready`.
@@ -76,10 +81,11 @@ class Supervisor:
         self._stopping = False
         self._failed = False
         self._slots: list[_Slot] = []
+        self._metrics_dir: Path | None = None
 
     def _fork(self, index: int, restarts: int) -> _Slot:
         ready, told = self._context.Pipe(duplex=False)
-        role = WorkerRole(index, restarts, told)
+        role = WorkerRole(index, restarts, told, self._metrics_dir)
         process = self._context.Process(
             target=self._target, args=(self._settings, self._load, role), name=f"worker-{index}"
         )
@@ -96,6 +102,13 @@ class Supervisor:
                 os.kill(slot.process.pid, signum)
 
     def run(self) -> int:
+        self._metrics_dir = Path(tempfile.mkdtemp(prefix="appcircle-proxy-"))
+        try:
+            return self._supervise()
+        finally:
+            shutil.rmtree(self._metrics_dir, ignore_errors=True)
+
+    def _supervise(self) -> int:
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, self._relay)
         for index in range(self._workers):
