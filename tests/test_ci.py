@@ -456,3 +456,29 @@ def test_every_help_text_about_the_client_token_names_both_headers() -> None:
         assert "Authorization" in text.replace("Proxy-Authorization", ""), text
         assert "Proxy-Authorization" in text, text
     assert not any("APPCIRCLE_PROXY_TOKEN" in text for text in texts)
+
+
+async def test_run_imports_nothing_a_cold_start_does_not_need(
+    standin: StandIn, write_config: WriteConfig
+) -> None:
+    """`run -- CMD` starts in every CI step, so its start-up is the job's time: it must not
+    import what it never uses (PyJWT and cryptography: 30-70 ms; uvloop, which `run` does
+    not run on; prometheus-client, until a scrape; multiprocessing's pool machinery)."""
+    config = str(write_config())
+    code, _, err = await appcircle_proxy("run", "--config", config, "--", "true")
+    assert code == 0, err
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-X", "importtime", "-m", "proxy", "run", "--config", config, "--", "true",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, err_bytes = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 0, err_bytes.decode()
+    imported = {
+        line.rsplit("|", 1)[1].strip()
+        for line in err_bytes.decode().splitlines()
+        if line.startswith("import time:")
+    }
+    assert "proxy.serve.server" in imported  # the listing is what it seems
+    unneeded = {"jwt", "cryptography", "uvloop", "prometheus_client"} & imported
+    assert not unneeded, f"run imported {sorted(unneeded)}"

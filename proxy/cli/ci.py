@@ -55,7 +55,6 @@ FORWARDED_SIGNALS: Final = (
     signal.SIGUSR2,
 )
 DEFAULT_TIMEOUT: Final = 60.0
-POLL_SECONDS: Final = 0.05
 WAIT_POLL_SECONDS: Final = 0.2
 WAIT_REQUEST_SECONDS: Final = 2.0
 
@@ -183,7 +182,18 @@ async def _tokens_for_every_route(routes: list[Route], timeout: float) -> dict[s
                 )
                 for route in waiting
             }
-        await asyncio.sleep(POLL_SECONDS)
+        # Woken by the next outcome of any route still waiting, not by polling: a start
+        # that takes one exchange should take no longer than it.
+        outcomes = [asyncio.ensure_future(route.tokens.next_outcome()) for route in waiting]
+        try:
+            await asyncio.wait(
+                outcomes,
+                timeout=max(0.0, deadline - time.monotonic()),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            for outcome in outcomes:
+                outcome.cancel()
 
 
 async def _child(command: list[str], environment: dict[str, str]) -> int:

@@ -44,13 +44,15 @@ log = logging.getLogger("appcircle_proxy.server")
 CUT_GRACE: Final = 0.1
 GC_FIRST_GENERATION: Final = 10_000
 
-_LOOP_FACTORY: Callable[[], asyncio.AbstractEventLoop] | None
-try:
-    import uvloop
 
-    _LOOP_FACTORY = uvloop.new_event_loop
-except ImportError:  # no uvloop on Windows: the standard loop serves as well, a bit slower
-    _LOOP_FACTORY = None
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    # Imported here, not at the top: `run` and the tools use asyncio's own loop and need not
+    # pay for importing it.
+    try:
+        import uvloop
+    except ImportError:  # no uvloop on Windows: the standard loop serves as well, a bit slower
+        return None
+    return uvloop.new_event_loop
 
 
 def _describe_routes(settings: Settings) -> list[dict[str, str | None]]:
@@ -346,7 +348,7 @@ async def _serve(
 
 def _run(main: Coroutine[None, None, None]) -> None:
     # uvloop's event loop (libuv), where installed, forwards 10-25% more per second.
-    with asyncio.Runner(loop_factory=_LOOP_FACTORY) as runner:
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         runner.run(main)
 
 
