@@ -1,7 +1,7 @@
 """The benchmark: one command, every figure measured in the same run, printed as a table.
 
     .venv/bin/python bench/run.py [--seconds 5] [--repeat 3] [--churn-seconds 30]
-                                  [--size-mib 1024]
+                                  [--size-mib 1024] [--quick]
 
 It starts, on loopback: nginx answering a fixed small JSON (the upstream for small GETs and
 the big transfers, so the upstream is not the bottleneck); the three proxies compared, each
@@ -18,8 +18,10 @@ Others may share the machine, so every figure is measured `--repeat` times, the 
 interleaved within each round, and the best of the rounds is kept. CPU time per request is
 read from /proc (utime + stime of the process and its children, over the wrk run, divided by
 the requests wrk counted). The proxy's access log is on (level info), written to a file.
-Not a test: it prints figures against the targets in issue #9 and always exits 0 unless
-something it needs is missing.
+Last, the cold start (bench/cold_start.py): `appcircle-proxy run -- true` against the
+stand-in, beside `python -c pass`. `--quick` measures only small GETs through the proxy with
+one and two workers, and the cold start. Not a test: it prints figures against the targets
+in issues #9 and #19 and always exits 0 unless something it needs is missing.
 """
 
 from __future__ import annotations
@@ -590,6 +592,8 @@ def main() -> int:
             exchanges = len(appcircle.exchanges) - before
             waits = churn.metric("appcircle_proxy_token_waits_total") - first_waits
             rejected = len(appcircle.rejected_tokens)
+        say("cold start: run -- true, 15 times ...")
+        cold, bare = cold_start.measure(15)
 
     print(
         f"\nappcircle-proxy benchmark, {os.cpu_count()} cores, Python {sys.version.split()[0]}, "
@@ -738,6 +742,20 @@ def main() -> int:
             "",
             "0 waited, 0 saw 401",
             verdict(waits == 0 and churn_load.non_2xx == 0 and rejected == 0),
+        )
+    )
+    print(
+        row(
+            "cold start, `run -- true` against the stand-in, ms wall (CPU), median of 15",
+            "",
+            "",
+            "",
+            f"{cold.wall_s * 1000:.0f} ({cold.cpu_s * 1000:.0f}); python -c pass: "
+            f"{bare.wall_s * 1000:.0f} ({bare.cpu_s * 1000:.0f})",
+            "",
+            "",
+            "≤ 250 ms wall",
+            verdict(cold.wall_s <= 0.25),
         )
     )
     errors = {name: load.non_2xx for name, load in c64.items() if load.non_2xx}
