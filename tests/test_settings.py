@@ -308,3 +308,21 @@ def test_no_credential_names_a_variable_close_to_a_key_variable(
     assert "no credential is configured" in err
     assert "APPCIRCLE_PERSONAL_ACCES_KEY is set: did you mean APPCIRCLE_PERSONAL_ACCESS_KEY?" in err
     assert "a-key" not in err
+
+
+def test_a_variable_the_configuration_reads_a_secret_from_is_not_a_misspelling(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """secret_env may name a variable of the settings' prefix: it is read, so not unknown;
+    a misspelled one beside it is still named (first, before the problem it causes)."""
+    config = tmp_path / "proxy.toml"
+    config.write_text(
+        '[credentials.main]\nkind = "personal-access-key"\nsecret_env = "APPCIRCLE_PROXY_MY_KEY"\n'
+    )
+    monkeypatch.setenv("APPCIRCLE_PROXY_MY_KEY", "a-key")
+    assert main(["check", "--offline", "--config", str(config)]) == 0, capsys.readouterr().err
+    monkeypatch.setenv("APPCIRCLE_PROXY_TOKENS__REFRESH_MARGN", "10")
+    assert main(["check", "--offline", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "did you mean `APPCIRCLE_PROXY_TOKENS__REFRESH_MARGIN`?" in err
+    assert "APPCIRCLE_PROXY_MY_KEY" not in err

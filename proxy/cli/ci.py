@@ -28,6 +28,7 @@ from ..config.load import load_settings
 from ..config.secrets import read_client_token
 from ..config.settings import ENV_PREFIX, Settings
 from ..config.sources import ZERO_CONFIG_API_KEY_SECRET, ZERO_CONFIG_KEYS
+from ..config.variables import refuse_unknown_setting_variables
 from ..policy.routes import Route
 from ..serve.server import start
 from ..telemetry import logs
@@ -278,6 +279,8 @@ def wait(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
             )
             return 2
         base = str(given.origin())
+        # No configuration is read; a misspelled settings variable is refused all the same.
+        refuse_unknown_setting_variables()
         if client_token := given_client_token(os.environ):
             headers["Proxy-Authorization"] = f"Bearer {client_token}"
     else:

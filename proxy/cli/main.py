@@ -178,10 +178,13 @@ def _token(args: argparse.Namespace) -> int:
 
 
 def _health(args: argparse.Namespace) -> int:
+    from ..config.variables import refuse_unknown_setting_variables
     from .probe import health, health_at
 
     timeout = getattr(args, "timeout", 2.0)
     if (url := getattr(args, "url", None)) is not None:
+        # No configuration is read; a misspelled settings variable is refused all the same.
+        refuse_unknown_setting_variables()
         return health_at(url, timeout)
     # The addresses, not the secrets (a rotated key file must not make a running proxy look
     # dead), and no credential (the key may be on the proxy's own command line alone).
@@ -354,26 +357,12 @@ def _refuse_flags_that_do_not_apply(
             parser.error(f"{flag} does not apply to '{name}'; see appcircle-proxy {name} --help")
 
 
-def _refuse_unknown_setting_variables() -> None:
-    """A misspelled APPCIRCLE_PROXY_* variable would be silently ignored, as an unknown key
-    in the file is not: stop every command."""
-    from ..config.variables import unknown_setting_variables
-
-    problems = unknown_setting_variables()
-    if len(problems) == 2:  # one variable, and the note on what to do
-        raise ConfigError(" ".join(problems))
-    if problems:
-        raise ConfigError("unknown setting variables:\n  " + "\n  ".join(problems))
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser, subparsers = _parser()
     args = parser.parse_args(argv)
     name = getattr(args, "command", None) or "serve"
     _refuse_flags_that_do_not_apply(args, subparsers[name], name)
     try:
-        if name != "demo":  # the demo reads no environment
-            _refuse_unknown_setting_variables()
         return COMMANDS[name].run(args)
     except ConfigError as err:
         # The file may be what is broken: the format can still come from a flag or variable.

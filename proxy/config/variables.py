@@ -1,7 +1,7 @@
 """Which environment variables the proxy reads, so that a misspelled one stops it instead of
 being silently ignored: an `APPCIRCLE_PROXY_*` variable must name a setting (or be one of the
-few the commands read themselves), and a variable close to a key variable's name is pointed
-out when no credential is found."""
+few the commands read themselves, or one the configuration reads a secret from), and a
+variable close to a key variable's name is pointed out when no credential is found."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Final
 
 from pydantic import BaseModel
 
+from .errors import ConfigError
 from .settings import ENV_PREFIX, Settings
 from .sources import (
     CONFIG_ENV,
@@ -21,7 +22,13 @@ from .sources import (
     ZERO_CONFIG_SUB_ORGANIZATION,
 )
 
-__all__ = ["IGNORE_ENV", "KNOWN_NON_SETTINGS", "near_key_variables", "unknown_setting_variables"]
+__all__ = [
+    "IGNORE_ENV",
+    "KNOWN_NON_SETTINGS",
+    "near_key_variables",
+    "refuse_unknown_setting_variables",
+    "unknown_setting_variables",
+]
 
 # A comma-separated list of APPCIRCLE_PROXY_* variables that are not the proxy's settings
 # (set for another tool, say) and are let through.
@@ -116,12 +123,15 @@ def _nearest(name: str) -> str | None:
     return ENV_PREFIX + nearest[0] if nearest else None
 
 
-def unknown_setting_variables(environ: Mapping[str, str] = os.environ) -> list[str]:
+def unknown_setting_variables(
+    environ: Mapping[str, str] = os.environ, referenced: Iterable[str | None] = ()
+) -> list[str]:
     """One line for each APPCIRCLE_PROXY_* variable that names no setting, with the nearest
-    valid name when there is one."""
+    valid name when there is one, and a last line on what to do; [] when all are known.
+    `referenced`: variables the configuration reads a secret from (secret_env, ...)."""
     ignored = {
         name.strip().upper() for name in environ.get(IGNORE_ENV, "").split(",") if name.strip()
-    }
+    } | {name.upper() for name in referenced if name}
     problems = []
     for name in sorted(environ):
         upper = name.upper()
@@ -141,6 +151,15 @@ def unknown_setting_variables(environ: Mapping[str, str] = os.environ) -> list[s
             f"let through by naming it in {IGNORE_ENV}, comma-separated)"
         )
     return problems
+
+
+def refuse_unknown_setting_variables(referenced: Iterable[str | None] = ()) -> None:
+    """ConfigError naming every APPCIRCLE_PROXY_* variable that names no setting."""
+    problems = unknown_setting_variables(referenced=referenced)
+    if len(problems) == 2:  # one variable, and the note on what to do
+        raise ConfigError(" ".join(problems))
+    if problems:
+        raise ConfigError("unknown setting variables:\n  " + "\n  ".join(problems))
 
 
 def near_key_variables(environ: Mapping[str, str] = os.environ) -> list[tuple[str, str]]:
