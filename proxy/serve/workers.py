@@ -102,11 +102,19 @@ class Supervisor:
                 os.kill(slot.process.pid, signum)
 
     def run(self) -> int:
-        self._metrics_dir = Path(tempfile.mkdtemp(prefix="appcircle-proxy-"))
+        try:
+            self._metrics_dir = Path(tempfile.mkdtemp(prefix="appcircle-proxy-"))
+        except OSError as err:  # a read-only file system with no writable TMPDIR, say
+            log.warning(
+                "no private directory for the workers to share their metrics (%s): each "
+                "scrape of /_proxy/metrics shows one worker's; set TMPDIR to a writable one",
+                err.strerror or err,
+            )
         try:
             return self._supervise()
         finally:
-            shutil.rmtree(self._metrics_dir, ignore_errors=True)
+            if self._metrics_dir is not None:
+                shutil.rmtree(self._metrics_dir, ignore_errors=True)
 
     def _supervise(self) -> int:
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
