@@ -154,14 +154,13 @@ def take_snapshot(stats: Stats, runtime: Runtime | None, clock: Callable[[], flo
         gauges[("upstream_connections", "streams")] = pool.streams.in_use
         gauges[("pending",)] = pool.pending
     # prometheus-client reads /proc/self (on Linux; elsewhere it yields nothing).
+    shorts = {name: (short, kind) for short, kind, name, _text in PROCESS}
     for family in ProcessCollector(registry=None).collect():
         for sample in family.samples:
-            name = sample.name.removesuffix("_total").removesuffix("_seconds")
-            name = name.removesuffix("_bytes") if "memory" in name else name
-            if family.type == "counter":
-                counters[(name,)] = sample.value
-            else:
-                gauges[(name,)] = sample.value
+            known = shorts.get(sample.name.removesuffix("_total"))
+            if known is not None:
+                short, kind = known
+                (counters if kind == "counter" else gauges)[(short,)] = sample.value
     return snapshot
 
 
