@@ -99,7 +99,7 @@ def test_the_images_entrypoint_answers_version(image_install: Path) -> None:
 
 @pytest.mark.timeout(180)
 def test_the_installed_package_carries_its_mit_licence(image_install: Path) -> None:
-    """`pip show` (25.1 and later) prints License-Expression: MIT, and the licence text
+    """`pip show` (a recent pip: 26.3 checked) prints License-Expression: MIT, and the licence text
     travels with the package, as pyproject.toml's license and license-files say."""
     script = (
         "import importlib.metadata as m, json; d = m.distribution('appcircle-proxy'); "
