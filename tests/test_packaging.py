@@ -99,8 +99,9 @@ def test_the_images_entrypoint_answers_version(image_install: Path) -> None:
 
 @pytest.mark.timeout(180)
 def test_the_installed_package_carries_its_mit_licence(image_install: Path) -> None:
-    """`pip show` (a recent pip: 26.3 checked) prints License-Expression: MIT, and the licence text
-    travels with the package, as pyproject.toml's license and license-files say."""
+    """`pip show` (a recent pip: 26.3 checked) prints License-Expression: MIT, and the
+    licence text travels with the package, as pyproject.toml's license and license-files
+    say."""
     script = (
         "import importlib.metadata as m, json; d = m.distribution('appcircle-proxy'); "
         "print(json.dumps({'expression': d.metadata['License-Expression'], "
