@@ -6,7 +6,7 @@
 FROM python:3.11-slim AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY proxy ./proxy
 RUN python -m venv /opt/appcircle-proxy \
     && /opt/appcircle-proxy/bin/pip install --no-cache-dir . \

@@ -1,7 +1,7 @@
 """The benchmark: one command, every figure measured in the same run, printed as a table.
 
     .venv/bin/python bench/run.py [--seconds 5] [--repeat 3] [--churn-seconds 30]
-                                  [--size-mib 1024]
+                                  [--size-mib 1024] [--quick]
 
 It starts, on loopback: nginx answering a fixed small JSON (the upstream for small GETs and
 the big transfers, so the upstream is not the bottleneck); the three proxies compared, each
@@ -18,8 +18,10 @@ Others may share the machine, so every figure is measured `--repeat` times, the 
 interleaved within each round, and the best of the rounds is kept. CPU time per request is
 read from /proc (utime + stime of the process and its children, over the wrk run, divided by
 the requests wrk counted). The proxy's access log is on (level info), written to a file.
-Not a test: it prints figures against the targets in issue #9 and always exits 0 unless
-something it needs is missing.
+Last, the cold start (bench/cold_start.py): `appcircle-proxy run -- true` against the
+stand-in, beside `python -c pass`. `--quick` measures only small GETs through the proxy with
+one and two workers, and the cold start. Not a test: it prints figures against the targets
+in issues #9 and #19 and always exits 0 unless something it needs is missing.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the stand-in lives in tests/
+import cold_start  # noqa: E402
+
 from tests.standin import StandIn  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -481,6 +485,38 @@ def verdict(met: bool) -> str:
     return "met" if met else "missed"
 
 
+def quick(seconds: int, repeat: int) -> int:
+    """--quick: the figures a change to the request path or start-up moves, in a minute."""
+    wrk_bin = ensure_tools()["wrk"]
+    best = Best()
+    with tempfile.TemporaryDirectory(prefix="appcircle-proxy-bench-") as tmp, ExitStack() as stack:
+        work = Path(tmp)
+        nginx_bin = ensure_tools()["nginx"]
+        if not wrk_bin or not nginx_bin:
+            say("wrk and nginx are needed: apt-get install wrk nginx-light")
+            return 1
+        big = work / "big.bin"
+        big.write_bytes(b"")
+        direct = stack.enter_context(nginx(nginx_bin, work, big))
+        appcircle = stack.enter_context(standin(3600))
+        one = stack.enter_context(proxy(work, direct.url, appcircle.auth_url))
+        two = stack.enter_context(proxy(work, direct.url, appcircle.auth_url, workers=2))
+        for round_ in range(1, repeat + 1):
+            say(f"round {round_}/{repeat}: small GETs ...")
+            for subject in (one, two):
+                best.keep("c64", subject.name, wrk(wrk_bin, subject, "/small", 64, seconds))
+    cold, bare = cold_start.measure(15)
+    print(f"\nappcircle-proxy quick benchmark, best of {repeat} rounds of {seconds} s")
+    for subject in (one, two):
+        load = best.load("c64", subject.name)
+        print(
+            f"small GET, c=64, {subject.name}: {load.rps:,.0f} req/s, {load.cpu_us:.0f} µs CPU "
+            f"per request ({load.cores:.2f} cores busy)"
+        )
+    print(cold_start.line(cold, bare, 15))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=int, default=5, help="length of each wrk run")
@@ -489,7 +525,15 @@ def main() -> int:
     )
     parser.add_argument("--churn-seconds", type=int, default=30)
     parser.add_argument("--size-mib", type=int, default=1024, help="size of the big transfers")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="only small GETs at c=64 through the proxy with one and two workers, and the "
+        "cold start (about 40 s)",
+    )
     args = parser.parse_args()
+    if args.quick:
+        return quick(args.seconds, args.repeat)
 
     tools = ensure_tools()
     if not tools["wrk"] or not tools["nginx"] or not tools["curl"]:
@@ -548,6 +592,8 @@ def main() -> int:
             exchanges = len(appcircle.exchanges) - before
             waits = churn.metric("appcircle_proxy_token_waits_total") - first_waits
             rejected = len(appcircle.rejected_tokens)
+        say("cold start: run -- true, 15 times ...")
+        cold, bare = cold_start.measure(15)
 
     print(
         f"\nappcircle-proxy benchmark, {os.cpu_count()} cores, Python {sys.version.split()[0]}, "
@@ -696,6 +742,20 @@ def main() -> int:
             "",
             "0 waited, 0 saw 401",
             verdict(waits == 0 and churn_load.non_2xx == 0 and rejected == 0),
+        )
+    )
+    print(
+        row(
+            "cold start, `run -- true` against the stand-in, ms wall (CPU), median of 15",
+            "",
+            "",
+            "",
+            f"{cold.wall_s * 1000:.0f} ({cold.cpu_s * 1000:.0f}); python -c pass: "
+            f"{bare.wall_s * 1000:.0f} ({bare.cpu_s * 1000:.0f})",
+            "",
+            "",
+            "≤ 250 ms wall",
+            verdict(cold.wall_s <= 0.25),
         )
     )
     errors = {name: load.non_2xx for name, load in c64.items() if load.non_2xx}

@@ -40,8 +40,8 @@ CHILD = r"""
 import json, os, sys, urllib.request
 url = os.environ["APPCIRCLE_PROXY_URL"]
 headers = {}
-if "APPCIRCLE_PROXY_TOKEN" in os.environ:
-    headers["Authorization"] = "Bearer " + os.environ["APPCIRCLE_PROXY_TOKEN"]
+if "APPCIRCLE_PROXY_CLIENT_TOKEN" in os.environ:
+    headers["Authorization"] = "Bearer " + os.environ["APPCIRCLE_PROXY_CLIENT_TOKEN"]
 opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 with opener.open(urllib.request.Request(url + "/build/v2/profiles", headers=headers)) as reply:
     seen = json.load(reply)
@@ -153,8 +153,9 @@ def test_the_commands_environment_loses_every_variable_a_key_can_come_from(
     assert sorted(environment) == [
         "APPCIRCLE_API_KEY_NAME",  # a name, not a secret
         "APPCIRCLE_API_URL",
+        "APPCIRCLE_PROXY_CLIENT_TOKEN",
         "APPCIRCLE_PROXY_LOG__LEVEL",
-        "APPCIRCLE_PROXY_TOKEN",
+        "APPCIRCLE_PROXY_TOKEN",  # the old name, deprecated
         "APPCIRCLE_PROXY_URL",
         "HOME",
     ]
@@ -214,8 +215,8 @@ async def test_run_with_a_route_gives_its_prefix_and_a_client_token_opens_the_pr
     # The variable the client token came from is gone; the token itself only opens this proxy.
     assert "TEST_CLIENT_TOKEN" not in seen["environ"]
     assert "TEST_APPCIRCLE_KEY" not in seen["environ"]  # the credential's secret_env
-    given = seen["environ"].get("APPCIRCLE_PROXY_TOKEN") == CLIENT_TOKEN
-    assert given, "the command did not get the client token as APPCIRCLE_PROXY_TOKEN"
+    given = seen["environ"].get("APPCIRCLE_PROXY_CLIENT_TOKEN") == CLIENT_TOKEN
+    assert given, "the command did not get the client token as APPCIRCLE_PROXY_CLIENT_TOKEN"
 
 
 async def test_run_fails_with_the_reason_and_runs_nothing_when_a_route_gets_no_token(
@@ -295,6 +296,28 @@ async def test_run_without_a_command_or_with_a_missing_one_says_so(
     assert "Traceback" not in err
 
 
+async def test_run_with_json_logs_writes_every_line_as_json(
+    standin: StandIn, write_config: WriteConfig
+) -> None:
+    """`run --log-format json` for a log pipeline: the "serving ... for CMD" line and the
+    refusal of a missing command are JSON objects like every other line."""
+    config = str(write_config())
+    code, out, err = await appcircle_proxy(
+        "run", "--config", config, "--log-format", "json", "--", "true"
+    )
+    assert code == 0, err
+    lines = [line for line in (out + err).splitlines() if line.strip()]
+    assert any("serving" in line for line in lines), lines
+    entries = [json.loads(line) for line in lines]  # fails on any line that is not JSON
+    serving = next(entry for entry in entries if entry.get("event") == "serving")
+    assert serving["url"].startswith("http://127.0.0.1:") and serving["command"] == ["true"]
+    code, _, err = await appcircle_proxy(
+        "run", "--config", config, "--log-format", "json", "--", "no-such-command-here"
+    )
+    assert code == 127
+    assert "cannot run no-such-command-here" in json.loads(err.strip().splitlines()[-1])["message"]
+
+
 # -- wait -------------------------------------------------------------------------------
 
 
@@ -340,10 +363,10 @@ async def test_wait_finds_the_proxy_and_its_client_token_in_the_configuration(
         code, _, err = await appcircle_proxy(
             "wait", "--url", f"http://127.0.0.1:{port}", "--timeout", "0.3"
         )
-        assert code == 1 and "APPCIRCLE_PROXY_TOKEN" in err
+        assert code == 1 and "APPCIRCLE_PROXY_CLIENT_TOKEN" in err
         code, _, err = await appcircle_proxy(
             "wait", "--url", f"http://127.0.0.1:{port}", "--timeout", "5",
-            env={**os.environ, "APPCIRCLE_PROXY_TOKEN": CLIENT_TOKEN},
+            env={**os.environ, "APPCIRCLE_PROXY_CLIENT_TOKEN": CLIENT_TOKEN},
         )  # fmt: skip
         assert code == 0, err
     finally:
@@ -374,3 +397,110 @@ async def test_wait_asks_the_admin_listener_which_needs_no_token_nor_the_key_her
         assert running.admin_urls[0] in err
     finally:
         await running.stop()
+
+
+def no_key_nor_config() -> dict[str, str]:
+    """A second shell's environment: no key (it was on the proxy's command line), no file."""
+    return {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith(("APPCIRCLE_", "TEST_"))
+    }
+
+
+async def test_health_and_wait_with_url_need_no_key_nor_configuration(
+    standin: StandIn, write_config: WriteConfig
+) -> None:
+    """The quick start's second shell: `health --url` and `wait --url` probe a running proxy
+    with no key and no configuration anywhere; a client token goes in by the one name,
+    APPCIRCLE_PROXY_CLIENT_TOKEN; the old APPCIRCLE_PROXY_TOKEN still works, deprecated."""
+    port = free_port()
+    config = write_config(
+        server={"listen": f"127.0.0.1:{port}", "eager": True, "client_token": CLIENT_TOKEN}
+    )
+    running = await start(load_settings(config))
+    url = f"http://127.0.0.1:{port}"
+    env = no_key_nor_config()
+    try:
+        code, out, err = await appcircle_proxy("health", "--url", url, env=env)
+        assert code == 0, err
+        assert out.strip() == f"ok: {url}/_proxy/health"
+        code, _, err = await appcircle_proxy(
+            "wait", "--url", url, "--timeout", "5",
+            env={**env, "APPCIRCLE_PROXY_CLIENT_TOKEN": CLIENT_TOKEN},
+        )  # fmt: skip
+        assert code == 0, err
+        code, _, err = await appcircle_proxy(
+            "wait", "--url", url, "--timeout", "5",
+            env={**env, "APPCIRCLE_PROXY_TOKEN": CLIENT_TOKEN},
+        )  # fmt: skip
+        assert code == 0 and "APPCIRCLE_PROXY_TOKEN is deprecated" in err, err
+        code, _, err = await appcircle_proxy("health", "--url", "127.0.0.1:1", env=env)
+        assert code == 2 and "not an http(s) URL" in err
+    finally:
+        await running.stop()
+    code, _, err = await appcircle_proxy("health", "--url", url, "--timeout", "1", env=env)
+    assert code == 1 and "cannot connect" in err
+
+
+async def test_health_finds_the_proxy_from_the_environment_without_any_key(
+    standin: StandIn, write_config: WriteConfig
+) -> None:
+    """`health` with no --url reads where the proxy listens and needs no credential at all:
+    the key may be on the proxy's own command line alone (the quick start)."""
+    port = free_port()
+    config = write_config(server={"listen": f"127.0.0.1:{port}", "eager": True})
+    running = await start(load_settings(config))
+    env = {**no_key_nor_config(), "APPCIRCLE_PROXY_SERVER__LISTEN": f"127.0.0.1:{port}"}
+    try:
+        code, out, err = await appcircle_proxy("health", env=env)
+        assert code == 0, err
+        assert out.strip() == f"ok: http://127.0.0.1:{port}/_proxy/health"
+        code, _, err = await appcircle_proxy("wait", "--timeout", "5", env=env)
+        assert code == 0, err
+    finally:
+        await running.stop()
+
+
+def test_every_help_text_about_the_client_token_names_both_headers() -> None:
+    """A client token may travel in Authorization or Proxy-Authorization: every help text
+    that mentions it says both, and names APPCIRCLE_PROXY_CLIENT_TOKEN, never the old name."""
+    from proxy.cli.main import _parser
+
+    parser, subparsers = _parser()
+    texts = [parser.format_help()] + [sub.format_help() for sub in subparsers.values()]
+    about_tokens = [" ".join(text.split()) for text in texts if "token" in text.lower()]
+    mentioning = [
+        text for text in about_tokens if "client token" in text or "--client-token" in text
+    ]
+    assert len(mentioning) >= 3
+    for text in mentioning:
+        assert "Authorization" in text.replace("Proxy-Authorization", ""), text
+        assert "Proxy-Authorization" in text, text
+    assert not any("APPCIRCLE_PROXY_TOKEN" in text for text in texts)
+
+
+async def test_run_imports_nothing_a_cold_start_does_not_need(
+    standin: StandIn, write_config: WriteConfig
+) -> None:
+    """`run -- CMD` starts in every CI step, so its start-up is the job's time: it must not
+    import what it never uses (PyJWT and cryptography: 30-70 ms; uvloop, which `run` does
+    not run on; prometheus-client, until a scrape; multiprocessing's pool machinery)."""
+    config = str(write_config())
+    code, _, err = await appcircle_proxy("run", "--config", config, "--", "true")
+    assert code == 0, err
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-X", "importtime", "-m", "proxy", "run", "--config", config, "--", "true",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, err_bytes = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 0, err_bytes.decode()
+    imported = {
+        line.rsplit("|", 1)[1].strip()
+        for line in err_bytes.decode().splitlines()
+        if line.startswith("import time:")
+    }
+    assert "proxy.serve.server" in imported  # the listing is what it seems
+    unneeded = {"jwt", "cryptography", "uvloop", "prometheus_client"} & imported
+    assert not unneeded, f"run imported {sorted(unneeded)}"

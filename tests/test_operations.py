@@ -90,6 +90,24 @@ def metric_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], f
     }
 
 
+async def test_metrics_say_the_version_and_the_process_figures(
+    start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    """The README speaks of RSS and file descriptors: the metrics carry them (process_*,
+    as prometheus-client names them), and the version that runs (build_info)."""
+    from proxy import __version__
+
+    proxy = await start_proxy()
+    text = (await request(http, "GET", f"{proxy}/_proxy/metrics")).body.decode()
+    samples = metric_samples(text)
+    assert samples[("appcircle_proxy_build_info", (("version", __version__),))] == 1
+    assert samples[("process_resident_memory_bytes", ())] > 1_000_000
+    assert samples[("process_open_fds", ())] > 0
+    assert samples[("process_cpu_seconds_total", ())] > 0
+    assert "# TYPE process_cpu_seconds_total counter" in text
+    assert "appcircle_proxy_worker_restarts" not in text  # one process: no workers
+
+
 async def test_metrics_count_requests_bytes_latency_exchanges_and_token_expiry(
     start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:

@@ -111,6 +111,30 @@ def test_the_images_entrypoint_answers_version(image_install: Path) -> None:
 
 
 @pytest.mark.timeout(180)
+def test_the_installed_package_carries_its_mit_licence(image_install: Path) -> None:
+    """`pip show` (a recent pip: 26.3 checked) prints License-Expression: MIT, and the
+    licence text travels with the package, as pyproject.toml's license and license-files
+    say."""
+    script = (
+        "import importlib.metadata as m, json; d = m.distribution('appcircle-proxy'); "
+        "print(json.dumps({'expression': d.metadata['License-Expression'], "
+        "'files': d.metadata.get_all('License-File'), "
+        "'text': [f.read_text() for f in d.files if f.name == 'LICENSE']}))"
+    )
+    result = subprocess.run(
+        [str(image_install / "bin" / "python"), "-c", script],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    installed = json.loads(result.stdout)
+    assert installed["expression"] == "MIT"
+    assert installed["files"] == ["LICENSE"]
+    assert installed["text"] == [(ROOT / "LICENSE").read_text()]
+    assert installed["text"][0].startswith("MIT License")
+
+
+@pytest.mark.timeout(180)
 async def test_the_images_healthcheck_passes_against_the_installed_proxy(
     image_install: Path, standin: StandIn, unused_tcp_port: int
 ) -> None:

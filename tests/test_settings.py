@@ -287,3 +287,86 @@ def test_zero_config_reads_a_secret_file_named_by_a_file_variable(
     monkeypatch.setenv("APPCIRCLE_PERSONAL_ACCESS_KEY_FILE", str(key_file))
     (credential,) = load_settings().credentials.values()
     assert (credential.kind, credential.secret_file) == ("personal-access-key", key_file)
+
+
+@pytest.mark.parametrize(
+    ("variable", "meant"),
+    [
+        ("APPCIRCLE_PROXY_SERVER_LISTEN", "APPCIRCLE_PROXY_SERVER__LISTEN"),
+        ("APPCIRCLE_PROXY_LISTEN", "APPCIRCLE_PROXY_SERVER__LISTEN"),
+        ("APPCIRCLE_PROXY_API_URL", "APPCIRCLE_PROXY_APPCIRCLE__API_URL"),
+        ("APPCIRCLE_PROXY_LOG__FROMAT", "APPCIRCLE_PROXY_LOG__FORMAT"),
+        (
+            "APPCIRCLE_PROXY_ROUTES__EU__SUBORGANIZATION",
+            "APPCIRCLE_PROXY_ROUTES__EU__SUB_ORGANIZATION",
+        ),
+    ],
+)
+@pytest.mark.parametrize(
+    "command", [["check", "--offline"], ["health", "--url", "http://127.0.0.1:1"], ["config"]]
+)
+def test_a_misspelled_settings_variable_stops_every_command_naming_the_valid_one(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    variable: str,
+    meant: str,
+    command: list[str],
+) -> None:
+    """An APPCIRCLE_PROXY_* variable that names no setting would be silently ignored (the
+    proxy listening where the user did not ask): every command stops with exit 2 and the
+    nearest valid name, as an unknown key in the file is refused."""
+    monkeypatch.setenv("APPCIRCLE_PERSONAL_ACCESS_KEY", "a-key")
+    monkeypatch.setenv(variable, "127.0.0.1:9999")
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    assert f"`{variable}`: no such setting; did you mean `{meant}`?" in err
+    assert "Traceback" not in err
+
+
+def test_variables_the_commands_read_and_those_named_in_the_escape_hatch_are_let_through(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Not every APPCIRCLE_PROXY_* variable is a setting: the config file's, what `run`
+    gives CMD, the client token's; and APPCIRCLE_PROXY_IGNORE lets another tool's through."""
+    monkeypatch.setenv("APPCIRCLE_PERSONAL_ACCESS_KEY", "a-key")
+    for name in ("APPCIRCLE_PROXY_URL", "APPCIRCLE_PROXY_CLIENT_TOKEN", "APPCIRCLE_PROXY_TOKEN"):
+        monkeypatch.setenv(name, "x")
+    monkeypatch.setenv("appcircle_proxy_server__listen", "127.0.0.1:9998")  # any case
+    monkeypatch.setenv("APPCIRCLE_PROXY_CREDENTIALS__DEFAULT__KIND", "personal-access-key")
+    monkeypatch.setenv("APPCIRCLE_PROXY_OTHER_TOOL", "x")
+    monkeypatch.setenv("APPCIRCLE_PROXY_IGNORE", "APPCIRCLE_PROXY_OTHER_TOOL")
+    assert main(["check", "--offline"]) == 0, capsys.readouterr().err
+    monkeypatch.delenv("APPCIRCLE_PROXY_IGNORE")
+    assert main(["check", "--offline"]) == 2
+    assert "`APPCIRCLE_PROXY_OTHER_TOOL`: no such setting" in capsys.readouterr().err
+
+
+def test_no_credential_names_a_variable_close_to_a_key_variable(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A key in a misspelled variable gets more than the generic "no credential": the
+    variable is named, with the one it was meant to be."""
+    monkeypatch.setenv("APPCIRCLE_PERSONAL_ACCES_KEY", "a-key")
+    assert main(["check", "--offline"]) == 2
+    err = capsys.readouterr().err
+    assert "no credential is configured" in err
+    assert "APPCIRCLE_PERSONAL_ACCES_KEY is set: did you mean APPCIRCLE_PERSONAL_ACCESS_KEY?" in err
+    assert "a-key" not in err
+
+
+def test_a_variable_the_configuration_reads_a_secret_from_is_not_a_misspelling(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """secret_env may name a variable of the settings' prefix: it is read, so not unknown;
+    a misspelled one beside it is still named (first, before the problem it causes)."""
+    config = tmp_path / "proxy.toml"
+    config.write_text(
+        '[credentials.main]\nkind = "personal-access-key"\nsecret_env = "APPCIRCLE_PROXY_MY_KEY"\n'
+    )
+    monkeypatch.setenv("APPCIRCLE_PROXY_MY_KEY", "a-key")
+    assert main(["check", "--offline", "--config", str(config)]) == 0, capsys.readouterr().err
+    monkeypatch.setenv("APPCIRCLE_PROXY_TOKENS__REFRESH_MARGN", "10")
+    assert main(["check", "--offline", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "did you mean `APPCIRCLE_PROXY_TOKENS__REFRESH_MARGIN`?" in err
+    assert "APPCIRCLE_PROXY_MY_KEY" not in err

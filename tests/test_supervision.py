@@ -77,7 +77,7 @@ async def test_a_killed_worker_is_re_forked_and_the_port_keeps_all_of_them(
         async def the_new_worker_counts_its_restart() -> bool:
             async with aiohttp.ClientSession() as fresh:
                 metrics = (await request(fresh, "GET", f"{proxy}/_proxy/metrics")).body
-            return b"appcircle_proxy_worker_restarts 1.0" in metrics
+            return b"appcircle_proxy_worker_restarts_total 1.0" in metrics
 
         await eventually(the_new_worker_counts_its_restart, within=5)
         process.send_signal(signal.SIGTERM)
@@ -86,6 +86,60 @@ async def test_a_killed_worker_is_re_forked_and_the_port_keeps_all_of_them(
     assert f"(pid {victim}) was killed by SIGKILL; re-forking it" in logs
     assert "restart 1 of this worker" in logs
     assert "Traceback" not in logs
+
+
+def metric(text: str, name: str) -> float:
+    """The sum of one family's samples in a Prometheus text, but for the proxy's own
+    endpoints (route "-": the scrapes themselves)."""
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith((name + "{", name + " ")) and 'route="-"' not in line
+    )
+
+
+async def test_one_scrape_shows_the_sum_over_workers_and_counters_never_go_backwards(
+    standin: StandIn, write_config: WriteConfig
+) -> None:
+    """With --workers 2, a scrape lands on either worker and must show the whole proxy:
+    after N requests one scrape counts N, ten scrapes never go backwards (not even across a
+    killed worker), and the process, build and restart metrics are there."""
+    config = write_config(
+        credentials=INLINE_KEY_CONFIG, server={"listen": f"127.0.0.1:{free_port()}"}
+    )
+    requests = 30
+    async with serving(config, "--workers", "2") as (proxy, process):
+        await eventually(lambda: len(children(process.pid)) == 2, within=10)
+
+        async def scrape() -> str:
+            async with aiohttp.ClientSession() as fresh:  # a new connection: any worker
+                return (await request(fresh, "GET", f"{proxy}/_proxy/metrics")).body.decode()
+
+        # (A worker answers its siblings before it takes requests: no need to wait for both.)
+        for _ in range(requests):
+            async with aiohttp.ClientSession() as fresh:
+                assert (await request(fresh, "GET", f"{proxy}/x")).status == 200
+        totals = []
+        for _ in range(10):
+            text = await scrape()
+            totals.append(metric(text, "appcircle_proxy_requests_total"))
+        assert totals == [requests] * 10, totals
+        assert metric(text, "appcircle_proxy_upstream_latency_seconds_count") == requests
+        assert "appcircle_proxy_workers 2.0" in text
+        assert 'appcircle_proxy_build_info{version="' in text
+        assert metric(text, "process_resident_memory_bytes") > 0
+        assert "# TYPE process_cpu_seconds_total counter" in text
+        assert "# TYPE appcircle_proxy_worker_restarts_total counter" in text
+        assert "summed over the workers" in text
+        # A worker dies, with its counts: they stay counted.
+        os.kill(min(children(process.pid)), signal.SIGKILL)
+        after = []
+        for _ in range(10):
+            text = await scrape()
+            after.append(metric(text, "appcircle_proxy_requests_total"))
+        assert after == [requests] * 10, after
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 20) == 0
 
 
 async def test_a_local_token_from_one_worker_is_accepted_by_every_worker_re_forked_too(

@@ -16,8 +16,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-import jwt
-
 __all__ = ["EXCHANGE_ENDPOINTS", "LocalClaims", "LocalTokens", "bearer_value"]
 
 # Appcircle's four exchange endpoints (below the auth host's root, or below a route's
@@ -83,6 +81,8 @@ class LocalTokens:
         )
         if client is not None:
             claims[CLIENT_CLAIM] = client
+        import jwt  # here, not at import: a cold start (`run`) never mints one
+
         return jwt.encode(claims, self.secret, algorithm=ALGORITHM)
 
     def read(self, authorization: str | None) -> LocalClaims | None:
@@ -101,6 +101,8 @@ class LocalTokens:
 # client sending ever new ones only churns the cache). Expiry is checked by the caller.
 @functools.lru_cache(maxsize=256)
 def _verified(token: str, secret: bytes) -> LocalClaims | None:
+    import jwt  # here, not at import: a cold start (`run`) never reads one
+
     try:
         claims = jwt.decode(
             token,

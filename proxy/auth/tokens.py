@@ -212,6 +212,14 @@ class TokenSource:
             self._next_outcome = asyncio.get_running_loop().create_future()
             self._task = asyncio.create_task(self._run(), name=f"tokens {self.key}")
 
+    async def next_outcome(self) -> None:
+        """Wait for the outcome of the exchange under way, or of the next one: for `run`,
+        which waits for every route's first token without being a request."""
+        self.start()
+        outcome = self._next_outcome
+        assert outcome is not None
+        await asyncio.shield(outcome)
+
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()

@@ -30,6 +30,7 @@ from ..config.hardening import key_variables, withhold
 from ..config.load import load_settings
 from ..config.secrets import read_client_token
 from ..config.settings import Settings
+from ..config.variables import refuse_unknown_setting_variables
 from ..policy.routes import Route
 from ..serve.server import start
 from ..telemetry import logs
@@ -39,7 +40,9 @@ __all__ = ["child_environment", "run", "wait"]
 # What CMD is given: the proxy (with the route's prefix), and its client token if it has one.
 PROXY_URL_ENV: Final = "APPCIRCLE_PROXY_URL"
 API_URL_ENV: Final = "APPCIRCLE_API_URL"
-CLIENT_TOKEN_ENV: Final = "APPCIRCLE_PROXY_TOKEN"
+CLIENT_TOKEN_ENV: Final = "APPCIRCLE_PROXY_CLIENT_TOKEN"
+# The name `run` and `wait` used before 0.2: still given and read, with a deprecation line.
+OLD_CLIENT_TOKEN_ENV: Final = "APPCIRCLE_PROXY_TOKEN"
 RUN_LISTEN: Final = "127.0.0.1:0"
 READY_PATH: Final = "/_proxy/ready"
 # Failures that retrying within the timeout cannot mend: report them at once.
@@ -55,7 +58,6 @@ FORWARDED_SIGNALS: Final = (
     signal.SIGUSR2,
 )
 DEFAULT_TIMEOUT: Final = 60.0
-POLL_SECONDS: Final = 0.05
 WAIT_POLL_SECONDS: Final = 0.2
 WAIT_REQUEST_SECONDS: Final = 2.0
 
@@ -74,6 +76,7 @@ def child_environment(
     client_token = read_client_token(settings.server)
     if client_token is not None:
         environment[CLIENT_TOKEN_ENV] = client_token.get_secret_value()
+        environment[OLD_CLIENT_TOKEN_ENV] = client_token.get_secret_value()
     return environment
 
 
@@ -84,24 +87,19 @@ def run(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     timeout: float = getattr(args, "timeout", DEFAULT_TIMEOUT)
     route_name: str | None = getattr(args, "route", None)
     if not command:
-        print(
-            "appcircle-proxy run: name the command after --, e.g. "
-            "appcircle-proxy run -- appcircle build profile list",
-            file=sys.stderr,
+        raise ConfigError(
+            "run: name the command after --, e.g. appcircle-proxy run -- appcircle build "
+            "profile list"
         )
-        return 2
     if timeout <= 0:
-        print("appcircle-proxy run: --timeout must be more than 0 seconds", file=sys.stderr)
-        return 2
+        raise ConfigError("run: --timeout must be more than 0 seconds")
     overrides.setdefault("server", {}).setdefault("listen", RUN_LISTEN)
     settings = load_settings(getattr(args, "config", None), overrides)
     if route_name is not None and route_name not in settings.routes:
-        print(
-            f"appcircle-proxy run: no route named '{route_name}'; configured routes: "
-            f"{', '.join(sorted(settings.routes))}",
-            file=sys.stderr,
+        raise ConfigError(
+            f"run: no route named '{route_name}'; configured routes: "
+            f"{', '.join(sorted(settings.routes))}"
         )
-        return 2
     logs.configure(settings.log)
     return asyncio.run(_run(settings, command, route_name, timeout))
 
@@ -114,20 +112,25 @@ async def _run(
         routes = running.proxy.runtime.routes
         problems = await _tokens_for_every_route(list(routes), timeout)
         if problems:
-            print(
-                f"appcircle-proxy run: not running {command[0]}: "
-                f"{len(problems)} route(s) have no session token:",
-                file=sys.stderr,
+            logs.NOTICES.error(
+                "not running %s: %d route(s) have no session token: %s",
+                command[0],
+                len(problems),
+                "; ".join(f"route '{name}': {why}" for name, why in sorted(problems.items())),
+                extra={"fields": {"event": "not_running", "routes": problems}},
             )
-            for name, problem in sorted(problems.items()):
-                print(f"  route '{name}': {problem}", file=sys.stderr)
             return 1
         url = _client_url(running.urls[0])
         if route_name is not None:
             route = routes.by_name(route_name)
             assert route is not None  # checked against the settings before starting
             url += "" if route.prefix == "/" else route.prefix
-        print(f"appcircle-proxy: serving {url} for {shlex.join(command)}", file=sys.stderr)
+        logs.NOTICES.info(
+            "serving %s for %s",
+            url,
+            shlex.join(command),
+            extra={"fields": {"event": "serving", "url": url, "command": command}},
+        )
         environment = child_environment(settings, os.environ, url)
         # Read and used: they leave this process's environment before CMD starts.
         withhold(settings)
@@ -162,17 +165,25 @@ async def _tokens_for_every_route(routes: list[Route], timeout: float) -> dict[s
                 )
                 for route in waiting
             }
-        await asyncio.sleep(POLL_SECONDS)
+        # Woken by the next outcome of any route still waiting, not by polling: a start
+        # that takes one exchange should take no longer than it.
+        outcomes = [asyncio.ensure_future(route.tokens.next_outcome()) for route in waiting]
+        try:
+            await asyncio.wait(
+                outcomes,
+                timeout=max(0.0, deadline - time.monotonic()),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            for outcome in outcomes:
+                outcome.cancel()
 
 
 async def _child(command: list[str], environment: dict[str, str]) -> int:
     try:
         child = await asyncio.create_subprocess_exec(*command, env=environment)
     except OSError as err:
-        print(
-            f"appcircle-proxy run: cannot run {command[0]}: {err.strerror or err}",
-            file=sys.stderr,
-        )
+        logs.NOTICES.error("cannot run %s: %s", command[0], err.strerror or err)
         # The shell's convention: 127 not found, 126 found but not runnable.
         return 127 if isinstance(err, FileNotFoundError) else 126
     loop = asyncio.get_running_loop()
@@ -216,6 +227,21 @@ def _client_url(listening: str) -> str:
 # -- wait -------------------------------------------------------------------------------
 
 
+def given_client_token(environ: Mapping[str, str]) -> str | None:
+    """The client token a probe sends to a proxy named by --url, from CLIENT_TOKEN_ENV (or,
+    deprecated, OLD_CLIENT_TOKEN_ENV)."""
+    if token := environ.get(CLIENT_TOKEN_ENV, "").strip():
+        return token
+    if token := environ.get(OLD_CLIENT_TOKEN_ENV, "").strip():
+        print(
+            f"appcircle-proxy: {OLD_CLIENT_TOKEN_ENV} is deprecated; name the client token "
+            f"{CLIENT_TOKEN_ENV}",
+            file=sys.stderr,
+        )
+        return token
+    return None
+
+
 def wait(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     """`appcircle-proxy wait`; `overrides` are the command line's settings flags."""
     url: str | None = getattr(args, "url", None)
@@ -235,12 +261,14 @@ def wait(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
             )
             return 2
         base = str(given.origin())
-        if client_token := os.environ.get(CLIENT_TOKEN_ENV):
+        # No configuration is read; a misspelled settings variable is refused all the same.
+        refuse_unknown_setting_variables()
+        if client_token := given_client_token(os.environ):
             headers["Proxy-Authorization"] = f"Bearer {client_token}"
     else:
         try:
             # Offline: the addresses are needed, not the keys (a service job may not have them).
-            settings = load_settings(getattr(args, "config", None), overrides, offline=True)
+            settings = load_settings(getattr(args, "config", None), overrides, probe=True)
         except ConfigError as err:
             print(f"appcircle-proxy: {err}\n(or name the proxy with --url)", file=sys.stderr)
             return 2
@@ -299,8 +327,9 @@ async def _wait(base: str, headers: dict[str, str], socket_path: str | None, tim
 async def _not_ready_reason(reply: aiohttp.ClientResponse) -> str:
     if reply.status in (401, 407):
         return (
-            f"HTTP {reply.status}: the proxy wants its client token; set {CLIENT_TOKEN_ENV}, "
-            "or point --url at its admin_listen address"
+            f"HTTP {reply.status}: the proxy wants its client token; set {CLIENT_TOKEN_ENV} "
+            "(sent as Proxy-Authorization; the proxy takes it in Authorization too), or point "
+            "--url at its admin_listen address"
         )
     try:
         answer = await reply.json(content_type=None)

@@ -34,6 +34,9 @@ Each command has its own --help.
 
 Flags = Callable[[argparse.ArgumentParser], None]
 
+# Where a client token may travel, as every help text says it.
+TOKEN_HEADERS = "as Authorization: Bearer TOKEN or Proxy-Authorization: Bearer TOKEN"
+
 
 # Flag groups. Defaults are SUPPRESS (set on the parsers) so that a flag may stand before or
 # after the command without the command's defaults overwriting what stood before it.
@@ -75,7 +78,7 @@ def _server_flags(parser: argparse.ArgumentParser) -> None:
         "--client-token-file",
         type=Path,
         metavar="FILE",
-        help="clients must send this token as Proxy-Authorization (server.client_token_file)",
+        help=f"clients must send this token ({TOKEN_HEADERS}) (server.client_token_file)",
     )
 
 
@@ -98,6 +101,14 @@ def _offline_flag(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="validate the configuration only: no secrets, no network (for a deployment's "
         "config on a laptop)",
+    )
+
+
+def _url_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--url",
+        metavar="URL",
+        help="the proxy, e.g. http://127.0.0.1:8787: then no configuration is read",
     )
 
 
@@ -127,8 +138,10 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return overrides
 
 
-def _load(args: argparse.Namespace, *, offline: bool = False) -> Settings:
-    return load_settings(getattr(args, "config", None), _overrides(args), offline=offline)
+def _load(args: argparse.Namespace, *, offline: bool = False, probe: bool = False) -> Settings:
+    return load_settings(
+        getattr(args, "config", None), _overrides(args), offline=offline, probe=probe
+    )
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -167,11 +180,17 @@ def _token(args: argparse.Namespace) -> int:
 
 
 def _health(args: argparse.Namespace) -> int:
-    from .probe import health
+    from ..config.variables import refuse_unknown_setting_variables
+    from .probe import health, health_at
 
-    # Offline: the probe needs the addresses, not the secrets (a rotated key file must not
-    # make a running proxy look dead).
-    return health(_load(args, offline=True), getattr(args, "timeout", 2.0))
+    timeout = getattr(args, "timeout", 2.0)
+    if (url := getattr(args, "url", None)) is not None:
+        # No configuration is read; a misspelled settings variable is refused all the same.
+        refuse_unknown_setting_variables()
+        return health_at(url, timeout)
+    # The addresses, not the secrets (a rotated key file must not make a running proxy look
+    # dead), and no credential (the key may be on the proxy's own command line alone).
+    return health(_load(args, probe=True), timeout)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -198,7 +217,8 @@ def _wait_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--url",
         metavar="URL",
-        help="the proxy, e.g. http://appcircle-proxy:8787 (default: from the configuration)",
+        help="the proxy, e.g. http://appcircle-proxy:8787 (default: from the configuration); "
+        f"$APPCIRCLE_PROXY_CLIENT_TOKEN, when set, is sent as its client token ({TOKEN_HEADERS})",
     )
     parser.add_argument(
         "--timeout", type=float, metavar="SECONDS", help="how long to wait for it (60)"
@@ -260,11 +280,12 @@ COMMANDS: dict[str, Command] = {
     ),
     "health": Command(
         "exit 0 when the running proxy answers its health check",
-        "Ask the proxy that this configuration describes for /_proxy/health, on "
-        "server.admin_listen when set, else on server.listen; exit 0 when it answers, 1 when "
-        "not. For container health checks: it reads the same file and environment as the "
-        "proxy, and needs none of its secrets.",
-        (_config_flags, _listener_flags, _timeout_flag),
+        "Ask the proxy at --url, or the one this configuration describes (on "
+        "server.admin_listen when set, else on server.listen), for /_proxy/health; exit 0 "
+        "when it answers, 1 when not. For container health checks: with --url it reads no "
+        "configuration; without, the same file and environment as the proxy. It needs no "
+        "key: /_proxy/health answers anyone.",
+        (_config_flags, _listener_flags, _url_flag, _timeout_flag),
         _health,
         secrets=False,
     ),
@@ -282,7 +303,9 @@ COMMANDS: dict[str, Command] = {
         "CI: run CMD with the proxy in front of Appcircle and the key out of its reach",
         "Start the proxy on a free loopback port (or --listen), wait until every route has a "
         "session token, then run CMD with APPCIRCLE_PROXY_URL and APPCIRCLE_API_URL pointing "
-        "at it and without the variables the key came from. Signals are passed on to CMD; "
+        "at it and without the variables the key came from (with a client token, CMD gets it "
+        "as APPCIRCLE_PROXY_CLIENT_TOKEN, to send as Authorization: Bearer or "
+        "Proxy-Authorization: Bearer). Signals are passed on to CMD; "
         "when it exits, the proxy drains and stops, and run exits with CMD's status. "
         "Usage: appcircle-proxy run [--route NAME] -- CMD [ARGS ...]",
         (_config_flags, _listen_flag, _run_flags, _log_flags),
@@ -292,8 +315,9 @@ COMMANDS: dict[str, Command] = {
         "CI: exit 0 once a proxy is ready, 1 with the reason after --timeout",
         "Poll /_proxy/ready of the proxy at --url, or of the one this configuration "
         "describes (admin_listen when set, else listen), until it answers 200 (exit 0) or "
-        "--timeout passes (exit 1, with the last reason). With --url, $APPCIRCLE_PROXY_TOKEN "
-        "is sent as the client token when it is set.",
+        "--timeout passes (exit 1, with the last reason). With --url, no configuration is "
+        "read, and $APPCIRCLE_PROXY_CLIENT_TOKEN is sent as the client token when it is set; "
+        "a client token may travel " + TOKEN_HEADERS.removeprefix("as ") + ".",
         (_config_flags, _listener_flags, _wait_flags),
         _wait,
     ),

@@ -14,12 +14,17 @@ from pydantic_settings import SettingsError
 
 from .errors import ConfigError
 from .secrets import secret_problems
-from .settings import ENV_PREFIX, Settings
+from .settings import ENV_PREFIX, NO_CREDENTIAL, Settings
 from .sources import (
     CONFIG_ENV,
     refuse_ignored_zero_config,
     settings_class,
     zero_config_variables,
+)
+from .variables import (
+    near_key_variables,
+    refuse_unknown_setting_variables,
+    unknown_setting_variables,
 )
 
 __all__ = ["load_settings"]
@@ -50,6 +55,7 @@ def load_settings(
     *,
     offline: bool = False,
     environment: bool = True,
+    probe: bool = False,
 ) -> Settings:
     """Read and validate the configuration; raise ConfigError with a user-facing message.
 
@@ -57,7 +63,10 @@ def load_settings(
     as nested dicts, and beat the environment. `offline` validates everything but the
     secrets, secret files and CA bundle, which need not exist here. Without `environment`,
     neither the environment nor a file is read: `overrides` are the whole configuration.
+    A `probe` (health, wait: offline too) needs the addresses alone, and no credential.
     """
+    offline = offline or probe
+    document: dict[str, Any] = {}
     if environment and config_file is None and os.environ.get(CONFIG_ENV):
         config_file = Path(os.environ[CONFIG_ENV])
     if config_file is not None:
@@ -68,7 +77,7 @@ def load_settings(
             )
         try:
             with config_file.open("rb") as stream:
-                tomllib.load(stream)
+                document = tomllib.load(stream)
         except OSError as err:
             raise ConfigError(
                 f"config file '{config_file}' cannot be read: {err.strerror}"
@@ -81,12 +90,20 @@ def load_settings(
                 f"{err.start}); save it as UTF-8"
             ) from None
     try:
-        settings = settings_class(config_file, environment)(**(overrides or {}))
-    except SettingsError as err:
-        raise ConfigError(_undecodable(err)) from None
-    except ValidationError as err:
-        problems = [_describe(e, config_file) for e in err.errors(include_input=False)]
-        raise ConfigError(_invalid(config_file, problems)) from None
+        settings = _validate(config_file, overrides, environment, probe)
+    except ConfigError as err:
+        if environment and unknown_setting_variables(referenced=_secret_variables(document)):
+            # A misspelled variable is the likelier cause: say it first.
+            try:
+                refuse_unknown_setting_variables(_secret_variables(document))
+            except ConfigError as unknown:
+                raise ConfigError(f"{unknown}\n{err}") from None
+        raise
+    if environment:
+        refuse_unknown_setting_variables(
+            [credential.secret_env for credential in settings.credentials.values()]
+            + [settings.server.client_token_env]
+        )
     if not offline:
         problems = [
             _describe(_as_error(location, message), config_file)
@@ -97,6 +114,43 @@ def load_settings(
     if config_file is not None:
         refuse_ignored_zero_config(settings, config_file)
     return settings
+
+
+def _secret_variables(document: dict[str, Any]) -> list[str | None]:
+    """The variables a config file reads secrets from, as written (before validation)."""
+    tables = [document.get("server")]
+    for named in ("credentials", "clients"):
+        entries = document.get(named)
+        tables += list(entries.values()) if isinstance(entries, dict) else []
+    return [
+        table.get(key)
+        for table in tables
+        if isinstance(table, dict)
+        for key in ("secret_env", "client_token_env", "token_env")
+        if isinstance(table.get(key), str)
+    ]
+
+
+def _validate(
+    config_file: Path | None, overrides: dict[str, Any] | None, environment: bool, probe: bool
+) -> Settings:
+    try:
+        return settings_class(config_file, environment, probe)(**(overrides or {}))
+    except SettingsError as err:
+        raise ConfigError(_undecodable(err)) from None
+    except ValidationError as err:
+        problems = [_describe(e, config_file) for e in err.errors(include_input=False)]
+        raise ConfigError(_invalid(config_file, [_near_keys(p) for p in problems])) from None
+
+
+def _near_keys(problem: str) -> str:
+    """ "No credential", with any variable set whose name is close to a key variable's."""
+    if not problem.startswith(NO_CREDENTIAL):
+        return problem
+    near = near_key_variables()
+    if not near:
+        return problem
+    return problem + "".join(f"; {name} is set: did you mean {meant}?" for name, meant in near)
 
 
 def _invalid(config_file: Path | None, problems: list[str]) -> str:

@@ -9,7 +9,7 @@ import re
 import uuid
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Any, ClassVar, Final, Literal
 
 from pydantic import (
     AfterValidator,
@@ -39,6 +39,7 @@ from .allow import AllowRule, RoutePolicy, parse_rule
 __all__ = [
     "ENV_PREFIX",
     "DEFAULT_LISTEN",
+    "NO_CREDENTIAL",
     "AppcircleSettings",
     "DEFAULT_CLIENT",
     "ClientSettings",
@@ -53,6 +54,7 @@ __all__ = [
 ]
 
 ENV_PREFIX: Final = "APPCIRCLE_PROXY_"
+NO_CREDENTIAL: Final = "no credential is configured"
 
 CredentialKind = Literal["personal-access-key", "personal-api-token", "api-key"]
 
@@ -471,6 +473,8 @@ class Settings(BaseSettings):
     routes: dict[str, RouteSettings] = {}
     # Named clients, each with its own client token (see the README's "Shared deployment").
     clients: dict[str, ClientSettings] = {}
+    # False for the probes (health, wait), which need the addresses alone.
+    need_credential: ClassVar[bool] = True
 
     @model_validator(mode="before")
     @classmethod
@@ -485,13 +489,13 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_references(self) -> Settings:
-        if not self.credentials:
+        if not self.credentials and self.need_credential:
             raise ValueError(
-                "no credential is configured; add a [credentials.NAME] section, or with no "
+                f"{NO_CREDENTIAL}; add a [credentials.NAME] section, or with no "
                 "config file set APPCIRCLE_PERSONAL_ACCESS_KEY (or APPCIRCLE_PERSONAL_API_TOKEN, "
                 "or APPCIRCLE_API_KEY_NAME and APPCIRCLE_API_KEY_SECRET)"
             )
-        if not self.routes:
+        if self.credentials and not self.routes:
             raise ValueError(
                 "several credentials but no [routes.NAME]; add routes that say which "
                 "credential serves which prefix"

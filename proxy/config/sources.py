@@ -136,11 +136,16 @@ def refuse_ignored_zero_config(settings: Settings, config_file: Path) -> None:
         )
 
 
-def settings_class(config_file: Path | None, environment: bool = True) -> type[Settings]:
+def settings_class(
+    config_file: Path | None, environment: bool = True, probe: bool = False
+) -> type[Settings]:
     """Settings whose sources are: flags, then environment, then the file (or zero-config);
-    without `environment`, the flags alone."""
+    without `environment`, the flags alone. For a `probe`, no credential is needed: a
+    probe looks for a proxy whose key may be on its own command line alone."""
 
     class _Loaded(Settings):
+        need_credential = not probe
+
         @classmethod
         def settings_customise_sources(
             cls,

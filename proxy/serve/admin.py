@@ -7,11 +7,10 @@ can use the key. Never forwarded upstream.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from ..paths import HEALTH_PATH, METRICS_PATH, READY_PATH
 from ..policy import errors
@@ -24,9 +23,11 @@ __all__ = ["admin_handlers", "create_admin_server"]
 
 
 def admin_handlers(
-    runtime_now: Callable[[], Runtime | None], registry: CollectorRegistry
+    runtime_now: Callable[[], Runtime | None],
+    metrics_now: Callable[[], Awaitable[tuple[bytes, str]]],
 ) -> dict[str, AdminHandler]:
-    """/_proxy/health, /ready and /metrics by path; `runtime_now` gives the running state."""
+    """/_proxy/health, /ready and /metrics by path; `runtime_now` gives the running state,
+    `metrics_now` the Prometheus text (of every worker) and its content type."""
 
     async def health(request: web.BaseRequest) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -60,8 +61,9 @@ def admin_handlers(
         )
 
     async def metrics(request: web.BaseRequest) -> web.Response:
-        response = web.Response(body=generate_latest(registry))
-        response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        body, content_type = await metrics_now()
+        response = web.Response(body=body)
+        response.headers["Content-Type"] = content_type
         return response
 
     return {HEALTH_PATH: health, READY_PATH: ready, METRICS_PATH: metrics}

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import TextIO
 
 import aiohttp
-from prometheus_client import CollectorRegistry
 from yarl import URL
 
 from ..auth.credentials import Credential, credential_from_settings
@@ -24,9 +23,8 @@ from ..auth.tokens import Clock, TokenKey, TokenPolicy, TokenSources
 from ..config.settings import Settings
 from ..policy.guard import Guard
 from ..policy.routes import Route, RouteTable
-from ..telemetry import stats as stats_module
 from ..telemetry.access_log import AccessLog, enabled_by_level
-from ..telemetry.stats import Stats
+from ..telemetry.stats import Stats, exposition, take_snapshot
 from ..telemetry.tracing import debug_traces
 from ..upstream.egress import egress_proxy_for
 from ..upstream.framing import HeadLimits
@@ -37,13 +35,24 @@ from .forward import Forwarder
 from .handler import AdminHandler, Handler
 from .local_exchange import LocalExchange, exchange_paths
 from .runtime import Runtime
+from .siblings import Siblings
+from .workers import WorkerRole
 
 __all__ = ["Proxy", "build", "connect", "upstream_url"]
 
 log = logging.getLogger("appcircle_proxy.app")
 
 
-def _tls(settings: Settings) -> ssl.SSLContext:
+def _tls(settings: Settings) -> ssl.SSLContext | bool:
+    appcircle = settings.appcircle
+    if (
+        URL(appcircle.api_url).scheme == URL(appcircle.auth_url).scheme == "http"
+        and appcircle.ca_file is None
+        and not appcircle.insecure_skip_verify
+    ):
+        # No host to verify (a stand-in on loopback): loading the system's CA bundle would
+        # cost a start-up 15-30 ms for nothing. (True: aiohttp's own default, never used.)
+        return True
     context = ssl.create_default_context()
     if settings.appcircle.insecure_skip_verify:
         log.warning(
@@ -59,7 +68,7 @@ def _tls(settings: Settings) -> ssl.SSLContext:
     return context
 
 
-def _pool(settings: Settings, tls: ssl.SSLContext) -> Pool:
+def _pool(settings: Settings, tls: ssl.SSLContext | bool) -> Pool:
     api = URL(settings.appcircle.api_url)
     appcircle = settings.appcircle
     assert api.host is not None and api.port is not None  # checked by the settings
@@ -69,7 +78,7 @@ def _pool(settings: Settings, tls: ssl.SSLContext) -> Pool:
     return Pool(
         api.host,
         api.port,
-        tls if api.scheme == "https" else None,
+        tls if api.scheme == "https" and isinstance(tls, ssl.SSLContext) else None,
         Limits(
             max_connections=appcircle.max_connections,
             max_streams=appcircle.max_streams,
@@ -178,9 +187,10 @@ class Proxy:
     runtime: Runtime
     handler: Handler
     stats: Stats
-    registry: CollectorRegistry
     access_log: AccessLog
     admin: dict[str, AdminHandler] = field(repr=False)
+    # With --workers: this worker among the others, for one scrape of them all.
+    siblings: Siblings | None = None
 
 
 def build(
@@ -188,17 +198,30 @@ def build(
     runtime: Runtime,
     clock: Clock = time.time,
     *,
-    worker: int | None = None,
+    role: WorkerRole | None = None,
     log_stream: Callable[[], TextIO] | None = None,
 ) -> Proxy:
     stats = Stats()
-    registry = stats_module.registry(stats, lambda: runtime, clock)
-    admin = admin_handlers(lambda: runtime, registry)
+    siblings = None
+    if role is not None and role.metrics_dir is not None:
+        siblings = Siblings(
+            role.metrics_dir,
+            role.index,
+            role.restarts,
+            lambda: take_snapshot(stats, runtime, clock),
+        )
+
+    async def metrics() -> tuple[bytes, str]:
+        if siblings is None:
+            return exposition(take_snapshot(stats, runtime, clock))
+        return exposition(*await siblings.gather())
+
+    admin = admin_handlers(lambda: runtime, metrics)
     access_log = AccessLog(
         log_stream or (lambda: sys.stderr),
         settings.log.format,
         query_strings=settings.log.query_strings,
-        worker=worker,
+        worker=None if role is None else role.index,
         enabled=enabled_by_level(),
     )
     forwarder = Forwarder(
@@ -226,4 +249,4 @@ def build(
         LocalExchange(runtime.routes, local_tokens, guard.clients),
         mcp.Relay(runtime.session, settings.server.send_timeout),
     )
-    return Proxy(runtime, handler, stats, registry, access_log, admin)
+    return Proxy(runtime, handler, stats, access_log, admin, siblings)

@@ -47,13 +47,15 @@ log = logging.getLogger("appcircle_proxy.server")
 CUT_GRACE: Final = 0.1
 GC_FIRST_GENERATION: Final = 10_000
 
-_LOOP_FACTORY: Callable[[], asyncio.AbstractEventLoop] | None
-try:
-    import uvloop
 
-    _LOOP_FACTORY = uvloop.new_event_loop
-except ImportError:  # no uvloop on Windows: the standard loop serves as well, a bit slower
-    _LOOP_FACTORY = None
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    # Imported here, not at the top: `run` and the tools use asyncio's own loop and need not
+    # pay for importing it.
+    try:
+        import uvloop
+    except ImportError:  # no uvloop on Windows: the standard loop serves as well, a bit slower
+        return None
+    return uvloop.new_event_loop
 
 
 def _describe_routes(settings: Settings) -> list[dict[str, str | None]]:
@@ -180,7 +182,7 @@ async def start(
     clock: Clock = time.time,
     *,
     bound: tuple[Bound, ...] | None = None,
-    worker: int | None = None,
+    role: WorkerRole | None = None,
     log_stream: Callable[[], TextIO] | None = None,
 ) -> Running:
     """Build the proxy and start its listeners; the caller must `stop()` it. A worker is
@@ -188,7 +190,10 @@ async def start(
     server = settings.server
     resources = AsyncExitStack()
     runtime = await resources.enter_async_context(connect(settings, clock))
-    proxy = build(settings, runtime, clock, worker=worker, log_stream=log_stream)
+    proxy = build(settings, runtime, clock, role=role, log_stream=log_stream)
+    if proxy.siblings is not None:
+        await proxy.siblings.start()
+        resources.push_async_callback(proxy.siblings.close)
     give_back = asyncio.get_running_loop().create_task(
         give_back_after_streams(runtime.pool.streams), name="give back memory"
     )
@@ -308,7 +313,7 @@ async def _serve(
     bound: tuple[Bound, ...] | None = None,
 ) -> None:
     with secrets_in_environment():
-        running = await start(settings, bound=bound, worker=None if role is None else role.index)
+        running = await start(settings, bound=bound, role=role)
     # Read: the variables a key came from leave the environment (back for a reload only).
     withhold(settings)
     started = time.monotonic()
@@ -328,7 +333,6 @@ async def _serve(
             running, settings, banner=role is None or (role.index == 0 and role.restarts == 0)
         )
         if role is not None:
-            running.proxy.stats.worker_restarts = role.restarts
             if role.restarts:
                 log.warning(
                     "worker %d serving again (pid %d), restart %d of this worker",
@@ -371,7 +375,7 @@ async def _serve(
 
 def _run(main: Coroutine[None, None, None]) -> None:
     # uvloop's event loop (libuv), where installed, forwards 10-25% more per second.
-    with asyncio.Runner(loop_factory=_LOOP_FACTORY) as runner:
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         runner.run(main)
 
 

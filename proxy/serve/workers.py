@@ -8,12 +8,15 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import shutil
 import signal
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 from typing import Final
 
 from ..config.settings import Settings
@@ -38,6 +41,8 @@ class WorkerRole:
     index: int
     restarts: int
     ready: Connection
+    # Private to this run (0700): where workers answer each other's metrics (siblings.py).
+    metrics_dir: Path | None = None
 
 
 # What each worker process runs: it serves, and tells the supervisor on `role.ready`.
@@ -77,10 +82,11 @@ class Supervisor:
         self._stopping = False
         self._failed = False
         self._slots: list[_Slot] = []
+        self._metrics_dir: Path | None = None
 
     def _fork(self, index: int, restarts: int) -> _Slot:
         ready, told = self._context.Pipe(duplex=False)
-        role = WorkerRole(index, restarts, told)
+        role = WorkerRole(index, restarts, told, self._metrics_dir)
         process = self._context.Process(
             target=self._target, args=(self._settings, self._load, role), name=f"worker-{index}"
         )
@@ -97,6 +103,21 @@ class Supervisor:
                 os.kill(slot.process.pid, signum)
 
     def run(self) -> int:
+        try:
+            self._metrics_dir = Path(tempfile.mkdtemp(prefix="appcircle-proxy-"))
+        except OSError as err:  # a read-only file system with no writable TMPDIR, say
+            log.warning(
+                "no private directory for the workers to share their metrics (%s): each "
+                "scrape of /_proxy/metrics shows one worker's; set TMPDIR to a writable one",
+                err.strerror or err,
+            )
+        try:
+            return self._supervise()
+        finally:
+            if self._metrics_dir is not None:
+                shutil.rmtree(self._metrics_dir, ignore_errors=True)
+
+    def _supervise(self) -> int:
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, self._relay)
         for index in range(self._workers):

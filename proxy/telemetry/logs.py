@@ -17,10 +17,13 @@ from typing import Any, Final
 
 from ..config.settings import LogSettings
 
-__all__ = ["configure", "event"]
+__all__ = ["NOTICES", "configure", "event", "refusal"]
 
 TEXT_FORMAT: Final = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 LIFECYCLE: Final = logging.getLogger("appcircle_proxy.lifecycle")
+# What `run` tells the CI step (where it serves, why CMD did not run): on stderr whatever the
+# log level, as "appcircle-proxy: ..." in text and one object like every other line in JSON.
+NOTICES: Final = logging.getLogger("appcircle_proxy.run")
 # server.serve names its worker processes worker-0, worker-1, ...
 _WORKER_NAME: Final = re.compile(r"worker-(\d+)")
 
@@ -94,6 +97,13 @@ def configure(settings: LogSettings) -> None:
     LIFECYCLE.propagate = False
     # Where the proxy listens is said whatever the log level.
     LIFECYCLE.setLevel(logging.INFO)
+    notices = logging.StreamHandler(sys.stderr)
+    notices.setFormatter(
+        JsonFormatter() if json_lines else logging.Formatter("appcircle-proxy: %(message)s")
+    )
+    NOTICES.handlers[:] = [notices]
+    NOTICES.propagate = False
+    NOTICES.setLevel(logging.INFO)
 
 
 def event(name: str, summary: str, fields: dict[str, Any], text: str | None = None) -> None:
