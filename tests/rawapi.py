@@ -81,3 +81,7 @@ async def _body(head: bytes, reader: asyncio.StreamReader) -> bytes:
         if line.startswith(b"content-length:"):
             return await reader.readexactly(int(line.split(b":")[1]))
     return b""
+
+
+# What the `raw_api` fixture (conftest) gives a test: start one with this answer.
+MakeApi = Callable[[Answer], Awaitable["RawApi"]]

@@ -12,6 +12,7 @@ import aiohttp
 from tests.standin import StandIn
 
 from .conftest import StartProxy
+from .rawapi import Answer, MakeApi, Received
 from .rawhttp import exchange, json_of, status_of
 from .support import eventually, request
 
@@ -150,68 +151,45 @@ async def test_expect_100_continue_is_answered_by_the_proxy_and_not_forwarded(
     assert "expect" not in {name.lower() for name, _ in seen.headers}
 
 
-async def scripted_api(answer_then_hang_up: int) -> tuple[asyncio.Server, list[bytes]]:
-    """An API that answers `answer_then_hang_up` requests on its first connection, then
-    reads the next one and closes without a word (as a server whose keep-alive timer fired
-    just then); later connections answer everything. Returns what it received, by request."""
-    heads: list[bytes] = []
-    connections = 0
+def hang_up_after(answered: int) -> Answer:
+    """An answer for the raw API: on its first connection, `answered` requests get 200, then
+    the next is read and the connection closed without a word (as by a server whose
+    keep-alive timer fired just then); later connections answer everything."""
+    seen = 0
 
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal connections
-        connections += 1
-        first = connections == 1
-        try:
-            served = 0
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = next(
-                    (
-                        int(line.split(b":")[1])
-                        for line in head.split(b"\r\n")
-                        if line.lower().startswith(b"content-length:")
-                    ),
-                    0,
-                )
-                await reader.readexactly(length)
-                heads.append(head)
-                if first and served == answer_then_hang_up:
-                    return
-                served += 1
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
+    async def answer(
+        received: Received, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        nonlocal seen
+        if received.connection == 1:
+            seen += 1
+            if seen > answered:
+                writer.close()
+                return
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
 
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    return server, heads
+    return answer
 
 
 async def test_a_stale_kept_alive_connection_is_retried_only_for_idempotent_requests(
-    start_proxy: StartProxy, http: aiohttp.ClientSession
+    start_proxy: StartProxy, http: aiohttp.ClientSession, raw_api: MakeApi
 ) -> None:
     """A kept-alive API connection closed as a request arrives is retried on a fresh connection
     for a GET, but a POST is never sent twice: it gets 502 upstream_unreachable."""
-    server, heads = await scripted_api(answer_then_hang_up=1)
-    port = server.sockets[0].getsockname()[1]
-    async with server:
-        proxy = await start_proxy(appcircle={"api_url": f"http://127.0.0.1:{port}"})
-        assert (await request(http, "GET", f"{proxy}/a")).status == 200
-        # The API closes the kept-alive connection as this GET arrives: sent again, fresh.
-        assert (await request(http, "GET", f"{proxy}/b")).status == 200
-        assert [h.split(b" ")[1] for h in heads] == [b"/a", b"/b", b"/b"]
+    api = await raw_api(hang_up_after(1))
+    proxy = await start_proxy(appcircle={"api_url": api.url})
+    assert (await request(http, "GET", f"{proxy}/a")).status == 200
+    # The API closes the kept-alive connection as this GET arrives: sent again, fresh.
+    assert (await request(http, "GET", f"{proxy}/b")).status == 200
+    assert [r.path for r in api.received] == ["/a", "/b", "/b"]
 
-    server, heads = await scripted_api(answer_then_hang_up=1)
-    port = server.sockets[0].getsockname()[1]
-    async with server:
-        proxy = await start_proxy(appcircle={"api_url": f"http://127.0.0.1:{port}"})
-        assert (await request(http, "GET", f"{proxy}/a")).status == 200
-        # A POST is never sent twice: the API may have acted on it.
-        reply = await request(http, "POST", f"{proxy}/b", data=b"once")
-        assert reply.status == 502 and reply.json()["error"] == "upstream_unreachable"
-        assert [h.split(b" ")[1] for h in heads] == [b"/a", b"/b"]
+    api = await raw_api(hang_up_after(1))
+    proxy = await start_proxy(appcircle={"api_url": api.url})
+    assert (await request(http, "GET", f"{proxy}/a")).status == 200
+    # A POST is never sent twice: the API may have acted on it.
+    reply = await request(http, "POST", f"{proxy}/b", data=b"once")
+    assert reply.status == 502 and reply.json()["error"] == "upstream_unreachable"
+    assert [r.path for r in api.received] == ["/a", "/b"]
 
 
 async def test_uploads_too_big_to_replay_draw_on_the_stream_budget(

@@ -18,7 +18,7 @@ from proxy.upstream.connection import HIGH_WATER, READ_SIZE, UpstreamError, Upst
 from proxy.upstream.pool import Limits, Pool, Refused
 
 from .conftest import StartProxy
-from .rawapi import Answer, RawApi, Received
+from .rawapi import Answer, MakeApi, RawApi, Received
 from .rawhttp import exchange
 from .support import errors_logged, request
 
@@ -353,7 +353,6 @@ async def test_one_flow_holds_at_most_its_share_and_a_freed_slot_skips_its_waite
 
 # The forwarding client behind the proxy, against an API that misbehaves ----------------
 
-MakeApi = Callable[[Answer], Awaitable[RawApi]]
 OK: Final = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 REFUSED: Final = b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n"
 
