@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the stand-in lives in tests/
-from tests.standin import StandIn  # noqa: E402
+from tests.support.standin import StandIn  # noqa: E402
 
 ORG = "11111111-1111-4111-8111-111111111111"
 KEY = "bench-key"

@@ -45,7 +45,7 @@ import aiohttp
 from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the stand-in lives in tests/
-from tests.standin import StandIn  # noqa: E402
+from tests.support.standin import StandIn  # noqa: E402
 
 ORG: Final = "11111111-1111-4111-8111-111111111111"
 KEYS: Final = ("bench-key", "bench-key-rotated")  # the processes must agree: fixed

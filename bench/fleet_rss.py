@@ -31,7 +31,7 @@ import aiohttp
 import trustme
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the stand-in lives in tests/
-from tests.standin import StandIn  # noqa: E402
+from tests.support.standin import StandIn  # noqa: E402
 
 ORG = "11111111-1111-4111-8111-111111111111"
 KEY = "bench-key"

@@ -30,9 +30,10 @@ import tomli_w
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the test support lives in tests/
 from tests.processes import rss_mib, serving  # noqa: E402
-from tests.rawapi import RawApi, Received  # noqa: E402
-from tests.standin import StandIn  # noqa: E402
+
 from tests.support import proxy_config  # noqa: E402
+from tests.support.rawapi import RawApi, Received  # noqa: E402
+from tests.support.standin import StandIn  # noqa: E402
 
 KEY: Final = "bench-key"
 ORG: Final = "11111111-1111-4111-8111-111111111111"

@@ -48,7 +48,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the stand-in lives in tests/
 import cold_start  # noqa: E402
 
-from tests.standin import StandIn  # noqa: E402
+from tests.support.standin import StandIn  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 ORG = "11111111-1111-4111-8111-111111111111"

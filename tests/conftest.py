@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import secrets
@@ -16,8 +17,8 @@ import tomli_w
 from proxy.config.load import load_settings
 from proxy.config.settings import ENV_PREFIX
 from proxy.serve.server import Running, start
-from tests.rawapi import Answer, RawApi
-from tests.standin import StandIn
+from tests.support.rawapi import Answer, HeadAnswer, MakeApi, RawApi, Received
+from tests.support.standin import StandIn
 
 from .support import proxy_config
 
@@ -144,7 +145,7 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 
 @pytest.fixture
 async def raw_api() -> AsyncIterator[Callable[[Answer], Awaitable[RawApi]]]:
-    """Start a scripted raw API (tests/rawapi.py) with the given answer; returns it."""
+    """Start a scripted raw API (support/rawapi.py) with the given answer; returns it."""
     apis: list[RawApi] = []
 
     async def make(answer: Answer) -> RawApi:
@@ -156,3 +157,26 @@ async def raw_api() -> AsyncIterator[Callable[[Answer], Awaitable[RawApi]]]:
     yield make
     for api in apis:
         await api.close()
+
+
+def write_toml(path: Path, routes: dict[str, Any]) -> None:
+    """A config file with the test key and `routes`; no stand-in needed to load it."""
+    document = proxy_config(
+        "http://127.0.0.1:1", "http://127.0.0.1:2", credentials=PERSONAL_KEY_CONFIG, routes=routes
+    )
+    path.write_text(tomli_w.dumps(document))
+
+
+@pytest.fixture
+async def scripted_api(raw_api: MakeApi) -> Callable[[HeadAnswer], Awaitable[RawApi]]:
+    """The raw API (support/rawapi.py) answered by a function of the request head."""
+
+    async def make(answer: HeadAnswer) -> RawApi:
+        async def by_head(
+            received: Received, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        ) -> None:
+            await answer(received.head, reader, writer)
+
+        return await raw_api(by_head)
+
+    return make

@@ -8,13 +8,17 @@ import os
 import re
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
 import jwt
+import pytest
 
 from proxy import __version__
-from tests.standin import StandIn
+from proxy.config.load import load_settings
+from proxy.serve.server import start
+from tests.support.standin import StandIn
 
 from .conftest import (
     CLIENT_TOKEN,
@@ -25,6 +29,7 @@ from .conftest import (
     WriteConfig,
 )
 from .support import request
+from .support.processes import run
 
 TWO_ROUTES = {
     "root": {"prefix": "/", "credential": "main"},
@@ -32,19 +37,9 @@ TWO_ROUTES = {
 }
 
 
-async def run(*args: str, timeout: float = 20) -> tuple[int, str, str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "proxy",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=os.environ.copy(),
-    )
-    out, err = await asyncio.wait_for(process.communicate(), timeout)
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
+def environment(**variables: str) -> dict[str, str]:
+    """This process's environment (no APPCIRCLE_ variables: see above) plus `variables`."""
+    return os.environ | variables
 
 
 async def test_version_and_help() -> None:
@@ -315,3 +310,168 @@ async def test_an_aiohttp_without_the_private_attributes_read_stops_start_up_in_
     assert process.returncode == 2, err
     assert len(lines) == 1 and "Traceback" not in err.decode()
     assert "aiohttp" in lines[0] and "_payload_parser" in lines[0] and "<3.15" in lines[0]
+
+
+async def test_the_demo_ignores_a_real_key_in_the_shell_and_logs_its_traffic(
+    unused_tcp_port: int, http: aiohttp.ClientSession
+) -> None:
+    """`demo` ignores APPCIRCLE_PERSONAL_ACCESS_KEY and APPCIRCLE_PROXY_ variables in the shell,
+    serves on its --listen address, logs token and access lines, and never prints the real key."""
+    url = f"http://127.0.0.1:{unused_tcp_port}"
+
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "proxy",
+        "demo",
+        "--listen",
+        f"127.0.0.1:{unused_tcp_port}",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=environment(
+            APPCIRCLE_PERSONAL_ACCESS_KEY=PERSONAL_KEY,
+            APPCIRCLE_PROXY_SERVER__LISTEN="127.0.0.1:1",
+        ),
+    )
+    assert process.stdout is not None
+    try:
+        text = ""
+        while "Ctrl-C" not in text:
+            line = (await asyncio.wait_for(process.stdout.readline(), 20)).decode()
+            assert line, "the demo exited before it was ready"
+            text += line
+        assert (await request(http, "GET", f"{url}/build/v2/profiles")).status == 200
+    finally:
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = await asyncio.wait_for(process.communicate(), 20)
+    out, err = stdout.decode(), stderr.decode()
+    assert process.returncode == 0, err
+    assert "Traceback" not in err
+    assert "obtained session token" in err  # token lines
+    assert re.search(r"GET /build/v2/profiles .*status=200", err)  # access lines
+    assert PERSONAL_KEY not in text + out + err
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (("demo", "--config", "proxy.toml"), "unrecognized arguments: --config"),
+        (("--workers", "2", "demo"), "--workers does not apply to 'demo'"),
+        (("--api-url", "https://api.example.com", "demo"), "--api-url does not apply to 'demo'"),
+    ],
+)
+async def test_the_demo_refuses_flags_it_cannot_honour(args: tuple[str, ...], named: str) -> None:
+    """`demo` refuses --config, --workers and --api-url with exit 2 and a one-line message naming
+    the flag, rather than silently ignoring them."""
+    code, out, err = await run(*args)
+    assert code == 2
+    assert named in err
+    assert "Traceback" not in err and out == ""
+
+
+async def test_check_and_token_promise_no_retry_they_will_not_make(
+    standin: StandIn, write_config: WriteConfig
+) -> None:
+    """When the auth host answers 503, `check` and `token` exit 1 without saying "retrying in":
+    one-shot commands promise no retry they will not make."""
+    standin.always = 503
+    config = str(write_config())
+    code, out, err = await run("check", "--config", config)
+    assert code == 1 and out.startswith("FAIL /")
+    assert "retrying in" not in out + err
+    code, out, err = await run("token", "--config", config)
+    assert code == 1 and "route 'default'" in err
+    assert "retrying in" not in out + err
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (("--listen", "unix:/no/such/dir/p.sock"), "cannot listen on unix:/no/such/dir/p.sock"),
+        (("--listen", "example.invalid:8787"), "cannot listen on example.invalid:8787"),
+        (("--admin-listen", "example.invalid:9090"), "cannot listen on example.invalid:9090"),
+    ],
+)
+async def test_a_listen_failure_names_the_address_and_the_setting(
+    write_config: WriteConfig, flags: tuple[str, str], named: str
+) -> None:
+    """A --listen or --admin-listen address that cannot be bound exits 2 with one line naming the
+    address and the flag, not a traceback."""
+    code, out, err = await run("--config", str(write_config()), *flags)
+    assert code == 2
+    assert named in err and flags[0] in err
+    assert "Traceback" not in err and out == ""
+
+
+async def test_health_finds_the_running_proxy_from_the_same_configuration(
+    standin: StandIn, write_config: WriteConfig, unused_tcp_port_factory: Callable[[], int]
+) -> None:
+    """`health` finds the running proxy from the same config: on server.admin_listen when set,
+    otherwise on the API listener past its client token, without needing the secrets."""
+    port, admin_port = unused_tcp_port_factory(), unused_tcp_port_factory()
+    listen = {"server": {"listen": f"127.0.0.1:{port}"}}
+    env = environment(APPCIRCLE_PROXY_SERVER__LISTEN=f"127.0.0.1:{port}")
+    config = write_config(server={"admin_listen": f"0.0.0.0:{admin_port}"})
+    code, _, err = await run("health", "--config", str(config), env=env)
+    assert code == 1
+    assert f"http://127.0.0.1:{admin_port}/_proxy/health (server.admin_listen)" in err
+    running = await start(load_settings(config, listen))
+    try:
+        code, out, err = await run("health", "--config", str(config), env=env)
+        assert code == 0, err
+        assert f"http://127.0.0.1:{admin_port}/_proxy/health" in out
+    finally:
+        await running.stop()
+    # No admin listener: it asks the API listener, past its client token, and needs none of
+    # the secrets (the key file is not here).
+    config = write_config(server={"client_token": CLIENT_TOKEN})
+    running = await start(load_settings(config, listen))
+    try:
+        code, out, err = await run(
+            "health",
+            env=env | {"APPCIRCLE_PERSONAL_ACCESS_KEY_FILE": "/run/secrets/not-here"},
+        )
+        assert code == 0, err
+        assert f"http://127.0.0.1:{port}/_proxy/health" in out
+    finally:
+        await running.stop()
+
+
+async def test_each_command_has_its_own_help_with_only_its_flags() -> None:
+    """Each command's --help lists only the flags it takes, a flag for another command exits 2
+    naming it, and -V prints the version."""
+    code, out, _ = await run("token", "--help")
+    assert code == 0
+    assert "Obtain one session token" in out
+    assert "--route" in out
+    for flag in ("--workers", "--listen", "--offline"):
+        assert flag not in out
+    code, out, _ = await run("health", "--help")
+    assert "--admin-listen" in out and "--workers" not in out
+    code, _, err = await run("--workers", "2", "token")
+    assert code == 2 and "--workers does not apply to 'token'" in err
+    code, out, _ = await run("-V")
+    assert (code, out.strip()) == (0, f"appcircle-proxy {__version__}")
+
+
+async def test_every_setting_a_user_reaches_for_has_a_flag(tmp_path: Path) -> None:
+    """--log-format, --admin-listen and --client-token-file reach the effective config shown by
+    `config`, and the client token itself is never printed."""
+    token_file = tmp_path / "client-token"
+    token_file.write_text(CLIENT_TOKEN)
+    code, out, err = await run(
+        "config",
+        "--log-format",
+        "json",
+        "--admin-listen",
+        "127.0.0.1:9090",
+        "--client-token-file",
+        str(token_file),
+        env=environment(APPCIRCLE_PERSONAL_ACCESS_KEY="pak_example"),
+    )
+    assert code == 0, err
+    effective = json.loads(out)
+    assert effective["log"]["format"] == "json"
+    assert effective["server"]["admin_listen"] == "127.0.0.1:9090"
+    assert effective["server"]["client_token_file"] == str(token_file)
+    assert CLIENT_TOKEN not in out

@@ -1,34 +1,43 @@
-"""Every real client: the client token in the client's own header (as the official CLI
-sends it), the auth host's userinfo through the proxy, and least-privilege routes."""
+"""Existing clients, unchanged: the client token in either header (as the official
+CLI sends it), Appcircle's key exchange answered at the proxy with local tokens, the auth
+host's userinfo, and the official CLI's commands replayed."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import copy
 import json
-import sys
-from pathlib import Path
+import time
 from typing import Any
 
 import aiohttp
+import jwt
 import pytest
-import tomli_w
+from aiohttp import ClientSession, web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy.cli.main import main
-from proxy.config.allow import RoutePolicy, parse_rule
-from proxy.config.errors import ConfigError
-from proxy.config.load import load_settings
+from proxy.auth.local_tokens import LocalTokens
 from proxy.policy.headers import raw_request_headers, request_headers
-from tests.standin import StandIn
+from proxy.serve.userinfo import USERINFO_PATH
+from tests.support.standin import StandIn
 
-from .conftest import CLIENT_TOKEN, PERSONAL_KEY_CONFIG, ROOT_ORG, SUB_ORG, StartProxy, WriteConfig
-from .rawhttp import exchange, status_of
-from .support import eventually, proxy_config, request
+from .conftest import (
+    API_KEY_NAME,
+    CLIENT_TOKEN,
+    PERSONAL_KEY,
+    ROOT_ORG,
+    SUB_ORG,
+    StartProxy,
+)
+from .support import Reply, eventually, request
+from .support.rawclient import exchange, status_of
 
 WITH_CLIENT_TOKEN = {"client_token": CLIENT_TOKEN}
+
+
 USERINFO = "/auth/realms/appcircle/protocol/openid-connect/userinfo"
+
+
 SUB_ORGANIZATION_ROUTES = {
     "root": {"prefix": "/", "credential": "main"},
     "eu": {"prefix": "/eu", "credential": "main", "sub_organization": SUB_ORG},
@@ -63,19 +72,65 @@ def header_of(answer: bytes, name: str) -> str | None:
     return None
 
 
-def write_toml(path: Path, routes: dict[str, Any]) -> None:
-    """A config file with the test key and `routes`; no stand-in needed to load it."""
-    document = proxy_config(
-        "http://127.0.0.1:1", "http://127.0.0.1:2", credentials=PERSONAL_KEY_CONFIG, routes=routes
-    )
-    path.write_text(tomli_w.dumps(document))
-
-
 def basic(user: str, password: str) -> str:
     return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
 
 
-# -- the client token in the client's own header -----------------------------------------
+CI_ROUTES = {
+    "ci": {
+        "prefix": "/ci",
+        "credential": "main",
+        "allow": ["GET /build/**", "POST /distribution/v2/profiles/*/app-versions"],
+    },
+    "viewer": {"prefix": "/viewer", "credential": "main", "read_only": True},
+}
+
+
+# Each endpoint with the form a client copied from the docs would send to it.
+DOCUMENTED_FORMS: list[tuple[str, dict[str, str]]] = [
+    ("/auth/v3/token", {"personalAccessKey": "KEY", "scope": "openid,profile,email"}),
+    ("/auth/v2/token", {"pat": "KEY", "scope": "openid,profile,email"}),
+    ("/auth/v1/token", {"pat": "KEY"}),
+    ("/auth/v1/api-key/token", {"name": API_KEY_NAME, "secret": "KEY"}),
+]
+
+
+ACCEPT_JSON = {"Accept": "application/json"}
+
+
+def claims_of(token: str) -> dict[str, Any]:
+    return jwt.decode(token, options={"verify_signature": False})
+
+
+async def exchange_at(
+    http: aiohttp.ClientSession, base: str, endpoint: str, form: dict[str, str]
+) -> Reply:
+    return await request(http, "POST", base + endpoint, data=form, headers=ACCEPT_JSON)
+
+
+async def cli_get(proxy: str, path: str) -> Any:
+    """GET `path` as the CLI does (its headers, AC_ACCESS_TOKEN = the client token); the
+    JSON answer, after checking it is a 200."""
+    answer = await exchange(proxy, cli_request(path, proxy.removeprefix("http://"), CLIENT_TOKEN))
+    assert status_of(answer) == 200, answer
+    return body_of(answer)
+
+
+def cli_login(path: str, host: str, form: str) -> bytes:
+    """`appcircle login pat --token ...` / `login api-key ...` as the CLI (2.7, axios)
+    sends it: POST {AUTH_HOSTNAME}/auth/v1/token (or /auth/v1/api-key/token), a form."""
+    body = form.encode()
+    return (
+        f"POST {path} HTTP/1.1\r\n"
+        "Accept: application/json\r\n"
+        "Content-Type: application/x-www-form-urlencoded\r\n"
+        "User-Agent: axios/1.7.7\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        "Accept-Encoding: gzip, compress, deflate, br\r\n"
+        f"Host: {host}\r\n"
+        "Connection: close\r\n"
+        "\r\n"
+    ).encode() + body
 
 
 async def test_the_official_cli_with_the_client_token_as_its_access_token_gets_through(
@@ -248,9 +303,6 @@ async def test_a_cors_preflight_from_an_allowed_origin_needs_no_client_token(
     assert len(standin.api_requests) == 1
 
 
-# -- userinfo through the proxy ---------------------------------------------------------
-
-
 async def test_userinfo_goes_to_the_auth_host_with_the_routes_session_token(
     start_proxy: StartProxy, standin: StandIn
 ) -> None:
@@ -298,7 +350,7 @@ async def test_userinfo_access_line_names_the_auth_hosts_answer(
 @pytest.mark.parametrize(
     ("method", "path"),
     [
-        # The key exchanges are answered at the proxy (test_local_exchange); other methods
+        # The key exchanges are answered at the proxy (tested above); other methods
         # on their paths, and every other auth-host path, reach nothing.
         ("GET", "/auth/v3/token"),
         ("PUT", "/eu/auth/v1/api-key/token"),
@@ -368,69 +420,6 @@ async def test_an_answer_too_large_to_be_userinfo_is_not_relayed(
     assert reply.status == 502
     assert reply.json()["error"] == "auth_unreachable"
     assert "larger than 65536 bytes" in reply.json()["detail"]
-
-
-# -- least-privilege routes -------------------------------------------------------------
-
-CI_ROUTES = {
-    "ci": {
-        "prefix": "/ci",
-        "credential": "main",
-        "allow": ["GET /build/**", "POST /distribution/v2/profiles/*/app-versions"],
-    },
-    "viewer": {"prefix": "/viewer", "credential": "main", "read_only": True},
-}
-
-
-async def test_an_allow_list_lets_matching_requests_through_and_refuses_the_rest_before_a_token(
-    start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
-) -> None:
-    """A route's allow list passes only matching method and path; the rest get 403
-    not_allowed_by_route naming the route and its rules, before any token exchange."""
-    proxy = await start_proxy(routes=CI_ROUTES)
-    for method, path in (
-        ("DELETE", "/ci/build/v2/profiles/1"),
-        ("GET", "/ci/distribution/v2/profiles"),
-        ("POST", "/ci/distribution/v2/profiles/p1/app-versions/extra"),
-        ("GET", "/ci" + USERINFO),
-        ("GET", "/ci/buildx"),
-    ):
-        reply = await request(http, method, proxy + path + "?page=1")
-        assert reply.status == 403, (method, path)
-        assert reply.json()["error"] == "not_allowed_by_route"
-        assert reply.json()["route"] == "ci"
-        assert (
-            f"route 'ci' (/ci) does not allow {method} {path.removeprefix('/ci')} (its rules:"
-            in (reply.json()["detail"])
-        )
-        assert '"GET /build/**"' in reply.json()["detail"]
-    # Refused before any token was taken or anything reached Appcircle.
-    assert standin.exchanges == [] and standin.api_requests == []
-    for method, path in (
-        ("GET", "/ci/build/v2/profiles"),
-        ("GET", "/ci/build"),
-        ("POST", "/ci/distribution/v2/profiles/p1/app-versions"),
-    ):
-        reply = await request(http, method, proxy + path, data=b"x" if method == "POST" else None)
-        assert reply.status == 200, (method, path)
-        assert reply.json()["raw_path"] == path.removeprefix("/ci")
-
-
-async def test_a_read_only_route_allows_get_head_and_options_only(
-    start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
-) -> None:
-    """A read_only route passes GET, HEAD and OPTIONS (userinfo too) and refuses POST, PUT, PATCH
-    and DELETE with 403 saying read-only."""
-    proxy = await start_proxy(routes=CI_ROUTES)
-    for method in ("GET", "HEAD", "OPTIONS"):
-        assert (await request(http, method, f"{proxy}/viewer/build/v2/profiles")).status == 200
-    assert (await request(http, "GET", f"{proxy}/viewer{USERINFO}")).status == 200
-    for method in ("POST", "PUT", "PATCH", "DELETE"):
-        reply = await request(http, method, f"{proxy}/viewer/build/v2/profiles")
-        assert reply.status == 403, method
-        assert reply.json()["route"] == "viewer"
-        assert "read-only" in reply.json()["detail"]
-    assert len(standin.api_requests) == 3
 
 
 @pytest.mark.parametrize(
@@ -523,122 +512,339 @@ async def test_a_read_only_method_with_a_body_is_refused_on_a_restricted_route(
     assert status_of(answer) == 200
 
 
-async def test_routes_without_rules_let_everything_through(
-    start_proxy: StartProxy, http: aiohttp.ClientSession
+@pytest.mark.parametrize(("endpoint", "form"), DOCUMENTED_FORMS)
+@pytest.mark.parametrize(("prefix", "organization"), [("", ROOT_ORG), ("/eu", SUB_ORG)])
+async def test_the_documented_exchange_then_api_calls_with_the_local_token(
+    start_proxy: StartProxy,
+    standin: StandIn,
+    http: aiohttp.ClientSession,
+    endpoint: str,
+    form: dict[str, str],
+    prefix: str,
+    organization: str,
 ) -> None:
-    """A route without allow or read_only forwards every method, even with restricted routes
-    beside it."""
-    proxy = await start_proxy(routes={**CI_ROUTES, "root": {"prefix": "/", "credential": "main"}})
-    for method in ("GET", "POST", "DELETE"):
-        assert (await request(http, method, f"{proxy}/anything/at/all")).status == 200
-
-
-@pytest.mark.parametrize(
-    ("rule", "method", "path", "allowed"),
-    [
-        ("GET /build/**", "GET", "/build", True),
-        ("GET /build/**", "GET", "/build/v2/profiles/1/branches", True),
-        ("GET /build/**", "GET", "/buildx/v2", False),
-        ("GET /build/**", "HEAD", "/build/v2", False),
-        ("GET /build/v2/**", "GET", "/build", False),
-        ("* /task/v1/tasks/*", "DELETE", "/task/v1/tasks/42", True),
-        ("* /task/v1/tasks/*", "GET", "/task/v1/tasks/42/logs", False),
-        ("* /task/v1/tasks/*", "GET", "/task/v1/tasks", False),
-        ("GET /", "GET", "/", True),
-        ("GET /", "GET", "/build", False),
-        ("GET /**/logs", "GET", "/logs", True),
-        ("GET /**/logs", "GET", "/build/v1/commits/c/builds/b/logs", True),
-        ("GET /**/logs", "GET", "/build/v1/logs/x", False),
-        ("GET /build/**/builds/*/logs", "GET", "/build/v1/commits/c/builds/b/logs", True),
-        ("GET /build/**/builds/*/logs", "GET", "/build/builds/b/logs", True),
-        ("GET /build/**/builds/*/logs", "GET", "/build/v1/builds/logs", False),
-        ("GET /**/x/**", "GET", "/a/b/x", True),
-        ("GET /**/x/**", "GET", "/a/b/y/z", False),
-    ],
-)
-def test_allow_rules_match_segments_as_written(
-    rule: str, method: str, path: str, allowed: bool
-) -> None:
-    """Allow rules match whole segments: '*' is one segment, '**' zero or more, the method must
-    match exactly (GET does not cover HEAD), and a prefix never matches a longer segment."""
-    assert RoutePolicy((parse_rule(rule),)).allows(method, path) is allowed
-
-
-@pytest.mark.parametrize(
-    ("rules", "problem"),
-    [
-        (["GET build/**"], "the path must start with '/'"),
-        (["GET /v*/x"], "'*' and '**' must be whole segments"),
-        (["/build/**"], "is not 'METHOD /path/pattern'"),
-        (["G(T /x"], "is not an HTTP method"),
-        ([], "allow is empty"),
-        ("GET /x", "allow is a list of rules"),
-    ],
-)
-def test_a_bad_rule_stops_start_up_with_one_line_naming_it(
-    rules: object, problem: str, tmp_path: Path
-) -> None:
-    """A malformed allow rule (relative path, partial wildcard, no method, bad method, empty or
-    not a list) stops loading with a ConfigError naming routes.ci.allow and the problem."""
-    path = tmp_path / "proxy.toml"
-    write_toml(path, routes={"ci": {"prefix": "/ci", "credential": "main", "allow": rules}})
-    with pytest.raises(ConfigError) as raised:
-        load_settings(path)
-    assert "routes.ci.allow" in str(raised.value)
-    assert problem in str(raised.value)
-
-
-def test_config_prints_the_rules_as_written(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """`config` prints each route's allow rules (method upper-cased) and read_only flag, so the
-    user sees what is enforced."""
-    path = tmp_path / "proxy.toml"
-    routes = copy.deepcopy(CI_ROUTES)
-    routes["ci"]["allow"][1] = "post /distribution/v2/profiles/*/app-versions"
-    write_toml(path, routes=routes)
-    assert main(["config", "--config", str(path)]) == 0
-    routes = json.loads(capsys.readouterr().out)["routes"]
-    assert routes["ci"]["allow"] == [
-        "GET /build/**",
-        "POST /distribution/v2/profiles/*/app-versions",
+    """Guards the flow of Appcircle's docs with the auth base URL at the proxy: the reply is
+    shaped like the auth host's, its token carries the route's organization, expires no
+    later than the real token, is not the real token, and works for API calls."""
+    proxy = await start_proxy(routes=SUB_ORGANIZATION_ROUTES)
+    answer = await exchange_at(http, proxy + prefix, endpoint, form)
+    assert answer.status == 200, answer.body
+    reply = answer.json()
+    assert reply["token_type"] == "Bearer"
+    assert answer.headers["Cache-Control"] == "no-store"
+    local = reply["access_token"]
+    assert local not in standin.issued_tokens
+    (real,) = standin.issued_tokens  # the proxy's own exchange for the route, and only it
+    assert [seen.fields for seen in standin.exchanges] == [
+        frozenset(
+            {"personalAccessKey", "scope"}
+            | ({"subOrganization", "subOrganizationId"} if prefix else set())
+        )
     ]
-    assert routes["ci"]["read_only"] is False
-    assert (routes["viewer"]["allow"], routes["viewer"]["read_only"]) == (None, True)
+    claims, real_claims = claims_of(local), claims_of(real)
+    assert claims["currentOrganizationId"] == organization
+    assert (claims["sub"], claims["email"]) == (real_claims["sub"], real_claims["email"])
+    assert claims["exp"] <= real_claims["exp"]
+    assert 0 < reply["expires_in"] <= real_claims["exp"] - time.time() + 1
 
-
-def test_check_offline_prints_the_rules_under_their_route(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """`check --offline` prints each restricted route's allow rules, or read-only with its
-    methods, on the line under the route."""
-    path = tmp_path / "proxy.toml"
-    write_toml(path, routes=CI_ROUTES)
-    assert main(["check", "--offline", "--config", str(path)]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    ci = lines.index(next(line for line in lines if "route 'ci'" in line))
-    assert lines[ci + 1].strip() == (
-        'allow "GET /build/**", "POST /distribution/v2/profiles/*/app-versions"'
+    api = await request(
+        http,
+        "GET",
+        f"{proxy}{prefix}/build/v2/profiles",
+        headers={"Authorization": f"Bearer {local}"},
     )
-    viewer = lines.index(next(line for line in lines if "route 'viewer'" in line))
-    assert lines[viewer + 1].strip() == "read-only (GET, HEAD, OPTIONS)"
+    assert api.status == 200
+    assert api.json()["organization"] == organization
+    assert local not in api.body.decode()  # the real token went upstream in its place
+    assert len(standin.exchanges) == 1
 
 
-async def test_check_prints_the_rules_of_each_restricted_route(
-    standin: StandIn, write_config: WriteConfig
+async def test_with_a_client_token_the_exchange_needs_it_and_its_token_stands_for_it(
+    start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
 ) -> None:
-    """Online `check` prints one rule line per restricted route with its allow rules or read-only
-    methods, and exits 0."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "check", "--config", str(write_config(routes=CI_ROUTES)),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    out, err = await asyncio.wait_for(process.communicate(), 20)
-    assert process.returncode == 0, err
-    rules = [line for line in out.decode().splitlines() if line.startswith("rule")]
-    assert rules == [
-        "rule /ci          route 'ci': allow \"GET /build/**\", "
-        '"POST /distribution/v2/profiles/*/app-versions"',
-        "rule /viewer      route 'viewer': read-only (GET, HEAD, OPTIONS)",
-    ]
+    """Guards the boundary: with server.client_token set, exchanging anything else (an
+    Appcircle key included) gets 401, and the local token got with the client token is
+    accepted where the client token is required."""
+    proxy = await start_proxy(routes=SUB_ORGANIZATION_ROUTES, server=WITH_CLIENT_TOKEN)
+    for key in (PERSONAL_KEY, "wrong", CLIENT_TOKEN + "x"):
+        refused = await exchange_at(http, proxy, "/auth/v3/token", {"personalAccessKey": key})
+        assert refused.status == 401
+        assert refused.json()["error"] == "exchange_key_rejected"
+    assert standin.exchanges == []
+
+    answer = await exchange_at(
+        http, proxy + "/eu", "/auth/v3/token", {"personalAccessKey": CLIENT_TOKEN}
+    )
+    assert answer.status == 200
+    local = answer.json()["access_token"]
+    api = await request(
+        http, "GET", f"{proxy}/eu/build/v2/profiles", headers={"Authorization": f"Bearer {local}"}
+    )
+    assert api.status == 200
+    assert api.json()["organization"] == SUB_ORG
+    # A forged one (the right claims, another secret) is no client token.
+    forged = LocalTokens(time.time, secret=b"x" * 32).mint("eu", claims_of(local), time.time() + 60)
+    refused = await request(
+        http, "GET", f"{proxy}/eu/build/v2/profiles", headers={"Authorization": f"Bearer {forged}"}
+    )
+    assert refused.status == 401
+    assert refused.json()["error"] == "client_token_required"
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "field"),
+    [
+        ("/auth/v3/token", "subOrganization"),
+        ("/auth/v3/token", "subOrganizationId"),
+        ("/auth/v2/token", "subOrganization"),
+        ("/auth/v1/api-key/token", "organizationId"),
+    ],
+)
+async def test_a_sub_organization_served_under_another_prefix_gets_403_naming_it(
+    start_proxy: StartProxy,
+    standin: StandIn,
+    http: aiohttp.ClientSession,
+    endpoint: str,
+    field: str,
+) -> None:
+    """Guards against a token for the wrong organization: asking the root route for the
+    sub-organization is refused with the prefix that serves it; asking the right prefix
+    (or for the root organization at the root) is answered."""
+    proxy = await start_proxy(routes=SUB_ORGANIZATION_ROUTES)
+    key_form = dict(dict(DOCUMENTED_FORMS)[endpoint])
+    refused = await exchange_at(http, proxy, endpoint, {**key_form, field: SUB_ORG})
+    assert refused.status == 403
+    assert refused.json()["error"] == "organization_not_served_here"
+    assert "/eu" in refused.json()["detail"]
+    served = await exchange_at(http, proxy + "/eu", endpoint, {**key_form, field: SUB_ORG})
+    assert served.status == 200
+    assert claims_of(served.json()["access_token"])["currentOrganizationId"] == SUB_ORG
+    root = await exchange_at(http, proxy, endpoint, {**key_form, field: ROOT_ORG.upper()})
+    assert root.status == 200
+    assert {seen.endpoint for seen in standin.exchanges} == {"/auth/v3/token"}
+
+
+async def test_a_local_token_works_only_under_its_prefix_and_until_it_expires(
+    start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
+) -> None:
+    """Guards the binding of a local token to its route and its lifetime: one from /eu
+    sent under / is refused (not silently used for the root organization), and an
+    expired one gets 401, so the client logs in again as it would with Appcircle's."""
+    proxy = await start_proxy(routes=SUB_ORGANIZATION_ROUTES)
+    answer = await exchange_at(http, proxy + "/eu", "/auth/v3/token", {"personalAccessKey": "k"})
+    local = answer.json()["access_token"]
+    elsewhere = await request(
+        http, "GET", f"{proxy}/build/v2/profiles", headers={"Authorization": f"Bearer {local}"}
+    )
+    assert elsewhere.status == 401
+    assert elsewhere.json()["error"] == "local_token_other_route"
+    assert "/eu" in elsewhere.json()["detail"]
+    # Signed with this process's secret, as the proxy's own are (the proxy runs in-process).
+    expired = LocalTokens(time.time).mint("eu", claims_of(local), time.time() - 1)
+    late = await request(
+        http, "GET", f"{proxy}/eu/build/v2/profiles", headers={"Authorization": f"Bearer {expired}"}
+    )
+    assert late.status == 401
+    assert late.json()["error"] == "local_token_expired"
+    assert standin.api_requests == []
+
+
+async def test_an_exchange_without_its_key_field_gets_400_and_other_auth_paths_stay_404(
+    start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
+) -> None:
+    """Guards the shape of refusals: a form without the endpoint's key field is a 400 that
+    names it, one without a length is not read (411); a GET on an exchange path or another
+    auth-host path is still not relayed."""
+    proxy = await start_proxy()
+    missing = await exchange_at(http, proxy, "/auth/v1/api-key/token", {"secret": "s"})
+    assert missing.status == 400
+    assert "name" in missing.json()["detail"]
+    chunked = await exchange(
+        proxy,
+        b"POST /auth/v3/token HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n"
+        b"Content-Type: application/x-www-form-urlencoded\r\nConnection: close\r\n\r\n"
+        b"13\r\npersonalAccessKey=k\r\n0\r\n\r\n",
+    )
+    assert status_of(chunked) == 411
+    for method, path in (("GET", "/auth/v3/token"), ("POST", "/auth/v4/token")):
+        other = await request(http, method, proxy + path)
+        assert other.status == 404
+        assert other.json()["error"] == "not_forwarded_to_auth_host"
+    assert standin.exchanges == []
+
+
+async def test_an_exchange_path_another_route_serves_still_needs_the_client_token(
+    start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
+) -> None:
+    """Guards the guard's exemption: /auth/v3/token is the root route's exchange only if
+    no longer prefix takes it; under a route '/auth' it is an API path, and without the
+    client token it is refused, never forwarded."""
+    routes = {
+        "root": {"prefix": "/", "credential": "main"},
+        "odd": {"prefix": "/auth", "credential": "main"},
+    }
+    proxy = await start_proxy(routes=routes, server=WITH_CLIENT_TOKEN)
+    reply = await exchange_at(http, proxy, "/auth/v3/token", {"personalAccessKey": CLIENT_TOKEN})
+    assert reply.status == 407
+    assert standin.api_requests == []
+    served = await exchange_at(
+        http, proxy, "/auth/auth/v3/token", {"personalAccessKey": CLIENT_TOKEN}
+    )
+    assert served.status == 200
+
+
+async def test_with_a_client_token_an_expired_local_token_says_so(
+    start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
+) -> None:
+    """Guards the answer a logged-in client gets once its local token ends while a client
+    token is configured: 401 local_token_expired (log in again), not a bare refusal."""
+    proxy = await start_proxy(server=WITH_CLIENT_TOKEN)
+    claims = {"currentOrganizationId": ROOT_ORG, "sub": "s", "email": "e"}
+    expired = LocalTokens(time.time).mint("default", claims, time.time() - 1)
+    late = await request(
+        http, "GET", f"{proxy}/build/v2/profiles", headers={"Authorization": f"Bearer {expired}"}
+    )
+    assert late.status == 401
+    assert late.json()["error"] == "local_token_expired"
+    assert standin.api_requests == []
+
+
+@pytest.mark.parametrize(("prefix", "organization"), [("", ROOT_ORG), ("/eu", SUB_ORG)])
+async def test_the_clis_four_commands_read_what_their_tables_need_for_the_routes_organization(
+    start_proxy: StartProxy, standin: StandIn, prefix: str, organization: str
+) -> None:
+    """The official CLI's four commands (build profiles, distribution profiles, testing groups,
+    organization view via userinfo), replayed through the proxy, get the fields their tables
+    read, for the route's organization."""
+    standin.cli_answers = True
+    proxy = await start_proxy(routes=SUB_ORGANIZATION_ROUTES, server=WITH_CLIENT_TOKEN)
+    tag = organization[:8]
+
+    # appcircle build profile list
+    (profile,) = await cli_get(proxy, prefix + "/build/v2/profiles")
+    assert profile["id"] == f"build-{tag}"
+    assert {"name", "os", "buildPlatformType", "autoBuildCount"} <= profile.keys()
+    # appcircle testing-distribution profile list: the table reads settings.authenticationType
+    (profile,) = await cli_get(proxy, prefix + "/distribution/v2/profiles")
+    assert profile["id"] == f"dist-{tag}"
+    assert profile["settings"]["authenticationType"] == 1
+    # appcircle testing-distribution testing-group list
+    (group,) = await cli_get(proxy, prefix + "/distribution/v2/testing-groups")
+    assert group["id"] == f"group-{tag}"
+    # appcircle organization view --organizationId current: userinfo names the organization
+    # (AUTH_HOSTNAME at the proxy), then its details come from the API.
+    current = (await cli_get(proxy, prefix + USERINFO))["currentOrganizationId"]
+    assert current == organization
+    details = await cli_get(proxy, f"{prefix}/identity/v1/organizations/{current}")
+    assert details["id"] == organization
+    assert {"name", "memberCount", "createdDate"} <= details.keys()
+
+    assert {seen.organization for seen in standin.api_requests} == {organization}
+    assert [seen.organization for seen in standin.userinfo_requests] == [organization]
+
+
+async def test_without_cli_answers_the_same_paths_are_echoed(
+    start_proxy: StartProxy, standin: StandIn
+) -> None:
+    """Without the stand-in's CLI answers, a CLI request under /eu reaches the API with the
+    prefix stripped and the sub-organization's token."""
+    proxy = await start_proxy(routes=SUB_ORGANIZATION_ROUTES, server=WITH_CLIENT_TOKEN)
+    seen = await cli_get(proxy, "/eu/build/v2/profiles")
+    assert seen["raw_path"] == "/build/v2/profiles"
+    assert seen["organization"] == SUB_ORG
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "form"),
+    [
+        ("/auth/v1/token", f"pat={CLIENT_TOKEN}"),
+        ("/auth/v1/api-key/token", f"name=ci-bot&secret={CLIENT_TOKEN}"),
+    ],
+)
+@pytest.mark.parametrize(("prefix", "organization"), [("", ROOT_ORG), ("/eu", SUB_ORG)])
+async def test_the_clis_login_then_build_profile_list_with_both_hosts_at_the_proxy(
+    start_proxy: StartProxy,
+    standin: StandIn,
+    endpoint: str,
+    form: str,
+    prefix: str,
+    organization: str,
+) -> None:
+    """Guards the CLI used unchanged (issue 18): `appcircle login` against AUTH_HOSTNAME at
+    the proxy stores the local token as AC_ACCESS_TOKEN (its JWT names the organization the
+    CLI's api-key login checks), and `build profile list` with it reads the route's
+    profiles; no login reaches the auth host."""
+    standin.cli_answers = True
+    proxy = await start_proxy(routes=SUB_ORGANIZATION_ROUTES, server=WITH_CLIENT_TOKEN)
+    host = proxy.removeprefix("http://")
+    if endpoint.endswith("api-key/token"):
+        form += f"&organizationId={organization}"
+    answer = await exchange(proxy, cli_login(prefix + endpoint, host, form))
+    assert status_of(answer) == 200, answer
+    access_token = body_of(answer)["access_token"]
+    claims = jwt.decode(access_token, options={"verify_signature": False})
+    assert claims["currentOrganizationId"] == organization
+
+    reply = await exchange(proxy, cli_request(prefix + "/build/v2/profiles", host, access_token))
+    assert status_of(reply) == 200, reply
+    (profile,) = body_of(reply)
+    assert profile["id"] == f"build-{organization[:8]}"
+    assert [seen.organization for seen in standin.api_requests] == [organization]
+    assert [seen.endpoint for seen in standin.exchanges] == ["/auth/v3/token"]
+
+
+async def test_userinfo_requests_are_bounded_like_api_calls(
+    start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
+) -> None:
+    """Userinfo requests are admitted through the same pool as API calls: no more than
+    appcircle.max_connections of them reach the auth host at once, the rest get 503."""
+    # The userinfo relay runs on the WebSocket session (connector limit=0) and never asks
+    # the pool for admission: any number of clients open as many connections to the auth
+    # host at once, past max_connections and max_pending.
+    in_flight = most = 0
+
+    async def exchange_token(request: web.Request) -> web.Response:
+        async with ClientSession() as session:
+            async with session.post(
+                standin.auth_url + request.path,
+                data=await request.read(),
+                headers={"Content-Type": request.content_type},
+            ) as reply:
+                return web.Response(
+                    status=reply.status, body=await reply.read(), content_type="application/json"
+                )
+
+    async def slow_userinfo(request: web.Request) -> web.Response:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        try:
+            await asyncio.sleep(0.3)
+        finally:
+            in_flight -= 1
+        return web.json_response({"sub": "someone"})
+
+    app = web.Application()
+    app.router.add_post("/auth/v3/token", exchange_token)
+    app.router.add_get(USERINFO_PATH, slow_userinfo)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = runner.addresses[0][1]
+        proxy = await start_proxy(
+            appcircle={
+                "auth_url": f"http://127.0.0.1:{port}",
+                "max_connections": 2,
+                "max_streams": 2,
+            },
+            server={"max_pending": 0},
+        )
+        replies = await asyncio.gather(
+            *(request(http, "GET", proxy + USERINFO_PATH) for _ in range(12))
+        )
+        assert {reply.status for reply in replies} <= {200, 503}
+        assert most <= 2, f"{most} userinfo requests reached the auth host at once"
+    finally:
+        await runner.cleanup()

@@ -16,7 +16,7 @@ import pytest
 import trustme
 
 from proxy.upstream.egress import EgressError, egress_proxy_for
-from tests.standin import StandIn
+from tests.support.standin import StandIn
 
 from .conftest import PERSONAL_KEY, ROOT_ORG, StartProxy, everything_logged
 from .support import eventually, request

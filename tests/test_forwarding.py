@@ -1,4 +1,6 @@
-"""Forwarding: methods, paths and queries byte for byte, headers, bodies, errors."""
+"""Forwarding: a request to the API and its answer back, byte for byte: methods,
+paths, headers, bodies of every size, streams, redirects, 100-continue, and how a failure
+of the API reaches the client."""
 
 from __future__ import annotations
 
@@ -6,18 +8,50 @@ import asyncio
 import gzip
 import hashlib
 import io
+import json
 import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
 import pytest
 from yarl import URL
 
-from tests.standin import StandIn
+from tests.support.standin import StandIn, pattern
 
-from .conftest import ROOT_ORG, StartProxy
-from .rawhttp import exchange
-from .support import request
+from .conftest import (
+    INLINE_KEY_CONFIG,
+    PERSONAL_KEY,
+    ROOT_ORG,
+    StartProxy,
+    WriteConfig,
+)
+from .support import (
+    assert_no_tracebacks,
+    eventually,
+    request,
+)
+from .support.processes import open_fds, peak_rss_mib, rss_mib, serving
+from .support.rawapi import HeadAnswer, RawApi
+from .support.rawclient import exchange, json_of, status_of
+
+
+async def still_serving(proxy: str) -> None:
+    async with aiohttp.ClientSession() as http:
+        assert (await request(http, "GET", f"{proxy}/still/up")).status == 200
+
+
+GIB = 1024**3
+
+
+CHUNK = 256 * 1024
+
+
+async def gigabyte() -> AsyncIterator[bytes]:
+    block = bytes(range(256)) * (CHUNK // 256)
+    for _ in range(GIB // CHUNK):
+        yield block
 
 
 async def test_get_reaches_api_with_bearer_session_token(
@@ -367,3 +401,333 @@ async def test_an_unfit_request_id_is_replaced_not_kept(
     ]
     assert sent_back != given.strip() and sent_back
     assert given.strip() not in answered
+
+
+async def test_clients_hanging_up_before_the_answer_leave_no_traceback(
+    start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Fifty clients aborting their connection right after asking for a download leave no traceback,
+    and the proxy keeps serving."""
+    proxy = await start_proxy()
+    host, port = proxy.removeprefix("http://").rsplit(":", 1)
+    for _ in range(50):
+        _, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"GET /_test/download?size=1000000 HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        await writer.drain()
+        writer.transport.abort()
+    await asyncio.sleep(0.3)
+    await still_serving(proxy)
+    assert_no_tracebacks(caplog)
+
+
+async def test_a_small_chunked_upload_is_replayed_after_a_401_like_any_small_body(
+    start_proxy: StartProxy,
+    scripted_api: Callable[[HeadAnswer], Awaitable[RawApi]],
+) -> None:
+    """A small body sent with Transfer-Encoding: chunked is replayed with a renewed token after the
+    API's 401, as a Content-Length body would be, so the client gets 200 and not the 401."""
+
+    async def answer(
+        head: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        if len(api.heads) == 1:  # the API refuses the first token it sees (revoked, say)
+            writer.write(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n")
+        else:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    api = await scripted_api(answer)
+    proxy = await start_proxy(appcircle={"api_url": api.url})
+    # Five bytes, sent chunked (as fetch() with a stream body, or curl -T -, sends them).
+    answered = await exchange(
+        proxy,
+        b"POST /x HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n"
+        b"Connection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    )
+    # With Content-Length: 5 the proxy renews and replays; chunked, the client gets the 401.
+    assert status_of(answered) == 200, answered
+
+
+async def test_two_location_headers_from_the_api_come_back_as_one_rewritten(
+    start_proxy: StartProxy,
+    scripted_api: Callable[[HeadAnswer], Awaitable[RawApi]],
+    http: aiohttp.ClientSession,
+) -> None:
+    """Browsers refuse an answer with two Location headers, and a second one could point
+    anywhere: the client gets the first, pointing back through the proxy, and only it."""
+    api_url = ""
+
+    async def answer(
+        head: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        writer.write(
+            b"HTTP/1.1 302 Found\r\n"
+            b"Location: " + api_url.encode() + b"/build/v2/profiles\r\n"
+            b"Location: https://elsewhere.example/steal\r\n"
+            b"Content-Length: 0\r\n\r\n"
+        )
+
+    api = await scripted_api(answer)
+    api_url = api.url
+    proxy = await start_proxy(appcircle={"api_url": api.url})
+    reply = await request(http, "GET", f"{proxy}/x", allow_redirects=False)
+    assert reply.status == 302
+    assert reply.headers.getall("Location") == [f"{proxy}/build/v2/profiles"]
+
+
+async def test_an_api_url_with_a_path_keeps_it_upstream_and_out_of_rewritten_locations(
+    start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    """An api_url with a path (/api) is prefixed to every upstream request and stripped from
+    Location headers rewritten to the proxy; locations outside that path are left as they are."""
+    gateway = StandIn(api_base_path="/api")  # the API only answers under /api
+    gateway.add_personal_key(PERSONAL_KEY, ROOT_ORG)
+    await gateway.start()
+    try:
+        proxy = await start_proxy(
+            routes={"eu": {"prefix": "/eu", "credential": "main"}},
+            appcircle={"api_url": f"{gateway.api_url}/api", "auth_url": gateway.auth_url},
+        )
+        reply = await request(http, "GET", f"{proxy}/eu/build/v2/profiles?page=2")
+        assert reply.status == 200, reply.body
+        assert reply.json()["raw_path"] == "/api/build/v2/profiles?page=2"
+
+        redirect = f"{proxy}/eu/_test/redirect"
+        expectations = {
+            None: f"{proxy}/eu/build/v2/profiles?page=1",  # absolute, under the base path
+            "/api/distribution/v2/x#top": f"{proxy}/eu/distribution/v2/x#top",
+            "/api": f"{proxy}/eu/",
+            # Outside the base path: not the API's, so left as it is.
+            f"{gateway.api_url}/other/x": f"{gateway.api_url}/other/x",
+            "/apiary/x": "/apiary/x",
+        }
+        for to, location in expectations.items():
+            params = {} if to is None else {"to": to}
+            reply = await request(http, "GET", redirect, params=params, allow_redirects=False)
+            assert (reply.status, reply.headers["Location"]) == (302, location), to
+    finally:
+        await gateway.close()
+
+
+async def test_expect_100_continue_is_answered_by_the_proxy_and_not_forwarded(
+    start_proxy: StartProxy, standin: StandIn
+) -> None:
+    """The proxy itself answers Expect: 100-continue, receives the body, and forwards the request
+    without the Expect header."""
+    proxy = await start_proxy()
+    host, port = proxy.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(
+            b"POST /upload HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\n"
+            b"Expect: 100-continue\r\n\r\n"
+        )
+        await writer.drain()
+        # The client holds its body back until told to go on.
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert interim.startswith(b"HTTP/1.1 100 Continue\r\n"), interim
+        writer.write(b"hello")
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200 "), head
+        length = next(
+            int(line.split(b":", 1)[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        )
+        seen = json.loads(await asyncio.wait_for(reader.readexactly(length), 5))
+    finally:
+        writer.close()
+    assert seen["body_length"] == 5
+    assert "expect" not in [name.lower() for name, _ in seen["headers"]]
+    (upstream,) = standin.api_requests
+    assert "expect" not in [name.lower() for name, _ in upstream.headers]
+
+
+async def test_a_refused_request_gets_its_refusal_instead_of_100_continue(
+    start_proxy: StartProxy, standin: StandIn
+) -> None:
+    """A request with Expect: 100-continue that the guard refuses gets its 403 before sending a
+    body, and an unknown expectation gets 417 expectation_failed; neither reaches the API."""
+    proxy = await start_proxy()
+    head = b"POST /upload HTTP/1.1\r\nContent-Length: 5\r\n"
+    # Refused by the guard: the client learns it before sending its body.
+    answer = await exchange(
+        proxy, head + b"Host: evil.example\r\nExpect: 100-continue\r\n\r\n", read_for=0.5
+    )
+    assert status_of(answer) == 403
+    # An expectation the proxy does not know.
+    answer = await exchange(
+        proxy, head + b"Host: localhost\r\nExpect: something-else\r\n\r\n", read_for=0.5
+    )
+    assert status_of(answer) == 417
+    assert json_of(answer)["error"] == "expectation_failed"
+    assert standin.api_requests == []
+
+
+async def test_a_scheme_relative_or_unreadable_location_is_relayed_not_a_500(
+    start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
+) -> None:
+    """A scheme-relative Location to the API host is rewritten to the proxy, and one to another host
+    or one that cannot be parsed is relayed unchanged with the 302, not turned into a 500."""
+    proxy = await start_proxy()
+    api_host = standin.api_url.removeprefix("http://")
+    expectations = {
+        f"//{api_host}/build/v2/x": f"{proxy}/build/v2/x",  # the API's, scheme-relative
+        "//uploads.example.com/x": "//uploads.example.com/x",
+        "http://[::1": "http://[::1",
+    }
+    for to, location in expectations.items():
+        reply = await request(
+            http, "GET", f"{proxy}/_test/redirect", params={"to": to}, allow_redirects=False
+        )
+        assert (reply.status, reply.headers.get("Location")) == (302, location), to
+
+
+# Two gigabytes through a separate process; seconds alone, far more on a busy machine.
+@pytest.mark.timeout(120)
+async def test_gigabyte_upload_and_download_pass_intact_in_bounded_memory(
+    standin: StandIn, write_config: WriteConfig
+) -> None:
+    """A 1 GiB upload and a 1 GiB download pass through a separate proxy process byte-exact (same
+    SHA-256) while its peak RSS stays under 120 MiB: bodies are streamed, never held whole."""
+    async with serving(write_config(credentials=INLINE_KEY_CONFIG)) as (proxy, process):
+        async with aiohttp.ClientSession() as http:
+            reply = await request(http, "PUT", f"{proxy}/upload", data=gigabyte())
+            assert reply.status == 200
+            echoed = reply.json()
+            expected = hashlib.sha256()
+            async for block in gigabyte():
+                expected.update(block)
+            assert echoed["body_length"] == GIB
+            assert echoed["body_sha256"] == expected.hexdigest()
+
+            digest, received = hashlib.sha256(), 0
+            async with http.get(
+                f"{proxy}/_test/download", params={"size": str(GIB), "length": "1"}
+            ) as response:
+                assert response.status == 200
+                assert response.headers["Content-Length"] == str(GIB)
+                async for chunk in response.content.iter_chunked(CHUNK):
+                    digest.update(chunk)
+                    received += len(chunk)
+            assert received == GIB
+            wanted = hashlib.sha256()
+            for chunk in pattern(GIB):
+                wanted.update(chunk)
+            assert digest.hexdigest() == wanted.hexdigest()
+        # A proxy that held bodies would need a gigabyte; it holds a few chunks.
+        assert peak_rss_mib(process.pid) < 120
+
+
+async def test_200_aborted_transfers_leave_no_descriptor_or_upstream_connection_behind(
+    standin: StandIn, write_config: WriteConfig
+) -> None:
+    """Two hundred uploads and downloads aborted midway leave no open descriptor, API connection or
+    in-flight upstream request behind, and the proxy keeps serving."""
+    async with serving(write_config(credentials=INLINE_KEY_CONFIG)) as (proxy, process):
+        host, port = proxy.removeprefix("http://").rsplit(":", 1)
+        async with aiohttp.ClientSession() as http:
+            assert (await request(http, "GET", f"{proxy}/warm-up")).status == 200
+        await asyncio.sleep(0.2)
+        fds_before, upstream_before = open_fds(process.pid), standin.api_connections
+
+        async def abort(request: bytes, then_read: bool) -> None:
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(request)
+            await writer.drain()
+            if then_read:
+                await reader.readexactly(100_000)  # mid-download
+            else:
+                await asyncio.sleep(0.01)  # mid-upload
+            writer.transport.abort()
+
+        upload = (
+            b"PUT /upload HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100000000\r\n\r\n"
+            + b"u" * 200_000
+        )
+        download = b"GET /_test/download?size=100000000 HTTP/1.1\r\nHost: localhost\r\n\r\n"
+        for index in range(200):
+            await abort(download if index % 2 else upload, then_read=bool(index % 2))
+
+        deadline = time.monotonic() + 10
+        # Back where they started, or lower (the warm-up's pooled connection may go too).
+        while not (
+            open_fds(process.pid) <= fds_before
+            and standin.api_connections <= upstream_before
+            and standin.in_flight == 0
+        ):
+            assert time.monotonic() < deadline, (
+                open_fds(process.pid),
+                fds_before,
+                standin.api_connections,
+                upstream_before,
+                standin.in_flight,
+            )
+            await asyncio.sleep(0.05)
+        async with aiohttp.ClientSession() as http:
+            assert (await request(http, "GET", f"{proxy}/still/up")).status == 200
+
+
+async def test_client_hanging_up_cancels_the_upstream_request_at_once(
+    start_proxy: StartProxy, standin: StandIn
+) -> None:
+    """A client hanging up during a slow request cancels its upstream request within a second,
+    instead of leaving it running to completion."""
+    proxy = await start_proxy()
+    host, port = proxy.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"GET /_test/slow?seconds=30 HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    await writer.drain()
+    await eventually(lambda: standin.in_flight > 0)
+    writer.transport.abort()
+    hung_up = time.monotonic()
+    while standin.in_flight:
+        assert time.monotonic() - hung_up < 1, "the upstream request outlived its client"
+        await asyncio.sleep(0.01)
+
+
+async def test_server_sent_events_arrive_one_by_one_as_they_are_sent(
+    start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
+) -> None:
+    """Server-sent events (text/event-stream) reach the client one at a time as the API sends them,
+    with no buffering that would hold one back."""
+    standin.events_gate = asyncio.Event()
+    proxy = await start_proxy()
+    async with http.get(f"{proxy}/_test/events", params={"count": "3"}) as response:
+        assert response.headers["Content-Type"] == "text/event-stream"
+        for number in range(3):
+            # The next event is only sent once this one has arrived: no buffering allowed.
+            line = await asyncio.wait_for(response.content.readuntil(b"\n\n"), 5)
+            assert line == f"data: event {number}\n\n".encode()
+            standin.events_gate.set()
+
+
+async def test_slow_client_does_not_make_the_proxy_buffer_the_download(
+    standin: StandIn, write_config: WriteConfig
+) -> None:
+    """A client that stops reading a 1 GiB download does not make the proxy buffer it: the process's
+    RSS grows by less than 30 MiB in 2 s."""
+    async with serving(write_config(credentials=INLINE_KEY_CONFIG)) as (proxy, process):
+        host, port = proxy.removeprefix("http://").rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port), limit=2**16)
+        writer.write(b"GET /_test/download?size=1073741824 HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        await writer.drain()
+        await reader.readexactly(1000)
+        baseline = rss_mib(process.pid)
+        await asyncio.sleep(2)  # the client reads nothing meanwhile
+        assert rss_mib(process.pid) - baseline < 30
+        writer.transport.abort()
+
+
+async def test_idle_read_timeout_does_not_cut_a_long_healthy_download(
+    start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    """appcircle.read_timeout bounds silence, not total time: a 50 MiB download that takes longer
+    than the timeout but keeps flowing is received in full."""
+    proxy = await start_proxy(appcircle={"read_timeout": 0.5})
+    received = 0
+    async with http.get(f"{proxy}/_test/download", params={"size": str(50 * 1024**2)}) as response:
+        async for chunk in response.content.iter_chunked(1024**2):
+            received += len(chunk)
+            await asyncio.sleep(0.02)  # slower than the timeout in total, never silent for long
+    assert received == 50 * 1024**2

@@ -20,7 +20,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.standin import StandIn
+from tests.support.standin import StandIn
 
 from .conftest import CLIENT_TOKEN, PERSONAL_KEY, ROOT_ORG
 

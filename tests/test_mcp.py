@@ -23,11 +23,10 @@ from proxy.config.errors import ConfigError
 from proxy.config.load import load_settings
 from proxy.policy.routes import Route
 from proxy.serve.mcp import _filter_event, filter_tools, tool_refusal
-from tests.standin import SIGNING_ALGORITHM, StandIn
+from tests.support.standin import SIGNING_ALGORITHM, StandIn
 
-from .conftest import ROOT_ORG, SUB_ORG, StartProxy
+from .conftest import ROOT_ORG, SUB_ORG, StartProxy, write_toml
 from .support import request
-from .test_clients import write_toml
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]

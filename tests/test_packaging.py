@@ -25,14 +25,27 @@ import yaml
 from proxy import __version__
 from proxy.config.load import load_settings
 from proxy.config.secrets import read_client_token
+from proxy.config.settings import ServerSettings
 from proxy.serve.server import start
-from tests.standin import StandIn
+from tests.support.standin import StandIn
 
-from .conftest import CLIENT_TOKEN, PERSONAL_KEY
+from .conftest import (
+    CLIENT_TOKEN,
+    PERSONAL_KEY,
+)
 from .support import request
 
 ROOT = Path(__file__).parent.parent
+
+
+def environment(**variables: str) -> dict[str, str]:
+    """This process's environment (no APPCIRCLE_ variables: see above) plus `variables`."""
+    return os.environ | variables
+
+
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
+
+
 README = (ROOT / "README.md").read_text()
 
 
@@ -44,23 +57,6 @@ def instructions(keyword: str) -> list[str]:
         for line in joined.splitlines()
         if line.split(None, 1)[:1] == [keyword]
     ]
-
-
-def test_dockerfile_passes_hadolint() -> None:
-    """The Dockerfile passes hadolint with no finding."""
-    hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
-    result = subprocess.run([hadolint, str(ROOT / "Dockerfile")], capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout + result.stderr
-
-
-def test_dockerfile_runs_unprivileged_with_healthcheck_and_sigterm() -> None:
-    """The Dockerfile runs as USER 10001, stops with SIGTERM, checks health with `appcircle-proxy
-    health`, and has appcircle-proxy as its entrypoint."""
-    assert instructions("USER") == ["10001"]
-    assert instructions("STOPSIGNAL") == ["SIGTERM"]
-    (healthcheck,) = instructions("HEALTHCHECK")
-    assert healthcheck.endswith('CMD ["appcircle-proxy", "health"]')
-    assert instructions("ENTRYPOINT") == ['["appcircle-proxy"]']
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +90,116 @@ def image_install(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
             [str(venv / "bin" / "pip"), *pip[1:]], cwd=source, check=True, capture_output=True
         )
     yield venv
+
+
+def load_environment(pairs: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Load settings from a container's environment, its secret files made up in tmp_path."""
+    for name in list(os.environ):
+        if name.startswith("APPCIRCLE"):
+            monkeypatch.delenv(name)
+    for name, value in pairs.items():
+        if name.endswith("_FILE"):
+            stand_in_file = tmp_path / Path(value).name
+            stand_in_file.write_text("made-up-secret")
+            value = str(stand_in_file)
+        monkeypatch.setenv(name, value)
+    return load_settings()
+
+
+def image_environment() -> dict[str, str]:
+    """The proxy's variables the Dockerfile's ENV instructions set."""
+    pairs = (pair.partition("=") for line in instructions("ENV") for pair in shlex.split(line))
+    return {name: value for name, _, value in pairs if name.startswith("APPCIRCLE")}
+
+
+MANIFESTS = ("kubernetes.yaml", "kubernetes-shared.yaml")
+
+
+def manifest(name: str) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all((ROOT / "examples" / name).read_text()) if doc]
+
+
+def pod_of(documents: list[dict[str, Any]]) -> dict[str, Any]:
+    (deployment,) = [doc for doc in documents if doc["kind"] == "Deployment"]
+    return dict(deployment["spec"]["template"]["spec"])
+
+
+def test_the_compose_recipe_makes_secrets_the_container_user_can_read_and_git_ignores(
+    tmp_path: Path,
+) -> None:
+    """The shell recipe in examples/docker-compose.yml, run as written, makes a 0700 secrets
+    directory with files the container user can read where compose looks, ignored by git and Docker.
+    """
+    compose_text = (ROOT / "examples" / "docker-compose.yml").read_text()
+    recipe = [
+        line.removeprefix("#   ").split("  #")[0].strip()
+        for line in compose_text.splitlines()
+        if line.startswith("#   ") and not line.startswith("#    ")
+    ]
+    assert recipe[0] == "cd examples" and recipe[-1].startswith("docker compose up")
+    (tmp_path / "examples").mkdir()
+    script = "\n".join(["set -e", *recipe[:-1]])
+    subprocess.run(
+        ["sh", "-c", script],
+        cwd=tmp_path,
+        check=True,
+        env=environment(MY_PERSONAL_ACCESS_KEY="pak_example"),
+    )
+    secrets = tmp_path / "examples" / "secrets"
+    assert secrets.stat().st_mode & 0o777 == 0o700  # no other user of the host gets in
+    compose = yaml.safe_load(compose_text)
+    for secret in compose["secrets"].values():
+        made = tmp_path / "examples" / secret["file"]
+        assert made.is_file(), secret  # where compose looks, relative to the compose file
+        assert made.stat().st_mode & 0o004  # readable by uid 10001 through the bind mount
+        ignored = subprocess.run(
+            ["git", "check-ignore", "-q", str(Path("examples") / secret["file"])], cwd=ROOT
+        )
+        assert ignored.returncode == 0, f"{secret['file']} is not in .gitignore"
+    dockerignore = (ROOT / ".dockerignore").read_text().split()
+    assert "**/secrets" in dockerignore and "secrets" in dockerignore
+
+
+def test_compose_gives_the_drain_time_to_finish_and_does_not_claim_the_host_cannot_connect() -> (
+    None
+):
+    """The compose example's stop_grace_period is longer than server.shutdown_timeout, so Docker
+    does not kill the proxy mid-drain."""
+    text = (ROOT / "examples" / "docker-compose.yml").read_text()
+    proxy = yaml.safe_load(text)["services"]["appcircle-proxy"]
+    grace = int(proxy["stop_grace_period"].removesuffix("s"))
+    assert grace > ServerSettings().shutdown_timeout
+    assert "not from the host" not in text
+
+
+def test_kubernetes_probes_never_restart_the_sidecar_for_an_appcircle_outage() -> None:
+    """The Kubernetes example probes liveness and startup on /_proxy/health and readiness on
+    /_proxy/ready, so an Appcircle outage never restarts the sidecar, and its grace period covers
+    the drain."""
+    (deployment,) = yaml.safe_load_all((ROOT / "examples" / "kubernetes.yaml").read_text())
+    pod = deployment["spec"]["template"]["spec"]
+    (sidecar,) = pod["initContainers"]
+    assert sidecar["startupProbe"]["httpGet"]["path"] == "/_proxy/health"
+    assert sidecar["livenessProbe"]["httpGet"]["path"] == "/_proxy/health"
+    assert sidecar["readinessProbe"]["httpGet"]["path"] == "/_proxy/ready"
+    assert pod["terminationGracePeriodSeconds"] > ServerSettings().shutdown_timeout
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    """The Dockerfile passes hadolint with no finding."""
+    hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    result = subprocess.run([hadolint, str(ROOT / "Dockerfile")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dockerfile_runs_unprivileged_with_healthcheck_and_sigterm() -> None:
+    """The Dockerfile runs as USER 10001, stops with SIGTERM, checks health with `appcircle-proxy
+    health`, and has appcircle-proxy as its entrypoint."""
+    assert instructions("USER") == ["10001"]
+    assert instructions("STOPSIGNAL") == ["SIGTERM"]
+    (healthcheck,) = instructions("HEALTHCHECK")
+    assert healthcheck.endswith('CMD ["appcircle-proxy", "health"]')
+    assert instructions("ENTRYPOINT") == ['["appcircle-proxy"]']
 
 
 # Whichever runs first pays for the venv and the install (pip, a wheel build).
@@ -167,26 +273,6 @@ async def test_the_images_healthcheck_passes_against_the_installed_proxy(
         assert await proxy.wait() == 0
 
 
-def load_environment(pairs: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
-    """Load settings from a container's environment, its secret files made up in tmp_path."""
-    for name in list(os.environ):
-        if name.startswith("APPCIRCLE"):
-            monkeypatch.delenv(name)
-    for name, value in pairs.items():
-        if name.endswith("_FILE"):
-            stand_in_file = tmp_path / Path(value).name
-            stand_in_file.write_text("made-up-secret")
-            value = str(stand_in_file)
-        monkeypatch.setenv(name, value)
-    return load_settings()
-
-
-def image_environment() -> dict[str, str]:
-    """The proxy's variables the Dockerfile's ENV instructions set."""
-    pairs = (pair.partition("=") for line in instructions("ENV") for pair in shlex.split(line))
-    return {name: value for name, _, value in pairs if name.startswith("APPCIRCLE")}
-
-
 def test_a_mounted_config_files_listen_beats_the_images_default(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -254,20 +340,6 @@ def test_kubernetes_example_is_a_native_sidecar_with_probes_and_a_secret_file(
     assert str(settings.server.admin_endpoint) == "0.0.0.0:9090"
     assert settings.server.listen == "127.0.0.1:8787"
     assert [p["containerPort"] for p in sidecar["ports"]] == [9090]
-
-
-# -- Kubernetes manifests -----------------------------------------------------------------
-
-MANIFESTS = ("kubernetes.yaml", "kubernetes-shared.yaml")
-
-
-def manifest(name: str) -> list[dict[str, Any]]:
-    return [doc for doc in yaml.safe_load_all((ROOT / "examples" / name).read_text()) if doc]
-
-
-def pod_of(documents: list[dict[str, Any]]) -> dict[str, Any]:
-    (deployment,) = [doc for doc in documents if doc["kind"] == "Deployment"]
-    return dict(deployment["spec"]["template"]["spec"])
 
 
 @pytest.mark.parametrize("name", MANIFESTS)

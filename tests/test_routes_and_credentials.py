@@ -7,7 +7,7 @@ from pathlib import Path
 
 import aiohttp
 
-from tests.standin import StandIn
+from tests.support.standin import StandIn
 
 from .conftest import (
     API_KEY_NAME,
@@ -19,6 +19,41 @@ from .conftest import (
     StartProxy,
 )
 from .support import eventually, request
+
+SUB_ORG_CREDENTIALS = {
+    "main": {"kind": "personal-access-key", "secret_env": "TEST_APPCIRCLE_KEY"},
+    "service": {"kind": "api-key", "name": API_KEY_NAME, "secret_env": "TEST_API_KEY_SECRET"},
+}
+
+
+def sub_org_routes(beta_organization: str = OTHER_ORG) -> dict[str, dict[str, str]]:
+    return {
+        "root": {"prefix": "/", "credential": "main"},
+        "eu": {"prefix": "/eu", "credential": "main", "sub_organization": SUB_ORG},
+        "eu_beta": {
+            "prefix": "/eu/beta",
+            "credential": "main",
+            "sub_organization": beta_organization,
+        },
+        "bot": {"prefix": "/bot", "credential": "service", "sub_organization": SUB_ORG},
+    }
+
+
+async def test_a_sub_organization_route_refuses_a_token_without_an_organization_claim(
+    start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
+) -> None:
+    """A route with sub_organization refuses a token with no organization claim with 503
+    wrong_organization, and the token is never sent to the API."""
+    standin.organization_claim = False
+    proxy = await start_proxy(
+        routes={"eu": {"prefix": "/eu", "credential": "main", "sub_organization": SUB_ORG}}
+    )
+    reply = await request(http, "GET", f"{proxy}/eu/build/v2/profiles")
+    assert reply.status == 503
+    body = reply.json()
+    assert body["error"] == "wrong_organization"
+    assert SUB_ORG in body["detail"] and "no organization" in body["detail"]
+    assert standin.api_requests == []  # the token never went out
 
 
 async def test_each_credential_kind_uses_its_endpoint_and_fields(
@@ -46,25 +81,6 @@ async def test_each_credential_kind_uses_its_endpoint_and_fields(
         "/auth/v3/token": {"personalAccessKey", "scope"},
         "/auth/v2/token": {"pat", "scope"},
         "/auth/v1/api-key/token": {"name", "secret"},
-    }
-
-
-SUB_ORG_CREDENTIALS = {
-    "main": {"kind": "personal-access-key", "secret_env": "TEST_APPCIRCLE_KEY"},
-    "service": {"kind": "api-key", "name": API_KEY_NAME, "secret_env": "TEST_API_KEY_SECRET"},
-}
-
-
-def sub_org_routes(beta_organization: str = OTHER_ORG) -> dict[str, dict[str, str]]:
-    return {
-        "root": {"prefix": "/", "credential": "main"},
-        "eu": {"prefix": "/eu", "credential": "main", "sub_organization": SUB_ORG},
-        "eu_beta": {
-            "prefix": "/eu/beta",
-            "credential": "main",
-            "sub_organization": beta_organization,
-        },
-        "bot": {"prefix": "/bot", "credential": "service", "sub_organization": SUB_ORG},
     }
 
 

@@ -26,7 +26,7 @@ import pytest
 from proxy.config import hardening
 from proxy.config.load import load_settings
 from proxy.serve.app import connect
-from tests.standin import StandIn
+from tests.support.standin import StandIn
 
 from .conftest import (
     API_KEY_SECRET,

@@ -1,40 +1,45 @@
-"""Configuration: each mistake stops the command with exit 2 and one clear, secret-free
-message; the environment beats the file and flags beat the environment; zero-config."""
+"""Configuration: each mistake stops the command with exit 2 and one clear,
+secret-free line; the file, the environment and zero-config variables."""
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 
 import pytest
+import tomli_w
 
 from proxy.cli.main import main
 from proxy.config.addresses import Endpoint
 from proxy.config.errors import ConfigError
 from proxy.config.load import load_settings
 
-from .conftest import SUB_ORG
+from .conftest import (
+    PERSONAL_KEY,
+    PERSONAL_KEY_CONFIG,
+    SUB_ORG,
+    WriteConfig,
+)
+from .support.processes import run
+
+
+def run_config_command(path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    code = main(["config", "--config", str(path)])
+    return code, capsys.readouterr().err
+
+
+ROOT = Path(__file__).parent.parent
+
 
 INLINE_SECRET = "pak_inline_value_that_must_never_be_printed"
+
 
 GOOD = """
 [credentials.main]
 kind = "personal-access-key"
 secret_env = "TEST_APPCIRCLE_KEY"
 """
-
-
-@pytest.fixture(autouse=True)
-def no_outside_config(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in (
-        "APPCIRCLE_PROXY_CONFIG",
-        "APPCIRCLE_PERSONAL_ACCESS_KEY",
-        "APPCIRCLE_PERSONAL_API_TOKEN",
-        "APPCIRCLE_API_KEY_NAME",
-        "APPCIRCLE_API_KEY_SECRET",
-        "APPCIRCLE_SUB_ORGANIZATION",
-    ):
-        monkeypatch.delenv(name, raising=False)
-        monkeypatch.delenv(f"{name}_FILE", raising=False)
 
 
 def config_error(tmp_path: Path, text: str | None, capsys: pytest.CaptureFixture[str]) -> str:
@@ -50,6 +55,199 @@ def config_error(tmp_path: Path, text: str | None, capsys: pytest.CaptureFixture
     assert "Traceback" not in err
     assert INLINE_SECRET not in err
     return err
+
+
+def test_a_config_file_that_is_not_utf8_exits_2_with_one_line(
+    write_config: WriteConfig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A config file that is not UTF-8 makes `config` exit 2 with one line saying so, not a
+    traceback."""
+    path = write_config()
+    path.write_bytes(path.read_bytes() + b"# caf\xe9\n")
+    code, err = run_config_command(path, capsys)
+    assert code == 2
+    assert err.count("\n") == 1 and "is not UTF-8" in err and "Traceback" not in err
+
+
+def test_a_secret_file_that_is_not_utf8_exits_2_without_the_secret(
+    write_config: WriteConfig, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A secret_file that is not UTF-8 makes `config` exit 2 naming the file, without printing the
+    secret or a traceback."""
+    secret = tmp_path / "key"
+    secret.write_bytes(PERSONAL_KEY.encode() + b"\xff")
+    path = write_config(
+        credentials={"main": {"kind": "personal-access-key", "secret_file": str(secret)}}
+    )
+    code, err = run_config_command(path, capsys)
+    assert code == 2
+    assert "is not UTF-8" in err and str(secret) in err
+    assert PERSONAL_KEY not in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("setting", ["secret_env", "client_token_env"])
+def test_a_secret_in_the_environment_that_is_not_utf8_exits_2_without_the_secret(
+    setting: str,
+    write_config: WriteConfig,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A secret_env or client_token_env variable that is not valid UTF-8 makes `config` exit 2
+    naming the variable, without printing the secret, a traceback or any warning."""
+    # What Python makes of the byte 0xff in an environment variable.
+    monkeypatch.setenv("TEST_BAD_SECRET", PERSONAL_KEY + os.fsdecode(b"\xff"))
+    if setting == "secret_env":
+        path = write_config(
+            credentials={"main": {"kind": "personal-access-key", "secret_env": "TEST_BAD_SECRET"}}
+        )
+    else:
+        path = write_config(server={"client_token_env": "TEST_BAD_SECRET"})
+    code, err = run_config_command(path, capsys)
+    assert code == 2
+    assert "TEST_BAD_SECRET" in err and "not valid UTF-8" in err
+    assert PERSONAL_KEY not in err and "Traceback" not in err
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_a_list_setting_in_the_environment_takes_commas_or_json(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A list setting such as APPCIRCLE_PROXY_SERVER__ALLOWED_HOSTS takes a comma-separated list or
+    a JSON array from the environment, with host names lower-cased."""
+    monkeypatch.setenv("APPCIRCLE_PERSONAL_ACCESS_KEY", "pak_example")
+    monkeypatch.setenv("APPCIRCLE_PROXY_SERVER__ALLOWED_HOSTS", "appcircle-proxy, Proxy.Internal")
+    assert load_settings().server.allowed_hosts == ("appcircle-proxy", "proxy.internal")
+    monkeypatch.setenv("APPCIRCLE_PROXY_SERVER__ALLOWED_HOSTS", '["appcircle-proxy"]')
+    assert load_settings().server.allowed_hosts == ("appcircle-proxy",)
+    monkeypatch.setenv("APPCIRCLE_PROXY_SERVER__ALLOWED_ORIGINS", "http://localhost:3000")
+    assert load_settings().server.allowed_origins == ("http://localhost:3000",)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "expected"),
+    [
+        ("APPCIRCLE_PROXY_SERVER__ALLOWED_HOSTS", '["a", ', "comma-separated list (a,b) or JSON"),
+        ("APPCIRCLE_PROXY_ROUTES", "{not json", "a table takes a JSON object"),
+    ],
+)
+def test_an_unreadable_environment_value_names_the_variable_and_the_format(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, expected: str
+) -> None:
+    """An environment value that cannot be parsed raises a ConfigError naming the variable and the
+    expected format, not pydantic's internal EnvSettingsSource."""
+    monkeypatch.setenv("APPCIRCLE_PERSONAL_ACCESS_KEY", "pak_example")
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError) as raised:
+        load_settings()
+    message = str(raised.value)
+    assert variable in message and expected in message
+    assert "EnvSettingsSource" not in message
+
+
+@pytest.mark.parametrize(
+    ("variables", "named"),
+    [
+        ({"APPCIRCLE_API_KEY_SECRET": "s"}, "APPCIRCLE_API_KEY_NAME"),
+        ({"APPCIRCLE_API_KEY_NAME": "bot"}, "APPCIRCLE_API_KEY_SECRET"),
+        (
+            {"APPCIRCLE_PERSONAL_ACCESS_KEY": "k", "APPCIRCLE_SUB_ORGANIZATION": "eu"},
+            "APPCIRCLE_SUB_ORGANIZATION",
+        ),
+        (
+            {"APPCIRCLE_PERSONAL_ACCESS_KEY_FILE": "/no/such/key"},
+            "APPCIRCLE_PERSONAL_ACCESS_KEY_FILE",
+        ),
+    ],
+)
+def test_zero_config_mistakes_name_the_variables_the_user_set(
+    monkeypatch: pytest.MonkeyPatch, variables: dict[str, str], named: str
+) -> None:
+    """A half-set or wrong zero-config environment (API key name without secret, sub-organization
+    with a personal key, a missing key file) names the APPCIRCLE_ variable, not APPCIRCLE_PROXY_
+    ones."""
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as raised:
+        load_settings()
+    assert named in str(raised.value)
+    assert "APPCIRCLE_PROXY_" not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "variables",
+    [
+        {"APPCIRCLE_PERSONAL_ACCESS_KEY": "k", "APPCIRCLE_PERSONAL_API_TOKEN": "t"},
+        {"APPCIRCLE_PERSONAL_ACCESS_KEY": "k", "APPCIRCLE_API_KEY_NAME": "b"},
+        {"APPCIRCLE_PERSONAL_API_TOKEN": "t", "APPCIRCLE_API_KEY_SECRET_FILE": "/s"},
+        {"APPCIRCLE_PERSONAL_ACCESS_KEY": "k", "APPCIRCLE_PERSONAL_ACCESS_KEY_FILE": "/k"},
+    ],
+)
+def test_two_keys_at_once_are_refused_in_one_line_naming_both(
+    monkeypatch: pytest.MonkeyPatch, variables: dict[str, str]
+) -> None:
+    """Two zero-config keys set at once are refused with a one-line ConfigError naming both
+    variables, instead of one silently winning."""
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as raised:
+        load_settings()
+    message = str(raised.value)
+    assert "\n" not in message
+    for name in variables:
+        assert name in message
+
+
+def test_zero_config_variables_beside_a_config_file_are_refused_unless_it_uses_them(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """An APPCIRCLE_ zero-config variable set beside a config file is refused unless the file names
+    it (as a secret_env), so the user is never unsure which key is in use."""
+    config = tmp_path / "proxy.toml"
+    config.write_text(tomli_w.dumps({"credentials": PERSONAL_KEY_CONFIG}))  # TEST_APPCIRCLE_KEY
+    monkeypatch.setenv("APPCIRCLE_PERSONAL_ACCESS_KEY", "pak_other")
+    with pytest.raises(ConfigError) as raised:
+        load_settings(config)
+    assert "APPCIRCLE_PERSONAL_ACCESS_KEY set beside the config file" in str(raised.value)
+    uses_it = {
+        "main": {"kind": "personal-access-key", "secret_env": "APPCIRCLE_PERSONAL_ACCESS_KEY"}
+    }
+    config.write_text(tomli_w.dumps({"credentials": uses_it}))
+    assert load_settings(config).credentials["main"].secret_env == "APPCIRCLE_PERSONAL_ACCESS_KEY"
+    monkeypatch.setenv("APPCIRCLE_SUB_ORGANIZATION", "x")
+    with pytest.raises(ConfigError, match="APPCIRCLE_SUB_ORGANIZATION set beside"):
+        load_settings(config)
+
+
+async def test_admin_listen_on_the_listen_address_is_refused_at_validation(
+    write_config: WriteConfig,
+) -> None:
+    """server.admin_listen on the same port as server.listen is refused by `config` with exit 2 and
+    a message naming both, before anything tries to bind."""
+    config = str(write_config())
+    args = ("--listen", "0.0.0.0:8999", "--admin-listen", "127.0.0.1:8999")
+    code, _, err = await run("config", "--config", config, *args)
+    assert code == 2
+    assert "server.admin_listen: admin_listen (127.0.0.1:8999) is the listen address" in err
+
+
+async def test_check_offline_validates_a_deployment_config_without_its_secrets(
+    tmp_path: Path,
+) -> None:
+    """`check --offline` validates config.example.toml without its secrets, saying where each secret
+    will come from; online `check` needs them, and a structural error still exits 2 offline."""
+    config = tmp_path / "deploy.toml"
+    config.write_text((ROOT / "config.example.toml").read_text())  # its secrets are not here
+    code, out, err = await run("check", "--offline", "--config", str(config))
+    assert code == 0, err
+    assert "configuration is valid" in out
+    assert "credentials.me: variable APPCIRCLE_PERSONAL_ACCESS_KEY" in out
+    assert "credentials.ci: file /run/secrets/appcircle-api-key" in out
+    code, out, err = await run("check", "--config", str(config))
+    assert code == 2  # online, the secrets must be there
+    config.write_text('[credentials.main]\nkind = "api-key"\nsecret_env = "X"\n')
+    code, _, err = await run("check", "--offline", "--config", str(config))
+    assert code == 2 and "needs name" in err
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,5 @@
-"""Second red-team pass, each finding a failing test over real sockets: WebSocket relay,
-inbound limits and drain, userinfo and allow rules, the client token, `run` and `wait`."""
+"""WebSocket upgrades: the handshake with the token, messages both ways, closes and
+their codes passed on, and every way a side can go away."""
 
 from __future__ import annotations
 
@@ -13,22 +13,27 @@ from collections.abc import Awaitable, Callable
 
 import aiohttp
 import pytest
-from aiohttp import ClientSession, WSMsgType, web
-from yarl import URL
+from aiohttp import WSMsgType
 
-from proxy.serve.userinfo import USERINFO_PATH
-from tests.standin import StandIn
+from tests.support.standin import StandIn
 
-from . import test_redteam
 from .conftest import StartProxy
-from .rawhttp import exchange, status_of
-from .support import eventually, request
-from .test_redteam import Answer, ScriptedApi, errors_logged, gauges
+from .support import assert_no_tracebacks, errors_logged, eventually, gauges, request
+from .support.rawapi import HeadAnswer, RawApi
+from .support.rawclient import exchange, status_of
 
-# The scripted API of the first pass, as a fixture here too.
-scripted_api = test_redteam.scripted_api
+
+async def raw_get(proxy: str, head: bytes) -> bytes:
+    """GET / with the given header lines (CRLF-terminated), answered within half a second."""
+    return await exchange(proxy, b"GET /x HTTP/1.1\r\n" + head + b"\r\n", read_for=0.5)
+
+
+KEY = base64.b64encode(b"0123456789abcdef")
+
 
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
 STREAMS = 'appcircle_proxy_upstream_connections{state="streams"}'
 
 
@@ -63,6 +68,48 @@ async def raw_websocket(
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
     assert head.startswith(b"HTTP/1.1 101"), head
     return reader, writer
+
+
+async def _streams_idle(http: aiohttp.ClientSession, proxy: str) -> bool:
+    return (await gauges(http, proxy))[STREAMS] == 0
+
+
+@pytest.mark.parametrize(
+    "handshake",
+    [
+        b"Sec-WebSocket-Version: 13\r\n",
+        b"Sec-WebSocket-Version: 8\r\nSec-WebSocket-Key: " + KEY + b"\r\n",
+        b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: short\r\n",
+    ],
+    ids=["no-key", "bad-version", "bad-key"],
+)
+async def test_malformed_websocket_upgrade_is_400_before_anything_opens_upstream(
+    handshake: bytes,
+    start_proxy: StartProxy,
+    standin: StandIn,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A WebSocket upgrade with no key, a version other than 13 or a malformed key is refused 400
+    bad_websocket_upgrade before any token exchange or upstream connection, with no traceback."""
+    proxy = await start_proxy()
+    answer = await raw_get(
+        proxy, b"Host: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n" + handshake
+    )
+    assert status_of(answer) == 400 and b"bad_websocket_upgrade" in answer
+    assert standin.api_requests == [] and standin.exchanges == []
+    assert_no_tracebacks(caplog)
+
+
+async def test_websocket_handshake_never_follows_a_redirect(
+    start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
+) -> None:
+    """A redirect answered to a WebSocket handshake is not followed: the client gets 502 and the API
+    sees only the first request."""
+    proxy = await start_proxy()
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await http.ws_connect(f"{proxy}/_test/redirect", params={"to": "/_test/ws"})
+    assert refused.value.status == 502
+    assert [seen.raw_path for seen in standin.api_requests] == ["/_test/redirect?to=/_test/ws"]
 
 
 async def test_a_websocket_close_without_a_code_reaches_the_api_as_a_close(
@@ -106,10 +153,6 @@ async def test_a_websocket_client_that_stops_reading_gives_its_stream_back_after
         writer.close()
 
 
-async def _streams_idle(http: aiohttp.ClientSession, proxy: str) -> bool:
-    return (await gauges(http, proxy))[STREAMS] == 0
-
-
 async def test_a_websocket_client_gone_while_the_relay_writes_to_it_logs_no_traceback(
     start_proxy: StartProxy, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -129,38 +172,9 @@ async def test_a_websocket_client_gone_while_the_relay_writes_to_it_logs_no_trac
     assert errors_logged(caplog) == []
 
 
-CI_ROUTE = {
-    "ci": {
-        "prefix": "/ci",
-        "credential": "main",
-        "allow": ["POST /distribution/v2/profiles/*/app-versions"],
-    }
-}
-
-
-async def test_a_fragment_in_the_target_cannot_carry_a_request_past_an_allow_rule(
-    start_proxy: StartProxy, standin: StandIn
-) -> None:
-    """A '#' in the request target cannot make a path match a route's allow rule: the request is
-    refused with 400 or 403 and never reaches an endpoint the rule does not allow."""
-    # The rule allows POST .../profiles/{id}/app-versions only. '#' is matched as part of
-    # a segment ('p1#' fits '*'), the target goes upstream as sent, and the API, which
-    # drops the fragment, reads a POST to /distribution/v2/profiles/p1: an endpoint the
-    # rule does not allow.
-    proxy = await start_proxy(routes=CI_ROUTE)
-    answer = await exchange(
-        proxy,
-        b"POST /ci/distribution/v2/profiles/p1#/app-versions HTTP/1.1\r\nHost: localhost\r\n"
-        b"Content-Length: 2\r\nConnection: close\r\n\r\n{}",
-    )
-    reached = [URL(seen.raw_path).path for seen in standin.api_requests]
-    assert reached == [], f"the API served POST {reached}"
-    assert status_of(answer) in (400, 403)
-
-
 async def test_an_api_websocket_that_drops_without_a_close_is_not_a_normal_close_for_the_client(
     start_proxy: StartProxy,
-    scripted_api: Callable[[Answer], Awaitable[ScriptedApi]],
+    scripted_api: Callable[[HeadAnswer], Awaitable[RawApi]],
     http: aiohttp.ClientSession,
 ) -> None:
     """When the API's WebSocket connection drops without a close frame, the client is closed with a
@@ -194,66 +208,9 @@ async def test_an_api_websocket_that_drops_without_a_close_is_not_a_normal_close
     assert message.data != 1000, "a lost API connection was reported as a normal close"
 
 
-async def test_userinfo_requests_are_bounded_like_api_calls(
-    start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
-) -> None:
-    """Userinfo requests are admitted through the same pool as API calls: no more than
-    appcircle.max_connections of them reach the auth host at once, the rest get 503."""
-    # The userinfo relay runs on the WebSocket session (connector limit=0) and never asks
-    # the pool for admission: any number of clients open as many connections to the auth
-    # host at once, past max_connections and max_pending.
-    in_flight = most = 0
-
-    async def exchange_token(request: web.Request) -> web.Response:
-        async with ClientSession() as session:
-            async with session.post(
-                standin.auth_url + request.path,
-                data=await request.read(),
-                headers={"Content-Type": request.content_type},
-            ) as reply:
-                return web.Response(
-                    status=reply.status, body=await reply.read(), content_type="application/json"
-                )
-
-    async def slow_userinfo(request: web.Request) -> web.Response:
-        nonlocal in_flight, most
-        in_flight += 1
-        most = max(most, in_flight)
-        try:
-            await asyncio.sleep(0.3)
-        finally:
-            in_flight -= 1
-        return web.json_response({"sub": "someone"})
-
-    app = web.Application()
-    app.router.add_post("/auth/v3/token", exchange_token)
-    app.router.add_get(USERINFO_PATH, slow_userinfo)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        port = runner.addresses[0][1]
-        proxy = await start_proxy(
-            appcircle={
-                "auth_url": f"http://127.0.0.1:{port}",
-                "max_connections": 2,
-                "max_streams": 2,
-            },
-            server={"max_pending": 0},
-        )
-        replies = await asyncio.gather(
-            *(request(http, "GET", proxy + USERINFO_PATH) for _ in range(12))
-        )
-        assert {reply.status for reply in replies} <= {200, 503}
-        assert most <= 2, f"{most} userinfo requests reached the auth host at once"
-    finally:
-        await runner.cleanup()
-
-
 async def test_a_websocket_handshake_the_api_never_answers_times_out(
     start_proxy: StartProxy,
-    scripted_api: Callable[[Answer], Awaitable[ScriptedApi]],
+    scripted_api: Callable[[HeadAnswer], Awaitable[RawApi]],
     http: aiohttp.ClientSession,
 ) -> None:
     """A WebSocket upgrade the API never answers fails with 504 after appcircle.read_timeout and
@@ -277,3 +234,47 @@ async def test_a_websocket_handshake_the_api_never_answers_times_out(
     else:
         raise AssertionError("the handshake was relayed")
     assert (await gauges(http, proxy))[STREAMS] == 0
+
+
+async def test_websocket_is_relayed_both_ways_with_the_token(
+    start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
+) -> None:
+    """A WebSocket is relayed both ways with its subprotocol, text and binary messages and the
+    client's close code (4001), after the upgrade passed the API's token check."""
+    proxy = await start_proxy()
+    async with http.ws_connect(f"{proxy}/_test/ws", protocols=("appcircle.v1",)) as socket_:
+        assert socket_.protocol == "appcircle.v1"
+        await socket_.send_str("hello")
+        assert await socket_.receive_str() == "echo: hello"
+        await socket_.send_bytes(b"\x01\x02\x03")
+        assert await socket_.receive_bytes() == b"\x03\x02\x01"
+        await socket_.close(code=4001, message=b"client done")
+    await eventually(lambda: standin.websocket_closes == [4001])
+    assert standin.api_requests[-1].raw_path == "/_test/ws"  # it passed the token check
+
+
+async def test_websocket_closed_by_the_api_closes_the_client_with_its_code(
+    start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    """A WebSocket the API closes reaches the client as a close with the API's code and reason
+    (4000, "bye")."""
+    proxy = await start_proxy()
+    async with http.ws_connect(f"{proxy}/_test/ws") as socket_:
+        await socket_.send_str("close-me")
+        message = await asyncio.wait_for(socket_.receive(), 5)
+        assert message.type is aiohttp.WSMsgType.CLOSE
+        assert (message.data, message.extra) == (4000, "bye")
+
+
+async def test_websocket_handshake_refused_with_401_renews_the_token(
+    start_proxy: StartProxy, standin: StandIn, http: aiohttp.ClientSession
+) -> None:
+    """A WebSocket handshake the API refuses with 401 (token revoked) renews the token and succeeds,
+    with exactly one extra exchange."""
+    proxy = await start_proxy()
+    assert (await request(http, "GET", f"{proxy}/x")).status == 200
+    standin.revoke_all()
+    async with http.ws_connect(f"{proxy}/_test/ws") as socket_:
+        await socket_.send_str("again")
+        assert await socket_.receive_str() == "echo: again"
+    assert len(standin.exchanges) == 2

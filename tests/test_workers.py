@@ -1,18 +1,19 @@
-"""The serving process over its life: --workers keeps N processes on the port, re-forking
-one that dies; a drain ends within shutdown_timeout, says Connection: close and counts the
-requests it cut; a Unix socket path is claimed safely and removed on exit."""
+"""--workers: N processes on one port, re-forked when one dies, each with its own
+token cache; the supervisor's own lines and refusals."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
+import re
 import signal
 import socket
 import stat
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -21,11 +22,59 @@ import pytest
 
 from proxy.config.load import load_settings
 from proxy.serve.server import start
-from tests.standin import StandIn
+from tests.support.standin import StandIn
 
-from .conftest import CLIENT_TOKEN, INLINE_KEY_CONFIG, WriteConfig
-from .processes import serving
-from .support import eventually, request
+from .conftest import (
+    CLIENT_TOKEN,
+    INLINE_KEY_CONFIG,
+    WriteConfig,
+)
+from .support import eventually, free_port, request
+from .support.processes import run, serving
+
+
+async def serve_then_stop(
+    *args: str, requests: Callable[[str], Awaitable[None]], listeners: int = 1
+) -> tuple[str, str]:
+    """Run `appcircle-proxy ARGS` until `listeners` processes say they listen, call
+    `requests(url)`, stop it with SIGTERM; return all it wrote to stdout and stderr."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "proxy",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        start_new_session=True,
+    )
+    assert process.stdout is not None
+    try:
+        first = ""
+        while first.count("listening on") < listeners:
+            line = (await asyncio.wait_for(process.stdout.readline(), 20)).decode()
+            assert line, "the proxy exited before it listened"
+            first += line
+        match = re.search(r"listening on (http://\S+)", first)
+        assert match, first
+        await requests(match.group(1))
+        process.send_signal(signal.SIGTERM)
+        out, err = await asyncio.wait_for(process.communicate(), 20)
+    finally:
+        if process.returncode is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            await process.wait()
+    assert process.returncode == 0, err
+    return first + out.decode(), err.decode()
+
+
+def json_lines(text: str) -> list[dict[str, object]]:
+    """Every line of `text` as a JSON object; fails on any line that is not one."""
+    entries = []
+    for line in text.splitlines():
+        entry = json.loads(line)
+        assert isinstance(entry, dict), line
+        entries.append(entry)
+    return entries
 
 
 async def stderr_of(process: asyncio.subprocess.Process) -> str:
@@ -38,14 +87,90 @@ def children(pid: int) -> set[int]:
     return {int(child) for child in found}
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
+def metric(text: str, name: str) -> float:
+    """The sum of one family's samples in a Prometheus text, but for the proxy's own
+    endpoints (route "-": the scrapes themselves)."""
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith((name + "{", name + " ")) and 'route="-"' not in line
+    )
 
 
-# -- workers ----------------------------------------------------------------------------
+@asynccontextmanager
+async def serving_unix(
+    config: Path, socket_path: Path
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "proxy",
+        "--config",
+        str(config),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    try:
+        banner = (await asyncio.wait_for(process.stdout.readline(), 20)).decode()
+        assert f"listening on unix:{socket_path}" in banner, banner
+        yield process
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def get_over(socket_path: Path) -> int:
+    async with aiohttp.ClientSession(
+        connector=aiohttp.UnixConnector(path=str(socket_path))
+    ) as http:
+        return (await request(http, "GET", "http://localhost/x")).status
+
+
+async def test_with_workers_every_line_says_which_worker(
+    standin: StandIn, write_config: WriteConfig, unused_tcp_port: int, http: aiohttp.ClientSession
+) -> None:
+    """With --workers 2 and JSON logs every line carries its worker number, each worker logs its own
+    listening and stopped events, and their request counts add up to the traffic sent."""
+    config = write_config()
+
+    async def traffic(url: str) -> None:
+        for _ in range(4):
+            assert (await request(http, "GET", f"{url}/x")).status == 200
+
+    out, err = await serve_then_stop(
+        "--config",
+        str(config),
+        "--listen",
+        f"127.0.0.1:{unused_tcp_port}",
+        "--workers",
+        "2",
+        "--log-format",
+        "json",
+        requests=traffic,
+        listeners=2,
+    )
+    entries = json_lines(out) + json_lines(err)
+    assert entries
+    assert all(entry.get("worker") in (0, 1) for entry in entries), entries
+    for event in ("listening", "stopped"):
+        workers = [entry["worker"] for entry in entries if entry.get("event") == event]
+        assert sorted(workers) == [0, 1], event  # type: ignore[type-var]
+    stopped = [entry for entry in entries if entry.get("event") == "stopped"]
+    assert sum(int(entry["requests"]) for entry in stopped) == 4  # type: ignore[call-overload]
+
+
+async def test_in_json_mode_the_supervisors_own_refusal_is_json(
+    standin: StandIn, write_config: WriteConfig
+) -> None:
+    """In JSON log mode the supervisor's own refusal (--workers without a fixed TCP port) is logged
+    as JSON too, with exit 2."""
+    config = write_config(credentials=INLINE_KEY_CONFIG, log={"format": "json"})
+    code, _, err = await run("--config", str(config), "--workers", "2")
+    assert code == 2
+    lines = [json.loads(line) for line in err.splitlines()]
+    assert any("--workers needs a fixed TCP port" in entry["message"] for entry in lines)
 
 
 async def test_a_killed_worker_is_re_forked_and_the_port_keeps_all_of_them(
@@ -86,16 +211,6 @@ async def test_a_killed_worker_is_re_forked_and_the_port_keeps_all_of_them(
     assert f"(pid {victim}) was killed by SIGKILL; re-forking it" in logs
     assert "restart 1 of this worker" in logs
     assert "Traceback" not in logs
-
-
-def metric(text: str, name: str) -> float:
-    """The sum of one family's samples in a Prometheus text, but for the proxy's own
-    endpoints (route "-": the scrapes themselves)."""
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith((name + "{", name + " ")) and 'route="-"' not in line
-    )
 
 
 async def test_one_scrape_shows_the_sum_over_workers_and_counters_never_go_backwards(
@@ -241,9 +356,6 @@ async def test_a_second_workers_instance_on_the_same_address_exits_2_and_the_fir
         assert await asyncio.wait_for(process.wait(), 20) == 0
 
 
-# -- drain ------------------------------------------------------------------------------
-
-
 async def test_drain_cuts_what_is_still_running_at_shutdown_timeout_and_says_so(
     standin: StandIn, write_config: WriteConfig
 ) -> None:
@@ -284,40 +396,6 @@ async def test_answers_during_the_drain_close_their_connection(
         reply = await slow
     assert reply.status == 200 and reply.headers["Connection"] == "close"
     assert cut == 0
-
-
-# -- Unix socket ------------------------------------------------------------------------
-
-
-@asynccontextmanager
-async def serving_unix(
-    config: Path, socket_path: Path
-) -> AsyncIterator[asyncio.subprocess.Process]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "proxy",
-        "--config",
-        str(config),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    assert process.stdout is not None
-    try:
-        banner = (await asyncio.wait_for(process.stdout.readline(), 20)).decode()
-        assert f"listening on unix:{socket_path}" in banner, banner
-        yield process
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-
-
-async def get_over(socket_path: Path) -> int:
-    async with aiohttp.ClientSession(
-        connector=aiohttp.UnixConnector(path=str(socket_path))
-    ) as http:
-        return (await request(http, "GET", "http://localhost/x")).status
 
 
 async def test_a_second_proxy_on_a_live_socket_exits_1_and_the_first_keeps_it(
@@ -392,3 +470,23 @@ async def test_a_world_writable_socket_mode_is_logged_loudly(
         await running.stop()
         warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
         assert any("WORLD-WRITABLE" in message for message in warnings) is loud, mode
+
+
+async def test_workers_share_the_port_each_with_its_own_token_cache(
+    standin: StandIn, write_config: WriteConfig, unused_tcp_port: int
+) -> None:
+    """With --workers 2 both workers serve the same port, each exchanges its token once (eagerly)
+    and reuses it, and the supervisor exits 0 on SIGTERM."""
+    config = write_config(
+        credentials=INLINE_KEY_CONFIG,
+        server={"eager": True, "listen": f"127.0.0.1:{unused_tcp_port}"},
+    )
+    async with serving(config, "--workers", "2") as (proxy, process):
+        await eventually(lambda: len(standin.exchanges) == 2, within=10)  # eager, per worker
+        for _ in range(40):  # fresh connections, spread over both workers by the kernel
+            async with aiohttp.ClientSession() as http:
+                assert (await request(http, "GET", f"{proxy}/x")).status == 200
+        assert len(standin.exchanges) == 2
+        assert len({request.token_id for request in standin.api_requests}) == 2
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 20) == 0

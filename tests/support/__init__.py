@@ -8,13 +8,16 @@ import copy
 import inspect
 import json
 import logging
+import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+import trustme
 from multidict import CIMultiDictProxy
 from yarl import URL
 
@@ -93,3 +96,38 @@ def proxy_config(
         document["clients"] = clients
     # Deep, so a test that edits its document cannot change a shared constant.
     return copy.deepcopy(document)
+
+
+def listener_certificate(ca: trustme.CA, directory: Path, name: str) -> dict[str, str]:
+    """A certificate for 127.0.0.1 signed by `ca`, as the two files server.tls_* name."""
+    issued = ca.issue_cert("127.0.0.1", "localhost", common_name=name)
+    cert, key = directory / "tls.crt", directory / "tls.key"
+    issued.private_key_pem.write_to_path(str(key))
+    cert.write_bytes(b"".join(blob.bytes() for blob in issued.cert_chain_pems))
+    return {"tls_cert_file": str(cert), "tls_key_file": str(key)}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+async def gauges(http: aiohttp.ClientSession, proxy: str) -> dict[str, float]:
+    text = (await request(http, "GET", f"{proxy}/_proxy/metrics")).body.decode()
+    found = {}
+    for line in text.splitlines():
+        if line.startswith(("appcircle_proxy_upstream_connections", "appcircle_proxy_pending")):
+            name, value = line.rsplit(" ", 1)
+            found[name] = float(value)
+    return found
+
+
+def path_of(head: bytes) -> bytes:
+    return head.split(b" ", 2)[1]
+
+
+def assert_no_tracebacks(caplog: pytest.LogCaptureFixture) -> None:
+    """A refused or broken client is not an error of the proxy: no traceback logged."""
+    assert [r.getMessage() for r in caplog.records if r.exc_info] == []

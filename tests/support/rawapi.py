@@ -30,6 +30,10 @@ class Received:
 Answer = Callable[[Received, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
+# An answer that needs only the request head (as the red-team tests write them).
+HeadAnswer = Callable[[bytes, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
 class RawApi:
     """With `read_body` False, `answer` is called once the head is read and reads the body
     itself, if at all (Received.body is then empty)."""
@@ -41,6 +45,10 @@ class RawApi:
         self.connections = 0
         self.url = ""
         self._server: asyncio.Server | None = None
+
+    @property
+    def heads(self) -> list[bytes]:
+        return [received.head for received in self.received]
 
     async def start(self, port: int = 0) -> None:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", port, limit=1 << 20)

@@ -57,3 +57,22 @@ def rss_mib(pid: int) -> float:
 
 def open_fds(pid: int) -> int:
     return len(list(Path(f"/proc/{pid}/fd").iterdir()))
+
+
+async def run(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 20
+) -> tuple[int, str, str]:
+    """Run `appcircle-proxy ARGS` to its end (env: this process's, unless given); return
+    its exit status, stdout and stderr."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "proxy",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), timeout)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
