@@ -10,9 +10,11 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import ssl
 import subprocess
 import sys
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -471,3 +473,48 @@ async def test_shared_deployment_serves_named_clients_over_tls_behind_its_servic
         assert await status("/qa/build/v2/profiles", "qa") == 403  # not in the route's rules
     finally:
         await running.stop()
+
+
+async def test_the_wheel_has_no_test_stand_in_and_its_demo_works_without_the_source(
+    image_install: Path, tmp_path: Path, unused_tcp_port: int
+) -> None:
+    """The wheel carries the product only: the fault-switching stand-in and its /_test routes
+    stay in tests/, and `demo`, installed from the wheel in a fresh venv away from the source
+    tree, serves its three curl commands with its own small stand-in."""
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],
+        capture_output=True,
+        check=True,
+    )
+    assert built.returncode == 0
+    (wheel,) = tmp_path.glob("appcircle_proxy-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        contents = b"".join(archive.read(name) for name in names if name.endswith(".py"))
+    assert not [name for name in names if "standin" in name or name.startswith("tests/")]
+    assert b"/_test" not in contents
+    assert "proxy/cli/demo_appcircle.py" in names and "proxy/serve/server.py" in names
+    process = await asyncio.create_subprocess_exec(
+        str(image_install / "bin" / "appcircle-proxy"),
+        "demo",
+        "--listen",
+        f"127.0.0.1:{unused_tcp_port}",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=tmp_path,  # not the source tree: the installed package alone
+    )
+    assert process.stdout is not None
+    try:
+        text = ""
+        while "Ctrl-C" not in text:
+            text += (await asyncio.wait_for(process.stdout.readline(), 30)).decode()
+        urls = re.findall(r"^  curl '?(http://\S+?)'?$", text, re.MULTILINE)
+        assert len(urls) == 3, text
+        async with aiohttp.ClientSession() as http:
+            for url in urls:
+                async with http.get(url) as reply:
+                    assert reply.status == 200
+                    assert (await reply.json())["headers"]
+    finally:
+        process.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(process.wait(), 20) == 0
