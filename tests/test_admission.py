@@ -24,11 +24,10 @@ from .support import (
     assert_no_tracebacks,
     eventually,
     gauges,
-    path_of,
     request,
 )
 from .support.processes import rss_mib, serving
-from .support.rawapi import Answer, HeadAnswer, MakeApi, RawApi, Received
+from .support.rawapi import Answer, HeadAnswer, MakeApi, RawApi, Received, chunked_forever
 from .support.rawclient import exchange, json_of, status_of
 
 
@@ -103,32 +102,6 @@ def no_tracebacks_after_each_test(caplog: pytest.LogCaptureFixture) -> Iterator[
     """Refused heads and connections are not errors of the proxy: no traceback."""
     yield
     assert not [r.getMessage() for r in caplog.records if r.exc_info]
-
-
-def chunked_forever(
-    interval: float,
-) -> HeadAnswer:
-    """An answer that streams a chunked body for as long as the connection lasts."""
-
-    async def answer(
-        head: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        if path_of(head).startswith(b"/stream"):
-            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
-            while True:
-                writer.write(b"%x\r\n%s\r\n" % (65536, b"s" * 65536))
-                await writer.drain()
-                await asyncio.sleep(interval)
-        elif path_of(head).startswith(b"/create"):
-            # A JSON answer of unknown length, as many APIs send (chunked).
-            writer.write(
-                b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n"
-                b'e\r\n{"id": "new1"}\r\n0\r\n\r\n'
-            )
-        else:
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-
-    return answer
 
 
 async def test_a_request_waits_at_most_pool_timeout_then_gets_503(

@@ -11,7 +11,6 @@ import signal
 import socket
 import ssl
 import sys
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +35,7 @@ from .conftest import (
     WriteConfig,
 )
 from .support import eventually, listener_certificate, request
-from .support.processes import run, serving
+from .support.processes import run, serve_then_stop, serving
 
 
 async def wait_until_ready(http: aiohttp.ClientSession, proxy: str) -> None:
@@ -52,40 +51,6 @@ def metric_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], f
         for family in text_string_to_metric_families(text)
         for sample in family.samples
     }
-
-
-async def serve_then_stop(
-    *args: str, requests: Callable[[str], Awaitable[None]], listeners: int = 1
-) -> tuple[str, str]:
-    """Run `appcircle-proxy ARGS` until `listeners` processes say they listen, call
-    `requests(url)`, stop it with SIGTERM; return all it wrote to stdout and stderr."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "proxy",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        start_new_session=True,
-    )
-    assert process.stdout is not None
-    try:
-        first = ""
-        while first.count("listening on") < listeners:
-            line = (await asyncio.wait_for(process.stdout.readline(), 20)).decode()
-            assert line, "the proxy exited before it listened"
-            first += line
-        match = re.search(r"listening on (http://\S+)", first)
-        assert match, first
-        await requests(match.group(1))
-        process.send_signal(signal.SIGTERM)
-        out, err = await asyncio.wait_for(process.communicate(), 20)
-    finally:
-        if process.returncode is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            await process.wait()
-    assert process.returncode == 0, err
-    return first + out.decode(), err.decode()
 
 
 def json_lines(text: str) -> list[dict[str, object]]:

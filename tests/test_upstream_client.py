@@ -24,34 +24,8 @@ from tests.support.standin import StandIn
 
 from .conftest import PERSONAL_KEY, ROOT_ORG, StartProxy
 from .support import errors_logged, path_of, request
-from .support.rawapi import Answer, HeadAnswer, MakeApi, RawApi, Received
+from .support.rawapi import Answer, HeadAnswer, MakeApi, RawApi, Received, chunked_forever
 from .support.rawclient import exchange, status_of
-
-
-def chunked_forever(
-    interval: float,
-) -> HeadAnswer:
-    """An answer that streams a chunked body for as long as the connection lasts."""
-
-    async def answer(
-        head: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        if path_of(head).startswith(b"/stream"):
-            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
-            while True:
-                writer.write(b"%x\r\n%s\r\n" % (65536, b"s" * 65536))
-                await writer.drain()
-                await asyncio.sleep(interval)
-        elif path_of(head).startswith(b"/create"):
-            # A JSON answer of unknown length, as many APIs send (chunked).
-            writer.write(
-                b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n"
-                b'e\r\n{"id": "new1"}\r\n0\r\n\r\n'
-            )
-        else:
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-
-    return answer
 
 
 @pytest.fixture

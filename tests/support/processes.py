@@ -7,7 +7,7 @@ import os
 import re
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -76,3 +76,37 @@ async def run(
     out, err = await asyncio.wait_for(process.communicate(), timeout)
     assert process.returncode is not None
     return process.returncode, out.decode(), err.decode()
+
+
+async def serve_then_stop(
+    *args: str, requests: Callable[[str], Awaitable[None]], listeners: int = 1
+) -> tuple[str, str]:
+    """Run `appcircle-proxy ARGS` until `listeners` processes say they listen, call
+    `requests(url)`, stop it with SIGTERM; return all it wrote to stdout and stderr."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "proxy",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        start_new_session=True,
+    )
+    assert process.stdout is not None
+    try:
+        first = ""
+        while first.count("listening on") < listeners:
+            line = (await asyncio.wait_for(process.stdout.readline(), 20)).decode()
+            assert line, "the proxy exited before it listened"
+            first += line
+        match = re.search(r"listening on (http://\S+)", first)
+        assert match, first
+        await requests(match.group(1))
+        process.send_signal(signal.SIGTERM)
+        out, err = await asyncio.wait_for(process.communicate(), 20)
+    finally:
+        if process.returncode is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            await process.wait()
+    assert process.returncode == 0, err
+    return first + out.decode(), err.decode()

@@ -93,3 +93,33 @@ async def _body(head: bytes, reader: asyncio.StreamReader) -> bytes:
 
 # What the `raw_api` fixture (conftest) gives a test: start one with this answer.
 MakeApi = Callable[[Answer], Awaitable["RawApi"]]
+
+
+def chunked_forever(
+    interval: float,
+) -> HeadAnswer:
+    """An answer that streams a chunked body for as long as the connection lasts."""
+
+    async def answer(
+        head: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        if _path(head).startswith(b"/stream"):
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            while True:
+                writer.write(b"%x\r\n%s\r\n" % (65536, b"s" * 65536))
+                await writer.drain()
+                await asyncio.sleep(interval)
+        elif _path(head).startswith(b"/create"):
+            # A JSON answer of unknown length, as many APIs send (chunked).
+            writer.write(
+                b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n"
+                b'e\r\n{"id": "new1"}\r\n0\r\n\r\n'
+            )
+        else:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    return answer
+
+
+def _path(head: bytes) -> bytes:
+    return head.split(b" ", 2)[1]
