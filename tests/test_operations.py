@@ -34,8 +34,8 @@ from .conftest import (
     StartProxy,
     WriteConfig,
 )
-from .support import eventually, listener_certificate, request
-from .support.processes import run, serve_then_stop, serving
+from .support import eventually, json_lines, listener_certificate, request
+from .support.processes import run, serve_then_stop, serving, stderr_of
 
 
 async def wait_until_ready(http: aiohttp.ClientSession, proxy: str) -> None:
@@ -51,21 +51,6 @@ def metric_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], f
         for family in text_string_to_metric_families(text)
         for sample in family.samples
     }
-
-
-def json_lines(text: str) -> list[dict[str, object]]:
-    """Every line of `text` as a JSON object; fails on any line that is not one."""
-    entries = []
-    for line in text.splitlines():
-        entry = json.loads(line)
-        assert isinstance(entry, dict), line
-        entries.append(entry)
-    return entries
-
-
-async def stderr_of(process: asyncio.subprocess.Process) -> str:
-    assert process.stderr is not None
-    return (await process.stderr.read()).decode()
 
 
 def free_port() -> int:

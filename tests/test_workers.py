@@ -28,23 +28,8 @@ from .conftest import (
     INLINE_KEY_CONFIG,
     WriteConfig,
 )
-from .support import eventually, free_port, request
-from .support.processes import run, serve_then_stop, serving
-
-
-def json_lines(text: str) -> list[dict[str, object]]:
-    """Every line of `text` as a JSON object; fails on any line that is not one."""
-    entries = []
-    for line in text.splitlines():
-        entry = json.loads(line)
-        assert isinstance(entry, dict), line
-        entries.append(entry)
-    return entries
-
-
-async def stderr_of(process: asyncio.subprocess.Process) -> str:
-    assert process.stderr is not None
-    return (await process.stderr.read()).decode()
+from .support import eventually, free_port, json_lines, request
+from .support.processes import run, serve_then_stop, serving, stderr_of
 
 
 def children(pid: int) -> set[int]:

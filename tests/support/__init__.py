@@ -131,3 +131,13 @@ def path_of(head: bytes) -> bytes:
 def assert_no_tracebacks(caplog: pytest.LogCaptureFixture) -> None:
     """A refused or broken client is not an error of the proxy: no traceback logged."""
     assert [r.getMessage() for r in caplog.records if r.exc_info] == []
+
+
+def json_lines(text: str) -> list[dict[str, object]]:
+    """Every line of `text` as a JSON object; fails on any line that is not one."""
+    entries = []
+    for line in text.splitlines():
+        entry = json.loads(line)
+        assert isinstance(entry, dict), line
+        entries.append(entry)
+    return entries

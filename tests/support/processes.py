@@ -110,3 +110,8 @@ async def serve_then_stop(
             await process.wait()
     assert process.returncode == 0, err
     return first + out.decode(), err.decode()
+
+
+async def stderr_of(process: asyncio.subprocess.Process) -> str:
+    assert process.stderr is not None
+    return (await process.stderr.read()).decode()
