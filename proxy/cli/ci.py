@@ -34,6 +34,7 @@ from ..config.variables import refuse_unknown_setting_variables
 from ..policy.routes import Route
 from ..serve.server import start
 from ..telemetry import logs
+from .probe import checked_url
 
 __all__ = ["child_environment", "run", "wait"]
 
@@ -252,13 +253,8 @@ def wait(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     headers: dict[str, str] = {}
     socket_path: str | None = None
     if url is not None:
-        given = URL(url)
-        if given.scheme not in ("http", "https") or not given.host:
-            print(
-                f"appcircle-proxy wait: '{url}' is not an http(s) URL; write e.g. "
-                "--url http://127.0.0.1:8787",
-                file=sys.stderr,
-            )
+        given = checked_url(url, "wait")
+        if given is None:
             return 2
         base = str(given.origin())
         # No configuration is read; a misspelled settings variable is refused all the same.

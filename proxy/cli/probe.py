@@ -55,15 +55,23 @@ def _probe(
     return 1
 
 
-def health_at(url: str, timeout: float) -> int:
-    """`health --url`: no configuration, no secret; exit 0 when the proxy at `url` is live."""
+def checked_url(url: str, command: str) -> URL | None:
+    """`--url` of `health` or `wait` as a URL; None, having said why, when it is not http(s)."""
     given = URL(url)
     if given.scheme not in ("http", "https") or not given.host:
         print(
-            f"appcircle-proxy health: '{url}' is not an http(s) URL; write e.g. "
+            f"appcircle-proxy {command}: '{url}' is not an http(s) URL; write e.g. "
             "--url http://127.0.0.1:8787",
             file=sys.stderr,
         )
+        return None
+    return given
+
+
+def health_at(url: str, timeout: float) -> int:
+    """`health --url`: no configuration, no secret; exit 0 when the proxy at `url` is live."""
+    given = checked_url(url, "health")
+    if given is None:
         return 2
     where = f"{given.origin()}{HEALTH_PATH}"
     return _probe(where, None, where, None, timeout)
