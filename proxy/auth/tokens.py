@@ -212,13 +212,15 @@ class TokenSource:
             self._next_outcome = asyncio.get_running_loop().create_future()
             self._task = asyncio.create_task(self._run(), name=f"tokens {self.key}")
 
-    async def next_outcome(self) -> None:
-        """Wait for the outcome of the exchange under way, or of the next one: for `run`,
-        which waits for every route's first token without being a request."""
+    def next_outcome(self) -> asyncio.Future[None]:
+        """The outcome of the exchange under way, or of the next one, for `run`, which waits
+        for every route's first token without being a request. Taken when called, not when
+        first awaited: an outcome that lands in between must not be missed (the waiter
+        would sleep until the next exchange, hours later). Cancelling it cancels nothing."""
         self.start()
         outcome = self._next_outcome
         assert outcome is not None
-        await asyncio.shield(outcome)
+        return asyncio.shield(outcome)
 
     async def close(self) -> None:
         if self._task is not None:

@@ -168,7 +168,7 @@ async def _tokens_for_every_route(routes: list[Route], timeout: float) -> dict[s
             }
         # Woken by the next outcome of any route still waiting, not by polling: a start
         # that takes one exchange should take no longer than it.
-        outcomes = [asyncio.ensure_future(route.tokens.next_outcome()) for route in waiting]
+        outcomes = [route.tokens.next_outcome() for route in waiting]
         try:
             await asyncio.wait(
                 outcomes,
